@@ -1,0 +1,250 @@
+"""The library API: compress, decompress, info, models.  The CLI is a thin layer over this.
+
+Example::
+
+    import diffcodec
+    res = diffcodec.compress("photo.png", steps=2)          # default model
+    open("photo.dfc", "wb").write(res.data)
+    img = diffcodec.decompress(res.data, method="flow")     # uint8 (H, W, C)
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import container
+from .diffusion import RECONSTRUCTION_METHODS
+from .errors import DecodeError, DiffcodecError, FormatError, ModelError
+from .imageio import read_image
+from .models import DEFAULT_MODELS, bundled_models, load_model, read_metadata
+from .rng import ANCESTRAL, SeededStream
+
+__all__ = ["EncodeResult", "compress", "decompress", "info", "list_models", "get_model"]
+
+KIND_NAMES = {0: "step", 1: "lossless"}
+
+
+@dataclass
+class EncodeResult:
+    data: bytes
+    codec: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    lossless: bool
+    sections: list[dict] = field(default_factory=list)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def bpp(self) -> float:
+        return 8.0 * len(self.data) / (self.width * self.height)
+
+    @property
+    def ideal_bits_total(self) -> float:
+        return float(sum(s["ideal_bits"] for s in self.sections))
+
+    def summary(self) -> dict:
+        return {
+            "codec": self.codec, "model": self.model, "width": self.width, "height": self.height,
+            "steps": self.steps, "lossless": self.lossless, "file_bytes": self.file_bytes,
+            "bpp": self.bpp, "ideal_bits_total": self.ideal_bits_total, "sections": self.sections,
+        }
+
+
+@functools.lru_cache(maxsize=8)
+def get_model(name_or_path: str | None = None, codec: str = "uqdm"):
+    """Load (and cache) a model by bundled name or path; ``None`` = the codec's default model."""
+    if name_or_path is None:
+        if codec not in DEFAULT_MODELS:
+            raise ModelError(f"no default model for codec {codec!r}")
+        name_or_path = DEFAULT_MODELS[codec]
+    return load_model(str(name_or_path))
+
+
+def _as_model(model, codec: str):
+    if model is None or isinstance(model, (str, Path)):
+        return get_model(None if model is None else str(model), codec)
+    return model
+
+
+def _prepare(image, alpha: str, model) -> tuple[np.ndarray, int, int, int]:
+    """uint8 (C, Hp, Wp) padded for the network; returns (pixels, h, w, channels)."""
+    arr = image if isinstance(image, np.ndarray) else read_image(image, alpha=alpha)
+    if arr.dtype != np.uint8:
+        raise DiffcodecError("image arrays must be uint8")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise DiffcodecError("image arrays must be (H, W), (H, W, 1) or (H, W, 3)")
+    h, w, ch = arr.shape
+    if h * w > container.MAX_PIXELS or max(h, w) > container.MAX_SIDE:
+        raise DiffcodecError(f"image {w}x{h} exceeds the format limits")
+    if ch != model.channels:
+        arr = np.repeat(arr, model.channels, axis=2) if ch == 1 else arr
+    m = model.downscale
+    ph, pw = -h % m, -w % m
+    x = np.pad(arr, ((0, ph), (0, pw), (0, 0)), mode="edge").transpose(2, 0, 1)
+    return np.ascontiguousarray(x), h, w, ch
+
+
+def _section_report(sec, size: int, step: int) -> dict:
+    return {"step": step, "kind": KIND_NAMES.get(sec.kind, str(sec.kind)), "bytes": size,
+            "payload_bytes": len(sec.payload), "ideal_bits": float(sec.ideal_bits)}
+
+
+def compress(image, model=None, codec: str = "uqdm", steps: int | None = None, bpp: float | None = None,
+             lossless: bool = False, seed: int = 0, alpha: str = "error", progress=None) -> EncodeResult:
+    """Compress an image (path, bytes or uint8 array) to .dfc bytes.
+
+    Quality is chosen by exactly one of ``steps`` (diffusion steps sent, 1..T), ``bpp`` (the
+    largest step count whose whole file fits) or ``lossless`` (every step plus the exact final
+    section).  With none, the model card's ``default_steps`` is used.
+    """
+    if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
+        raise DiffcodecError("give at most one of steps, bpp, lossless")
+    model = _as_model(model, codec)
+    if model.codec_id != codec and codec != "uqdm":
+        raise ModelError(f"model {model.model_id} is a {model.codec_id} model, not {codec}")
+    codec = model.codec_id
+    T = model.num_steps
+    pixels, h, w, ch = _prepare(image, alpha, model)
+    header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed),
+                              params=bytes([T]))
+    if bpp is not None:
+        if bpp <= 0:
+            raise DiffcodecError("bpp must be positive")
+        sections = model.encode(pixels, seed, T, lossless=False, crop=(h, w), progress=progress)
+        head = len(container.header_bytes(header))
+        size = head
+        chosen = 0
+        for k, sec in enumerate(sections, 1):
+            size += len(container.section_bytes(sec))
+            if 8.0 * size / (h * w) <= bpp:
+                chosen = k
+        if chosen == 0:
+            smallest = 8.0 * (head + len(container.section_bytes(sections[0]))) / (h * w)
+            raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: "
+                                 f"one step already takes {smallest:.3f} bpp")
+        sections = sections[:chosen]
+    else:
+        if steps is None and not lossless:
+            steps = int(getattr(model, "card", {}).get("default_steps", max(1, T // 2)))
+        if not lossless and not 1 <= steps <= T:
+            raise DiffcodecError(f"steps must be in 1..{T} for model {model.model_id}")
+        sections = model.encode(pixels, seed, steps or T, lossless=lossless, crop=(h, w), progress=progress)
+    data = container.pack(header, sections)
+    reports = [_section_report(s, len(container.section_bytes(s)), i + 1) for i, s in enumerate(sections)]
+    n_steps = sum(1 for s in sections if s.kind == 0)
+    return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports)
+
+
+def _total_steps(header: container.Header) -> int:
+    if len(header.params) != 1 or header.params[0] < 1:
+        raise FormatError("malformed codec parameters")
+    return header.params[0]
+
+
+def _model_for(header: container.Header, model):
+    if model is None:
+        try:
+            m = get_model(header.model_id)
+        except ModelError:
+            raise ModelError(f"file was encoded with model {header.model_id!r} ({header.model_hash}), "
+                             "which is not bundled; pass it with --model PATH") from None
+    else:
+        m = _as_model(model, header.codec)
+    if m.model_hash != header.model_hash:
+        raise ModelError(f"wrong model: file needs {header.model_id!r} (hash {header.model_hash}), "
+                         f"got {m.model_id!r} (hash {m.model_hash})")
+    if m.codec_id != header.codec:
+        raise ModelError(f"file is {header.codec} but model {m.model_id} is {m.codec_id}")
+    if _total_steps(header) != m.num_steps:
+        raise FormatError("file step count does not match its model")
+    return m
+
+
+def decompress(data: bytes, model=None, steps: int | None = None, method: str = "denoise",
+               nfe: int | None = None, progress=None) -> np.ndarray:
+    """Decode .dfc bytes (complete or a truncated prefix) to uint8 (H, W, C).
+
+    ``steps``: use only the first ``steps`` diffusion-step sections (default: all present; a
+    present lossless section is then applied).  ``method``: reconstruction from the last
+    received latent (``denoise``, ``ancestral`` or ``flow``); ``nfe`` network evaluations for
+    ancestral/flow (default: the codec's remaining steps).
+    """
+    if method not in RECONSTRUCTION_METHODS:
+        raise DiffcodecError(f"unknown method {method!r}; choose from {', '.join(RECONSTRUCTION_METHODS)}")
+    cont = container.unpack(bytes(data))
+    hd = cont.header
+    m = _model_for(hd, model)
+    step_secs = [s for s in cont.sections if s.kind == 0]
+    final = [s for s in cont.sections if s.kind == 1]
+    if not step_secs:
+        raise DecodeError("the file holds no complete section to decode")
+    if steps is not None:
+        if steps < 1:
+            raise DiffcodecError("steps must be >= 1")
+        if steps > len(step_secs):
+            raise DiffcodecError(f"the file holds only {len(step_secs)} step(s); cannot decode {steps}")
+        step_secs = step_secs[:steps]
+        final = []
+    h, w = hd.height, hd.width
+    d = m.downscale
+    shape = (1, m.channels, h + (-h % d), w + (-w % d))
+    z, gamma, remaining = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
+    if final and remaining == 0:
+        pix = m.decode_final(z, final[0], (h, w))  # (C_real, h, w)
+        out = pix.transpose(1, 2, 0)
+        if hd.channels == 1:
+            out = out[:, :, :1]
+        return np.ascontiguousarray(out)
+    rng = SeededStream(hd.seed, ANCESTRAL)
+    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, remaining))
+    out = pix[0, :, :h, :w].transpose(1, 2, 0)
+    if hd.channels == 1:
+        out = np.round(out.astype(np.float64).mean(axis=2, keepdims=True)).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def info(data: bytes) -> dict:
+    """Describe a .dfc file without decoding it (checksums are verified)."""
+    cont = container.unpack(bytes(data))
+    hd = cont.header
+    secs = []
+    step = 0
+    for sec, off, size in zip(cont.sections, cont.offsets, cont.sizes):
+        step += sec.kind == 0
+        secs.append({"index": sec.index, "kind": KIND_NAMES.get(sec.kind, str(sec.kind)),
+                     "step": step if sec.kind == 0 else None, "offset": off, "bytes": size})
+    return {
+        "format_version": container.FORMAT_VERSION, "codec": hd.codec, "model": hd.model_id,
+        "model_hash": hd.model_hash, "width": hd.width, "height": hd.height, "channels": hd.channels,
+        "total_steps": _total_steps(hd), "sections_in_file": len(cont.sections),
+        "sections_encoded": hd.num_sections, "complete": cont.complete, "file_bytes": len(data),
+        "bpp": 8.0 * len(data) / (hd.width * hd.height), "sections": secs,
+    }
+
+
+def list_models() -> list[dict]:
+    """Bundled models with their properties (from the model cards)."""
+    out = []
+    for name, path in bundled_models().items():
+        try:
+            meta = read_metadata(path)
+        except ModelError as e:
+            out.append({"name": name, "error": str(e)})
+            continue
+        cfg, card = meta["config"], meta["card"]
+        out.append({"name": name, "codec": cfg.get("codec"), "steps": cfg.get("num_steps"),
+                    "default": DEFAULT_MODELS.get(cfg.get("codec")) == name,
+                    "file_bytes": path.stat().st_size, **{k: v for k, v in card.items() if k != "train"}})
+    return out
+

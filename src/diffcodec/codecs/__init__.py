@@ -1,0 +1,1 @@
+"""Codec implementations; each module holds one published method."""

@@ -1,0 +1,177 @@
+"""The diffusion core shared by the progressive codecs (uqdm, diffc).
+
+``DiffusionModel`` owns a learned gamma schedule and a denoiser.  It provides
+
+* training-time helpers in torch (x_hat, the 256-way p(x|z_0) likelihood);
+* coding-time helpers in float64 numpy whose results are exactly reproducible: the network is
+  evaluated in float64 and its outputs rounded to a fixed grid (see ``entropy.quantize_to_grid``);
+* the three reconstructions every progressive codec offers from a received latent z_t:
+  ``denoise`` (x_hat(z_t)), ``ancestral`` (sample the model's reverse steps) and ``flow``
+  (deterministic probability-flow / DDIM steps).  ``ancestral`` needs the codec's own reverse
+  step, supplied by subclasses via :meth:`sample_reverse_step`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .entropy import quantize_to_grid
+from .networks import DenoiserUNet, UNetConfig
+from .rng import SeededStream
+from .schedule import LinearGammaSchedule, alpha_sigma, pixel_to_unit, unit_to_pixel
+
+EPS_GRID_BITS = 12  # eps_hat is O(1): 2^-12 grid keeps x_hat exact enough and rounding robust
+AUX_GRID_BITS = 8  # raw log-scale outputs
+
+
+RECONSTRUCTION_METHODS = ("denoise", "ancestral", "flow")
+
+
+class DiffusionModel(nn.Module):
+    """Schedule + denoiser; subclasses add the codec-specific loss and coding."""
+
+    codec_id: str = ""
+
+    def __init__(
+        self,
+        unet: UNetConfig | None = None,
+        gamma_min: float = -12.3,
+        gamma_max: float = 6.0,
+        learn_gamma_min: bool = True,
+    ):
+        super().__init__()
+        self.schedule = LinearGammaSchedule(gamma_min, gamma_max, learn_min=learn_gamma_min)
+        self.net = DenoiserUNet(unet or UNetConfig())
+
+    # ------------------------------------------------------------------ config
+    def config_dict(self) -> dict:
+        return {
+            "codec": self.codec_id,
+            "unet": self.net.config.to_dict(),
+            "gamma_max": float(self.schedule.gamma_max),
+        }
+
+    @property
+    def channels(self) -> int:
+        return self.net.config.in_channels
+
+    @property
+    def downscale(self) -> int:
+        return self.net.downscale
+
+    # ------------------------------------------------------------------ torch (training)
+    autocast_bf16: bool = False
+    """Run the network under bf16 autocast in training (2x faster on CPU); losses stay fp32."""
+
+    def net_train(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        if self.autocast_bf16:
+            with torch.autocast(z.device.type, dtype=torch.bfloat16):
+                out = self.net(z, gamma)
+            return out.float()
+        return self.net(z, gamma)
+
+    def split_output(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.channels
+        return out[:, :c], out[:, c : 2 * c]
+
+    def x_hat_from_eps(self, z: torch.Tensor, eps: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = alpha_sigma(gamma)
+        return torch.clamp((z - sigma * eps) / alpha, -1.0, 1.0)
+
+    @staticmethod
+    def data_log_probs(z0: torch.Tensor, gamma0: torch.Tensor) -> torch.Tensor:
+        """log p(x = k | z_0) for k = 0..255, shape z0.shape + (256,).
+
+        logits_k = -0.5 e^{-gamma_0} (z_0/alpha_0 - x_k)^2 (DESIGN §1); no network is involved.
+        """
+        alpha0, _ = alpha_sigma(gamma0)
+        levels = pixel_to_unit(torch.arange(256, dtype=z0.dtype, device=z0.device))
+        logits = -0.5 * torch.exp(-gamma0) * (z0[..., None] / alpha0 - levels) ** 2
+        return torch.log_softmax(logits, dim=-1)
+
+    # ------------------------------------------------------------------ float64 (coding)
+    @torch.no_grad()
+    def eval_f64(self, z: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+        """Network outputs (eps_hat, aux) at (z, gamma), float64, rounded to fixed grids."""
+        net = self.net
+        if next(net.parameters()).dtype != torch.float64:
+            net.double()
+        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64))
+        out = net(zt, torch.tensor([gamma], dtype=torch.float64)).numpy()
+        c = self.channels
+        return quantize_to_grid(out[:, :c], EPS_GRID_BITS), quantize_to_grid(out[:, c : 2 * c], AUX_GRID_BITS)
+
+    @staticmethod
+    def x_hat_f64(z: np.ndarray, eps: np.ndarray, gamma: float) -> np.ndarray:
+        alpha, sigma = alpha_sigma(np.float64(gamma))
+        return np.clip((z - sigma * eps) / alpha, -1.0, 1.0)
+
+    def gamma_grid(self, num_steps: int) -> np.ndarray:
+        """gamma_i at t_i = i/T, i = 0..T, in float64."""
+        return self.schedule.gammas_f64(np.arange(num_steps + 1, dtype=np.float64) / num_steps)
+
+    @staticmethod
+    def data_table_f64(z0: np.ndarray, gamma0: float) -> np.ndarray:
+        """(n, 256) float64 table of p(x | z_0) for flat z0 (exactly reproducible)."""
+        alpha0, _ = alpha_sigma(np.float64(gamma0))
+        levels = pixel_to_unit(np.arange(256, dtype=np.float64))
+        logits = -0.5 * np.exp(-gamma0) * (z0[:, None] / alpha0 - levels[None, :]) ** 2
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    @staticmethod
+    def z0_to_pixels(z0: np.ndarray, gamma0: float) -> np.ndarray:
+        """Mode of p(x | z_0): the pixel level nearest to z_0 / alpha_0."""
+        alpha0, _ = alpha_sigma(np.float64(gamma0))
+        return unit_to_pixel(z0 / alpha0)
+
+    # ------------------------------------------------------------------ reconstructions
+    def sample_reverse_step(
+        self, z: np.ndarray, eps: np.ndarray, aux: np.ndarray, gamma_s: float, gamma_t: float, rng: SeededStream
+    ) -> np.ndarray:
+        """Draw z_s ~ p(z_s | z_t) (codec-specific)."""
+        raise NotImplementedError
+
+    def reconstruct(
+        self,
+        z: np.ndarray,
+        gamma_t: float,
+        method: str = "denoise",
+        nfe: int | None = None,
+        rng: SeededStream | None = None,
+        default_steps: int = 1,
+    ) -> np.ndarray:
+        """Pixels (uint8, N C H W) from a received latent z at gamma_t.
+
+        ``nfe`` is the number of network evaluations for ``ancestral``/``flow``: the remaining
+        interval [0, t] is split uniformly in t into that many steps (default ``default_steps``,
+        the codec's remaining step count).
+        """
+        if method not in RECONSTRUCTION_METHODS:
+            raise ValueError(f"unknown reconstruction method {method!r}; choose from {RECONSTRUCTION_METHODS}")
+        g0 = float(self.schedule.gammas_f64([0.0])[0])
+        g1 = float(self.schedule.gammas_f64([1.0])[0])
+        if method == "denoise" or gamma_t <= g0:
+            if gamma_t <= g0:
+                return self.z0_to_pixels(z, g0)
+            eps, _ = self.eval_f64(z, gamma_t)
+            return unit_to_pixel(self.x_hat_f64(z, eps, gamma_t))
+        n = max(1, int(nfe or default_steps))
+        t_now = (gamma_t - g0) / (g1 - g0)
+        ts = np.linspace(t_now, 0.0, n + 1)
+        gammas = g0 + (g1 - g0) * ts
+        for gt, gs in zip(gammas[:-1], gammas[1:]):
+            eps, aux = self.eval_f64(z, float(gt))
+            if method == "flow":
+                x_hat = self.x_hat_f64(z, eps, float(gt))
+                a_t, s_t = alpha_sigma(np.float64(gt))
+                a_s, s_s = alpha_sigma(np.float64(gs))
+                z = (s_s / s_t) * z + (a_s - a_t * s_s / s_t) * x_hat
+            else:
+                if rng is None:
+                    raise ValueError("ancestral reconstruction needs a random stream")
+                z = self.sample_reverse_step(z, eps, aux, float(gs), float(gt), rng)
+        return self.z0_to_pixels(z, g0)

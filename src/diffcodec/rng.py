@@ -1,0 +1,53 @@
+"""Counter-based, versioned random streams shared by encoder and decoder.
+
+Encoder and decoder must draw *identical* noise (z_T, dither, channel-coding candidates) in any
+process, on any thread count.  We use numpy's Philox counter-based generator keyed by
+(seed, purpose, index) and convert its raw 64-bit outputs to floats ourselves, because numpy only
+guarantees the raw bit stream — not ``Generator.normal`` — to be stable across numpy versions.
+Python's ``hash()`` (salted per process) is never involved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# purposes: distinct streams for distinct uses of randomness
+Z_T = 1
+DITHER = 2
+ANCESTRAL = 3
+CANDIDATES = 4
+TRAIN = 5
+
+_TWO_PI = 2.0 * np.pi
+
+
+class SeededStream:
+    """A reproducible stream for one (seed, purpose, index) key."""
+
+    def __init__(self, seed: int, purpose: int, index: int = 0, sub: int = 0):
+        if not (0 <= seed < 2**64 and 0 <= purpose < 2**16 and 0 <= index < 2**32 and 0 <= sub < 2**16):
+            raise ValueError("random stream key out of range")
+        key = np.array([seed, (purpose << 48) | (sub << 32) | index], dtype=np.uint64)
+        self._bg = np.random.Philox(key=key)
+
+    def raw(self, n: int) -> np.ndarray:
+        return self._bg.random_raw(n).astype(np.uint64)
+
+    def uniform(self, shape) -> np.ndarray:
+        """U[0, 1) float64 with 53 random bits."""
+        n = int(np.prod(shape))
+        return ((self.raw(n) >> np.uint64(11)).astype(np.float64) * (2.0**-53)).reshape(shape)
+
+    def normal(self, shape) -> np.ndarray:
+        """Standard normal float64 by Box-Muller on our own uniforms."""
+        n = int(np.prod(shape))
+        m = (n + 1) // 2
+        u1 = 1.0 - self.uniform((m,))  # (0, 1]
+        u2 = self.uniform((m,))
+        r = np.sqrt(-2.0 * np.log(u1))
+        out = np.concatenate([r * np.cos(_TWO_PI * u2), r * np.sin(_TWO_PI * u2)])[:n]
+        return out.reshape(shape)
+
+    def logistic(self, shape) -> np.ndarray:
+        u = np.clip(self.uniform(shape), 1e-300, 1.0 - 2.0**-53)
+        return np.log(u) - np.log1p(-u)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models built in milliseconds, small synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffcodec.codecs.uqdm import UQDM
+from diffcodec.models import load_model, save_model
+from diffcodec.networks import UNetConfig
+from diffcodec.train import PRESETS
+
+
+def make_tiny_uqdm(seed: int = 0, num_steps: int = 4, random_weights: bool = True) -> UQDM:
+    torch.manual_seed(seed)
+    m = UQDM(UNetConfig(**PRESETS["tiny"]), num_steps=num_steps)
+    if random_weights:  # non-trivial outputs (the zero-initialised output layer would hide bugs)
+        with torch.no_grad():
+            for p in m.net.parameters():
+                p.add_(0.03 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-uqdm.safetensors"
+    save_model(make_tiny_uqdm(), path, card={"default_steps": 2})
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "other-uqdm.safetensors"
+    save_model(make_tiny_uqdm(seed=1), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_path):
+    return load_model(str(tiny_model_path))
+
+
+def synthetic_image(h: int = 20, w: int = 28, c: int = 3, seed: int = 0) -> np.ndarray:
+    """A smooth gradient plus texture: compressible but not trivial."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 40 + 150 * (xx / max(1, w - 1))[..., None] * np.ones((1, 1, c)) + 30 * np.sin(yy / 3.0)[..., None]
+    img = base + rng.normal(0, 8, size=(h, w, c))
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def image():
+    return synthetic_image()

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from diffcodec import entropy
+from diffcodec.errors import DecodeError
+
+
+def _tables(n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, size=(n, k))
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+def test_roundtrip_and_near_ideal_rate(monkeypatch):
+    monkeypatch.setattr(entropy, "MAX_TABLE_ENTRIES", 5000)  # force several blocks
+    n, k = 20000, 9
+    probs = _tables(n, k)
+    rng = np.random.default_rng(1)
+    sym = np.array([rng.choice(k, p=p) for p in probs[:n]])
+    payload, ideal = entropy.encode_categorical(sym, k, lambda sl: probs[sl])
+    assert len(payload) * 8 <= ideal * 1.01 + 64
+    out = entropy.decode_categorical(payload, n, k, lambda sl: probs[sl])
+    assert np.array_equal(out, sym)
+
+
+def test_improbable_symbols_still_code():
+    probs = np.zeros((10, 5))
+    probs[:, 0] = 1.0
+    sym = np.full(10, 4)
+    payload, _ = entropy.encode_categorical(sym, 5, lambda sl: probs[sl])
+    assert np.array_equal(entropy.decode_categorical(payload, 10, 5, lambda sl: probs[sl]), sym)
+
+
+def test_symbol_outside_alphabet_rejected():
+    with pytest.raises(ValueError):
+        entropy.encode_categorical(np.array([5]), 5, lambda sl: np.ones((1, 5)))
+
+
+def test_bad_payload_length():
+    with pytest.raises(DecodeError):
+        entropy.decode_categorical(b"abc", 3, 2, lambda sl: np.ones((sl.stop - sl.start, 2)))
+
+
+def test_log_logistic_bin_matches_naive_and_is_stable():
+    lo = np.array([-3.0, 0.0, 2.0, 40.0, -60.0])
+    hi = lo + np.array([1.0, 0.5, 3.0, 1.0, 1e-3])
+    with np.errstate(divide="ignore", over="ignore"):
+        naive = np.log(1 / (1 + np.exp(-hi)) - 1 / (1 + np.exp(-lo)))
+    got = entropy.log_logistic_bin(lo, hi)
+    np.testing.assert_allclose(got[:3], naive[:3], rtol=1e-10)
+    assert np.all(np.isfinite(got))  # naive underflows in the tails
+
+
+def test_quantize_to_grid():
+    x = np.array([0.1, -0.3, 1 / 3])
+    q = entropy.quantize_to_grid(x, 8)
+    assert np.all(q * 256 == np.round(q * 256)) and np.max(np.abs(q - x)) <= 2**-9

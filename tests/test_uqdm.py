@@ -1,0 +1,162 @@
+"""UQDM end to end on tiny models and images: sections, lossless, truncation, determinism."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import diffcodec
+from conftest import make_tiny_uqdm, synthetic_image
+from diffcodec.codecs.uqdm import UQDM
+from diffcodec.errors import DecodeError, ModelError
+from diffcodec.metrics import psnr
+
+
+def test_loss_is_finite_and_trains_gamma_min():
+    m = make_tiny_uqdm()
+    x = torch.from_numpy(synthetic_image(16, 16)).permute(2, 0, 1)[None].float() * (2 / 256) + (1 / 256 - 1)
+    out = m(x.repeat(2, 1, 1, 1))
+    out["bpd"].mean().backward()
+    assert torch.isfinite(out["bpd"]).all()
+    assert m.schedule.gamma_min.grad is not None and torch.isfinite(m.schedule.gamma_min.grad)
+    exact = m(x, all_steps=True)
+    assert exact["bpd"].shape == (1,) and float(exact["bpd"].detach()) > 0
+
+
+def test_one_step_estimator_is_unbiased():
+    """Mean of the one-random-step estimate ~= the all-steps code length (same forward chain law)."""
+    m = make_tiny_uqdm()
+    x = torch.from_numpy(synthetic_image(8, 8)).permute(2, 0, 1)[None].float() * (2 / 256) + (1 / 256 - 1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        one = torch.cat([m(x.repeat(256, 1, 1, 1))["bpd"] for _ in range(4)])
+        full = torch.cat([m(x.repeat(256, 1, 1, 1), all_steps=True)["bpd"] for _ in range(1)])
+    se = float(one.std() / len(one) ** 0.5 + full.std() / len(full) ** 0.5)
+    assert abs(float(one.mean() - full.mean())) < 4 * se + 1e-3
+
+
+def test_lossless_roundtrip_and_ideal_bits(tiny_model, image):
+    res = diffcodec.compress(image, model=tiny_model, lossless=True)
+    assert np.array_equal(diffcodec.decompress(res.data, model=tiny_model), image)
+    assert res.steps == tiny_model.num_steps and res.sections[-1]["kind"] == "lossless"
+    payload_bits = 8 * sum(s["payload_bytes"] for s in res.sections)
+    assert res.ideal_bits_total <= payload_bits <= res.ideal_bits_total * 1.01 + 32 * len(res.sections)
+
+
+def test_truncated_file_equals_fewer_steps(tiny_model, image):
+    full = diffcodec.compress(image, model=tiny_model, lossless=True)
+    meta = diffcodec.info(full.data)
+    for sec in meta["sections"][:-1]:
+        k = sec["step"]
+        cut = full.data[: sec["offset"] + sec["bytes"]]
+        direct = diffcodec.compress(image, model=tiny_model, steps=k)
+        assert direct.data[-sec["bytes"] :] == cut[-sec["bytes"] :]  # same section bytes
+        for method in ("denoise", "flow", "ancestral"):
+            a = diffcodec.decompress(cut, model=tiny_model, method=method)
+            b = diffcodec.decompress(direct.data, model=tiny_model, method=method)
+            c = diffcodec.decompress(full.data, model=tiny_model, steps=k, method=method)
+            assert np.array_equal(a, b) and np.array_equal(a, c)
+    # a cut inside a section decodes the complete sections before it
+    mid = full.data[: meta["sections"][1]["offset"] + 3]
+    assert np.array_equal(diffcodec.decompress(mid, model=tiny_model),
+                          diffcodec.decompress(full.data, model=tiny_model, steps=1))
+
+
+def test_psnr_non_decreasing_with_steps(tiny_model):
+    img = synthetic_image(24, 32, seed=3)
+    res = diffcodec.compress(img, model=tiny_model, lossless=True)
+    vals = [psnr(img, diffcodec.decompress(res.data, model=tiny_model, steps=k)) for k in range(1, 5)]
+    assert all(b >= a - 0.05 for a, b in zip(vals, vals[1:])), vals
+    assert vals[-1] > vals[0] + 3
+
+
+def test_steps_bpp_and_defaults(tiny_model, image):
+    sizes = [len(diffcodec.compress(image, model=tiny_model, steps=k).data) for k in range(1, 5)]
+    assert sizes == sorted(sizes)
+    bpp3 = 8 * sizes[2] / (image.shape[0] * image.shape[1])
+    res = diffcodec.compress(image, model=tiny_model, bpp=bpp3 + 1e-9)
+    assert res.steps == 3 and res.bpp <= bpp3 + 1e-9
+    assert diffcodec.compress(image, model=tiny_model).steps == 2  # the card's default_steps
+    with pytest.raises(diffcodec.DiffcodecError, match="cannot reach"):
+        diffcodec.compress(image, model=tiny_model, bpp=0.01)
+    with pytest.raises(diffcodec.DiffcodecError):
+        diffcodec.compress(image, model=tiny_model, steps=5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 3, 3), (17, 9, 1), (9, 31)])
+def test_odd_sizes_and_grayscale(tiny_model, shape):
+    img = synthetic_image(shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
+    if len(shape) == 2:
+        img = img[:, :, 0]
+    res = diffcodec.compress(img, model=tiny_model, lossless=True)
+    out = diffcodec.decompress(res.data, model=tiny_model)
+    expect = img if img.ndim == 3 else img[:, :, None]
+    assert np.array_equal(out, expect)
+    lossy = diffcodec.decompress(res.data, model=tiny_model, steps=2)
+    assert lossy.shape == expect.shape
+    assert diffcodec.info(res.data)["channels"] == expect.shape[2]
+
+
+def test_wrong_model_is_refused(tiny_model, other_model_path, image):
+    res = diffcodec.compress(image, model=tiny_model, steps=1)
+    with pytest.raises(ModelError, match="tiny-uqdm"):
+        diffcodec.decompress(res.data, model=str(other_model_path))
+
+
+def test_symbol_checksum_catches_desync(tiny_model, other_model_path, image):
+    """Force decoding with different weights but the same hash: the symbol CRC must catch it."""
+    res = diffcodec.compress(image, model=tiny_model, steps=2)
+    other = diffcodec.load_model(str(other_model_path))
+    other.model_hash, other.model_id = tiny_model.model_hash, tiny_model.model_id
+    with pytest.raises(DecodeError):
+        diffcodec.decompress(res.data, model=other)
+
+
+def _tables(threads: int, model: UQDM, z: np.ndarray):
+    torch.set_num_threads(threads)
+    st, eps, aux = model._step(z, -4.0, 1.0)
+    u = np.linspace(-0.5, 0.5, z.size, endpoint=False)
+    return eps, aux, model._table(st, u, 8)(slice(0, z.size))
+
+
+def test_tables_identical_under_1_and_2_threads(tiny_model):
+    before = torch.get_num_threads()
+    z = np.random.default_rng(0).normal(size=(1, 3, 64, 48))
+    try:
+        a = _tables(1, tiny_model, z)
+        b = _tables(2, tiny_model, z)
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+_ENC = """
+import sys, numpy as np, torch, diffcodec
+torch.set_num_threads({threads})
+img = np.load(sys.argv[2])
+res = diffcodec.compress(img, model=sys.argv[1], lossless=True)
+open(sys.argv[3], 'wb').write(res.data)
+"""
+_DEC = """
+import sys, numpy as np, torch, diffcodec
+torch.set_num_threads({threads})
+data = open(sys.argv[2], 'rb').read()
+np.save(sys.argv[3], diffcodec.decompress(data, model=sys.argv[1], steps=3, method='flow'))
+np.save(sys.argv[4], diffcodec.decompress(data, model=sys.argv[1]))
+"""
+
+
+def test_cross_process_thread_count_determinism(tiny_model_path, tmp_path):
+    img = synthetic_image(40, 36, seed=5)
+    np.save(tmp_path / "img.npy", img)
+    subprocess.run([sys.executable, "-c", _ENC.format(threads=1), str(tiny_model_path), str(tmp_path / "img.npy"),
+                    str(tmp_path / "a.dfc")], check=True)
+    subprocess.run([sys.executable, "-c", _DEC.format(threads=2), str(tiny_model_path), str(tmp_path / "a.dfc"),
+                    str(tmp_path / "lossy.npy"), str(tmp_path / "full.npy")], check=True)
+    assert np.array_equal(np.load(tmp_path / "full.npy"), img)
+    here = diffcodec.decompress((tmp_path / "a.dfc").read_bytes(), model=str(tiny_model_path), steps=3,
+                                method="flow")
+    assert np.array_equal(np.load(tmp_path / "lossy.npy"), here)
