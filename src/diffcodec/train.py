@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        lv = float(loss)
+        lv = float(loss.detach())
         run_bpd = lv if run_bpd is None else 0.98 * run_bpd + 0.02 * lv
         bar.update(1)
         bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(res['gamma_min']):.2f}")

@@ -1,0 +1,145 @@
+"""The command line: JSON outputs, progressive files, and one-line errors with non-zero exit codes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import synthetic_image
+from diffcodec.cli import main
+
+
+def run(*args):
+    """Run the real console entry point in a subprocess (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "diffcodec.cli", *map(str, args)], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture
+def png(tmp_path):
+    path = tmp_path / "in.png"
+    Image.fromarray(synthetic_image(22, 30)).save(path)
+    return path
+
+
+def test_compress_info_decompress_json(png, tmp_path, tiny_model_path, capsys):
+    out = tmp_path / "a.dfc"
+    assert main(["compress", str(png), "-o", str(out), "--model", str(tiny_model_path), "--lossless", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for key in ("codec", "model", "width", "height", "file_bytes", "bpp", "ideal_bits_total", "sections"):
+        assert key in rep
+    assert rep["file_bytes"] == out.stat().st_size and (rep["width"], rep["height"]) == (30, 22)
+    assert {"step", "bytes", "ideal_bits"} <= set(rep["sections"][0])
+    assert abs(rep["ideal_bits_total"] - sum(s["ideal_bits"] for s in rep["sections"])) < 1e-6
+
+    assert main(["info", str(out), "--json"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["codec"] == "uqdm" and meta["total_steps"] == 4 and meta["model"] == "tiny-uqdm"
+    assert [s["bytes"] for s in meta["sections"]] == [s["bytes"] for s in rep["sections"]]
+    assert meta["sections"][-1]["offset"] + meta["sections"][-1]["bytes"] == out.stat().st_size
+
+    dec = tmp_path / "a.png"
+    assert main(["decompress", str(out), "-o", str(dec), "--model", str(tiny_model_path)]) == 0
+    assert np.array_equal(np.asarray(Image.open(dec)), np.asarray(Image.open(png)))
+
+    # partial download: cut after section 2 == --steps 2
+    cut = tmp_path / "cut.dfc"
+    cut.write_bytes(out.read_bytes()[: meta["sections"][1]["offset"] + meta["sections"][1]["bytes"]])
+    a, b = tmp_path / "cut.png", tmp_path / "k2.png"
+    assert main(["decompress", str(cut), "-o", str(a), "--model", str(tiny_model_path), "--method", "flow"]) == 0
+    assert main(["decompress", str(out), "-o", str(b), "--model", str(tiny_model_path), "--method", "flow",
+                 "--steps", "2"]) == 0
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    capsys.readouterr()
+    assert main(["info", str(cut)]) == 0
+    assert "partial: 2 of 5 sections" in capsys.readouterr().out
+
+
+def test_steps_and_bpp_options(png, tmp_path, tiny_model_path, capsys):
+    sizes = []
+    for k in (1, 2, 3):
+        assert main(["compress", str(png), "-o", str(tmp_path / f"{k}.dfc"), "--model", str(tiny_model_path),
+                     "--steps", str(k), "--json"]) == 0
+        sizes.append(json.loads(capsys.readouterr().out)["bpp"])
+    assert main(["compress", str(png), "-o", str(tmp_path / "b.dfc"), "--model", str(tiny_model_path),
+                 "--bpp", str(sizes[1] + 1e-6), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "empty file"), (b"GIF89a....", "not a .dfc"),
+                                         ("corrupt", "checksum")])
+def test_bad_files_give_one_line_errors(tmp_path, png, tiny_model_path, content, msg):
+    bad = tmp_path / "bad.dfc"
+    if content == "corrupt":
+        good = tmp_path / "g.dfc"
+        assert main(["compress", str(png), "-o", str(good), "--model", str(tiny_model_path), "-q"]) == 0
+        data = bytearray(good.read_bytes())
+        data[-5] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    else:
+        bad.write_bytes(content)
+    for cmd in (["decompress", bad, "-o", tmp_path / "o.png"], ["info", bad]):
+        code, out, err = run(*cmd)
+        assert code != 0 and "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("diffcodec: error:") and msg in lines[0]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_wrong_model_names_the_model(png, tmp_path, tiny_model_path, other_model_path):
+    f = tmp_path / "a.dfc"
+    assert main(["compress", str(png), "-o", str(f), "--model", str(tiny_model_path), "-q", "--steps", "1"]) == 0
+    code, _, err = run("decompress", f, "-o", tmp_path / "o.png", "--model", other_model_path)
+    assert code == 1 and "wrong model" in err and "tiny-uqdm" in err and "Traceback" not in err
+
+
+def test_image_errors(tmp_path, tiny_model_path):
+    rgba = tmp_path / "alpha.png"
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(rgba)
+    code, _, err = run("compress", rgba, "-o", tmp_path / "x.dfc", "--model", tiny_model_path)
+    assert code == 1 and "alpha" in err and "Traceback" not in err
+    assert not (tmp_path / "x.dfc").exists()
+    assert main(["compress", str(rgba), "-o", str(tmp_path / "x.dfc"), "--model", str(tiny_model_path),
+                 "--drop-alpha", "-q", "--steps", "1"]) == 0
+    notimg = tmp_path / "n.png"
+    notimg.write_text("hello")
+    code, _, err = run("compress", notimg, "-o", tmp_path / "y.dfc", "--model", tiny_model_path)
+    assert code == 1 and "not a readable image" in err
+    code, _, err = run("compress", tmp_path / "missing.png", "--model", tiny_model_path)
+    assert code == 1 and "no such file" in err
+
+
+def test_never_overwrites_input(png, tiny_model_path):
+    before = png.read_bytes()
+    code, _, err = run("compress", png, "-o", png, "--model", tiny_model_path, "--steps", "1")
+    assert code == 1 and "refusing to overwrite" in err
+    assert png.read_bytes() == before
+
+
+def test_unknown_model_and_usage(png):
+    code, _, err = run("compress", png, "--model", "no-such-model")
+    assert code == 1 and "unknown model" in err
+    code, _, err = run("compress", png, "--steps", "2", "--lossless")
+    assert code == 2  # argparse usage error
+
+
+def test_train_and_resume(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(synthetic_image(24, 24, seed=i)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--batch", "4", "--crop", "16",
+            "--val-batch", "4", "--ckpt-every", "2", "--val-every", "3", "-q"]
+    assert main([*args, "--iters", "3"]) == 0
+    assert (out / "model.safetensors").exists() and (out / "checkpoint.pt").exists()
+    assert main([*args, "--iters", "5", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]  # resumed at 4, not restarted
+    img = tmp_path / "x.png"
+    Image.fromarray(synthetic_image(12, 12)).save(img)
+    assert main(["compress", str(img), "--model", str(out / "model.safetensors"), "--lossless", "-q",
+                 "-o", str(tmp_path / "x.dfc")]) == 0
