@@ -18,7 +18,7 @@ import numpy as np
 
 from . import container
 from .diffusion import RECONSTRUCTION_METHODS
-from .errors import DecodeError, DiffcodecError, FormatError, ModelError
+from .errors import DecodeError, DiffcodecError, FormatError, ImageError, ModelError
 from .imageio import read_image
 from .models import DEFAULT_MODELS, bundled_models, load_model, read_metadata
 from .rng import ANCESTRAL, SeededStream
@@ -26,6 +26,7 @@ from .rng import ANCESTRAL, SeededStream
 __all__ = ["EncodeResult", "compress", "decompress", "info", "list_models", "get_model"]
 
 KIND_NAMES = {0: "step", 1: "lossless"}
+MAX_CODE_PIXELS = 16 * 10**6  # float64 latents and tables of a 16 MP image need a few GB of RAM
 
 
 @dataclass
@@ -85,8 +86,9 @@ def _prepare(image, alpha: str, model) -> tuple[np.ndarray, int, int, int]:
     if arr.ndim != 3 or arr.shape[2] not in (1, 3):
         raise DiffcodecError("image arrays must be (H, W), (H, W, 1) or (H, W, 3)")
     h, w, ch = arr.shape
-    if h * w > container.MAX_PIXELS or max(h, w) > container.MAX_SIDE:
-        raise DiffcodecError(f"image {w}x{h} exceeds the format limits")
+    if h * w > MAX_CODE_PIXELS or max(h, w) > container.MAX_SIDE:
+        raise ImageError(f"image {w}x{h} is too large to code here (limit {MAX_CODE_PIXELS // 10**6} "
+                         f"megapixels, {container.MAX_SIDE} per side); downscale or split it")
     if ch != model.channels:
         arr = np.repeat(arr, model.channels, axis=2) if ch == 1 else arr
     m = model.downscale

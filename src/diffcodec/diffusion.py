@@ -28,6 +28,11 @@ AUX_GRID_BITS = 8  # raw log-scale outputs
 
 RECONSTRUCTION_METHODS = ("denoise", "ancestral", "flow")
 
+# Tiled evaluation (multiples of every supported network's downscale factor).  A halo of 32
+# pixels covers the effective receptive field of the small denoisers well.
+TILE = 384
+HALO = 32
+
 
 class DiffusionModel(nn.Module):
     """Schedule + denoiser; subclasses add the codec-specific loss and coding."""
@@ -94,12 +99,29 @@ class DiffusionModel(nn.Module):
     # ------------------------------------------------------------------ float64 (coding)
     @torch.no_grad()
     def eval_f64(self, z: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-        """Network outputs (eps_hat, aux) at (z, gamma), float64, rounded to fixed grids."""
+        """Network outputs (eps_hat, aux) at (z, gamma), float64, rounded to fixed grids.
+
+        Large latents are processed in tiles of TILE x TILE pixels with a HALO of context on
+        each side, so memory stays bounded for any image size.  The tiling depends only on the
+        image size, so encoder and decoder compute exactly the same thing.
+        """
         net = self.net
         if next(net.parameters()).dtype != torch.float64:
             net.double()
-        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64))
-        out = net(zt, torch.tensor([gamma], dtype=torch.float64)).numpy()
+        g = torch.tensor([gamma], dtype=torch.float64)
+        _, _, H, W = z.shape
+        if H <= TILE + 2 * HALO and W <= TILE + 2 * HALO:
+            out = net(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64)), g).numpy()
+        else:
+            out = np.empty((z.shape[0], net.config.out_channels, H, W), dtype=np.float64)
+            for y0 in range(0, H, TILE):
+                for x0 in range(0, W, TILE):
+                    y1, x1 = min(H, y0 + TILE), min(W, x0 + TILE)
+                    ya, xa = max(0, y0 - HALO), max(0, x0 - HALO)
+                    yb, xb = min(H, y1 + HALO), min(W, x1 + HALO)
+                    tile = torch.from_numpy(np.ascontiguousarray(z[:, :, ya:yb, xa:xb], dtype=np.float64))
+                    o = net(tile, g).numpy()
+                    out[:, :, y0:y1, x0:x1] = o[:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa]
         c = self.channels
         return quantize_to_grid(out[:, :c], EPS_GRID_BITS), quantize_to_grid(out[:, c : 2 * c], AUX_GRID_BITS)
 

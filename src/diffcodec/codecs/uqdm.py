@@ -215,8 +215,13 @@ class UQDM(DiffusionModel):
         flat = z0.reshape(-1)
         return lambda sl: self.data_table_f64(flat[sl], gamma0)
 
-    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None):
-        """Replay the step sections; returns (z, gamma of z, decoded final pixels or None)."""
+    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None,
+                      on_step=None):
+        """Replay the step sections; returns (z, gamma of z, steps remaining to t = 0).
+
+        ``on_step(z, gamma, remaining)`` is called after every decoded step (benchmarks use it to
+        reconstruct from every prefix without decoding the file again).
+        """
         T = self.num_steps
         gam = self.gamma_grid(T)
         z = self.initial_latent(shape, seed)
@@ -237,6 +242,8 @@ class UQDM(DiffusionModel):
             i -= 1
             if progress:
                 progress(1)
+            if on_step:
+                on_step(z, float(gam[i]), i)
         return z, float(gam[i]), i
 
     def decode_final(self, z0: np.ndarray, sec: Section, crop: tuple[int, int]) -> np.ndarray:
