@@ -119,7 +119,7 @@ def compress(image, model=None, codec: str = "uqdm", steps: int | None = None, b
     T = model.num_steps
     pixels, h, w, ch = _prepare(image, alpha, model)
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed),
-                              params=bytes([T]))
+                              params=model.header_params())
     if bpp is not None:
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
@@ -149,7 +149,7 @@ def compress(image, model=None, codec: str = "uqdm", steps: int | None = None, b
 
 
 def _total_steps(header: container.Header) -> int:
-    if len(header.params) != 1 or header.params[0] < 1:
+    if len(header.params) < 1 or header.params[0] < 1:
         raise FormatError("malformed codec parameters")
     return header.params[0]
 
@@ -168,8 +168,8 @@ def _model_for(header: container.Header, model):
                          f"got {m.model_id!r} (hash {m.model_hash})")
     if m.codec_id != header.codec:
         raise ModelError(f"file is {header.codec} but model {m.model_id} is {m.codec_id}")
-    if _total_steps(header) != m.num_steps:
-        raise FormatError("file step count does not match its model")
+    if header.params != m.header_params():
+        raise FormatError("the file's codec parameters do not match its model")
     return m
 
 

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .entropy import quantize_to_grid
+from .codecs.base import Section
+from .entropy import decode_categorical, encode_categorical, quantize_to_grid, symbols_crc
+from .errors import DecodeError
 from .networks import DenoiserUNet, UNetConfig
-from .rng import SeededStream
+from .rng import Z_T, SeededStream
 from .schedule import LinearGammaSchedule, alpha_sigma, pixel_to_unit, unit_to_pixel
 
 EPS_GRID_BITS = 12  # eps_hat is O(1): 2^-12 grid keeps x_hat exact enough and rounding robust
@@ -27,6 +29,7 @@ AUX_GRID_BITS = 8  # raw log-scale outputs
 
 
 RECONSTRUCTION_METHODS = ("denoise", "ancestral", "flow")
+KIND_STEP, KIND_FINAL = 0, 1  # section kinds of the progressive codecs
 
 # Tiled evaluation (multiples of every supported network's downscale factor).  A halo of 32
 # pixels covers the effective receptive field of the small denoisers well.
@@ -45,8 +48,12 @@ class DiffusionModel(nn.Module):
         gamma_min: float = -12.3,
         gamma_max: float = 6.0,
         learn_gamma_min: bool = True,
+        num_steps: int = 4,
     ):
         super().__init__()
+        if not 1 <= num_steps <= 255:
+            raise ValueError("num_steps must be in 1..255")
+        self.num_steps = num_steps
         self.schedule = LinearGammaSchedule(gamma_min, gamma_max, learn_min=learn_gamma_min)
         self.net = DenoiserUNet(unet or UNetConfig())
 
@@ -56,7 +63,12 @@ class DiffusionModel(nn.Module):
             "codec": self.codec_id,
             "unet": self.net.config.to_dict(),
             "gamma_max": float(self.schedule.gamma_max),
+            "num_steps": self.num_steps,
         }
+
+    def header_params(self) -> bytes:
+        """Codec parameters stored in the .dfc header (first byte: the step count T)."""
+        return bytes([self.num_steps])
 
     @property
     def channels(self) -> int:
@@ -197,3 +209,82 @@ class DiffusionModel(nn.Module):
                     raise ValueError("ancestral reconstruction needs a random stream")
                 z = self.sample_reverse_step(z, eps, aux, float(gs), float(gt), rng)
         return self.z0_to_pixels(z, g0)
+
+    # ------------------------------------------------------------------ progressive coding
+    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int):
+        """Code step t_i -> t_{i-1} of image x from the shared z_t; returns (z_s, Section)."""
+        raise NotImplementedError
+
+    def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
+        """Inverse of :meth:`encode_step`: the same z_s, bit for bit."""
+        raise NotImplementedError
+
+    def initial_latent(self, shape: tuple[int, ...], seed: int) -> np.ndarray:
+        """z_T ~ N(0, I) from the shared seed: costs 0 bits."""
+        return SeededStream(seed, Z_T).normal(shape)
+
+    def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
+               crop: tuple[int, int] | None = None, progress=None) -> list[Section]:
+        """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
+
+        ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale``; ``crop`` is the
+        (height, width) of the real image (the lossless section covers only that region).
+        """
+        T = self.num_steps
+        if lossless:
+            num_steps = T
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"steps must be in 1..{T}")
+        x = pixel_to_unit(pixels.astype(np.float64))[None]
+        gam = self.gamma_grid(T)
+        z = self.initial_latent(x.shape, seed)
+        sections: list[Section] = []
+        for i in range(T, T - num_steps, -1):
+            z, sec = self.encode_step(z, x, i, gam, seed)
+            sections.append(sec)
+            if progress:
+                progress(1)
+        if lossless:
+            h, w = crop or pixels.shape[1:]
+            sym = pixels[:, :h, :w].reshape(-1).astype(np.int64)
+            payload, ideal = encode_categorical(sym, 256, self._data_table(z[0, :, :h, :w], float(gam[0])))
+            sections.append(Section(KIND_FINAL, T + 1, b"", payload, symbols_crc(sym), ideal))
+        return sections
+
+    def _data_table(self, z0: np.ndarray, gamma0: float):
+        flat = z0.reshape(-1)
+        return lambda sl: self.data_table_f64(flat[sl], gamma0)
+
+    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None,
+                      on_step=None):
+        """Replay the step sections; returns (z, gamma of z, steps remaining to t = 0).
+
+        ``on_step(z, gamma, remaining)`` is called after every decoded step (benchmarks use it to
+        reconstruct from every prefix without decoding the file again).
+        """
+        T = self.num_steps
+        gam = self.gamma_grid(T)
+        z = self.initial_latent(shape, seed)
+        i = T
+        for sec in sections:
+            if sec.kind != KIND_STEP:
+                break
+            if sec.index != T - i + 1 or i < 1:
+                raise DecodeError("step sections out of order")
+            z = self.decode_step(z, sec, i, gam, seed)
+            i -= 1
+            if progress:
+                progress(1)
+            if on_step:
+                on_step(z, float(gam[i]), i)
+        return z, float(gam[i]), i
+
+    def decode_final(self, z0: np.ndarray, sec: Section, crop: tuple[int, int]) -> np.ndarray:
+        """Pixels (C, h, w) from the lossless section, coded under p(x | z_0)."""
+        gam0 = float(self.gamma_grid(self.num_steps)[0])
+        h, w = crop
+        z0c = z0[0, :, :h, :w]
+        sym = decode_categorical(sec.payload, z0c.size, 256, self._data_table(z0c, gam0))
+        if symbols_crc(sym.astype(np.int64)) != sec.symbols_crc:
+            raise DecodeError("lossless section decoded inconsistently (model or platform mismatch)")
+        return sym.reshape(z0c.shape).astype(np.uint8)

@@ -186,10 +186,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         lv = float(loss.detach())
         run_bpd = lv if run_bpd is None else 0.98 * run_bpd + 0.02 * lv
         bar.update(1)
-        bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(res['gamma_min']):.2f}")
+        bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(model.schedule.gamma_min.detach()):.2f}")
         if main:
-            rec = {"step": step, "bpd": lv, "steps_bpd": float(res["steps_bpd"].mean()),
-                   "data_bpd": float(res["data_bpd"].mean()), "gamma_min": float(res["gamma_min"]),
+            rec = {"step": step, "bpd": lv, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
                    "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm), "elapsed": round(elapsed, 1)}
             if step % cfg.val_every == 0 or step == cfg.iters:
                 rec["val_bpd"] = evaluate_bpd(ema, val_batch.to(device))

@@ -25,18 +25,17 @@ import numpy as np
 import torch
 
 from .. import rng as rngmod
-from ..diffusion import DiffusionModel
+from ..diffusion import KIND_STEP, DiffusionModel
 from ..entropy import decode_categorical, encode_categorical, log_logistic_bin, symbols_crc
 from ..errors import DecodeError
 from ..networks import UNetConfig
-from ..schedule import LOG2, pixel_to_unit, posterior_coefficients
+from ..schedule import LOG2, posterior_coefficients
 from .base import Section
 
 SQRT12 = math.sqrt(12.0)
 LOGISTIC_STD_TO_SCALE = math.sqrt(3.0) / math.pi
 AUX_MIN, AUX_MAX = -10.0, 5.0
 MAX_HALF_WIDTH = 1 << 15
-KIND_STEP, KIND_FINAL = 0, 1
 
 
 def _base_scale(gamma_t, b):
@@ -66,15 +65,7 @@ class UQDM(DiffusionModel):
 
     def __init__(self, unet: UNetConfig | None = None, num_steps: int = 4, gamma_min: float = -12.3,
                  gamma_max: float = 6.0):
-        super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max)
-        if not 1 <= num_steps <= 64:
-            raise ValueError("num_steps must be in 1..64")
-        self.num_steps = num_steps
-
-    def config_dict(self) -> dict:
-        d = super().config_dict()
-        d["num_steps"] = self.num_steps
-        return d
+        super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max, num_steps=num_steps)
 
     @classmethod
     def from_config(cls, cfg: dict) -> UQDM:
@@ -167,93 +158,33 @@ class UQDM(DiffusionModel):
         mu_p = a * z + b * x_hat
         return mu_p + scale * rng.logistic(z.shape) + SQRT12 * beta * (rng.uniform(z.shape) - 0.5)
 
-    def initial_latent(self, shape: tuple[int, ...], seed: int) -> np.ndarray:
-        return rngmod.SeededStream(seed, rngmod.Z_T).normal(shape)
+    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int):
+        """Universal quantization of step t_i -> t_{i-1}; returns (z_s, section)."""
+        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
+        u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
+        mu_q = st.a * z + st.b * x
+        k = np.round((mu_q - st.mu_p).reshape(-1) / st.delta + u)
+        half_width = int(max(1, np.abs(k).max()))
+        if half_width > MAX_HALF_WIDTH:
+            raise ValueError("step symbol out of range (model unsuited to this image)")
+        k = k.astype(np.int64)
+        payload, ideal = encode_categorical(k + half_width, 2 * half_width + 1, self._table(st, u, half_width))
+        z_s = st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
+        sec = Section(KIND_STEP, self.num_steps - i + 1, struct.pack("<H", half_width), payload,
+                      symbols_crc(k), ideal)
+        return z_s, sec
 
-    # ------------------------------------------------------------------ encode / decode
-    def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
-               crop: tuple[int, int] | None = None, progress=None) -> list[Section]:
-        """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
-
-        ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale``; ``crop`` is the
-        (height, width) of the real image (the lossless section covers only that region).
-        """
-        T = self.num_steps
-        if lossless:
-            num_steps = T
-        if not 1 <= num_steps <= T:
-            raise ValueError(f"steps must be in 1..{T}")
-        x = pixel_to_unit(pixels.astype(np.float64))[None]
-        gam = self.gamma_grid(T)
-        z = self.initial_latent(x.shape, seed)
-        sections: list[Section] = []
-        for i in range(T, T - num_steps, -1):
-            st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
-            u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
-            mu_q = st.a * z + st.b * x
-            k = np.round((mu_q - st.mu_p).reshape(-1) / st.delta + u)
-            half_width = int(max(1, np.abs(k).max()))
-            if half_width > MAX_HALF_WIDTH:
-                raise ValueError("step symbol out of range (model unsuited to this image)")
-            k = k.astype(np.int64)
-            payload, ideal = encode_categorical(k + half_width, 2 * half_width + 1,
-                                                self._table(st, u, half_width))
-            z = st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
-            sections.append(Section(KIND_STEP, T - i + 1, struct.pack("<H", half_width), payload,
-                                    symbols_crc(k), ideal))
-            if progress:
-                progress(1)
-        if lossless:
-            h, w = crop or pixels.shape[1:]
-            z0 = z[0, :, :h, :w]
-            sym = pixels[:, :h, :w].reshape(-1).astype(np.int64)
-            payload, ideal = encode_categorical(sym, 256, self._data_table(z0, float(gam[0])))
-            sections.append(Section(KIND_FINAL, T + 1, b"", payload, symbols_crc(sym), ideal))
-        return sections
-
-    def _data_table(self, z0: np.ndarray, gamma0: float):
-        flat = z0.reshape(-1)
-        return lambda sl: self.data_table_f64(flat[sl], gamma0)
-
-    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None,
-                      on_step=None):
-        """Replay the step sections; returns (z, gamma of z, steps remaining to t = 0).
-
-        ``on_step(z, gamma, remaining)`` is called after every decoded step (benchmarks use it to
-        reconstruct from every prefix without decoding the file again).
-        """
-        T = self.num_steps
-        gam = self.gamma_grid(T)
-        z = self.initial_latent(shape, seed)
-        i = T
-        for sec in sections:
-            if sec.kind != KIND_STEP:
-                break
-            if sec.index != T - i + 1 or i < 1:
-                raise DecodeError("step sections out of order")
-            (half_width,) = struct.unpack("<H", sec.params)
-            st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
-            u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
-            sym = decode_categorical(sec.payload, z.size, 2 * half_width + 1, self._table(st, u, half_width))
-            k = sym.astype(np.int64) - half_width
-            if symbols_crc(k) != sec.symbols_crc:
-                raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
-            z = st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
-            i -= 1
-            if progress:
-                progress(1)
-            if on_step:
-                on_step(z, float(gam[i]), i)
-        return z, float(gam[i]), i
-
-    def decode_final(self, z0: np.ndarray, sec: Section, crop: tuple[int, int]) -> np.ndarray:
-        gam0 = float(self.gamma_grid(self.num_steps)[0])
-        h, w = crop
-        z0c = z0[0, :, :h, :w]
-        sym = decode_categorical(sec.payload, z0c.size, 256, self._data_table(z0c, gam0))
-        if symbols_crc(sym.astype(np.int64)) != sec.symbols_crc:
-            raise DecodeError("lossless section decoded inconsistently (model or platform mismatch)")
-        return sym.reshape(z0c.shape).astype(np.uint8)
+    def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
+        if len(sec.params) != 2:
+            raise DecodeError(f"malformed parameters in section {sec.index}")
+        (half_width,) = struct.unpack("<H", sec.params)
+        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
+        u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
+        sym = decode_categorical(sec.payload, z.size, 2 * half_width + 1, self._table(st, u, half_width))
+        k = sym.astype(np.int64) - half_width
+        if symbols_crc(k) != sec.symbols_crc:
+            raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
+        return st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
 
 
 def log_logistic_bin_t(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
