@@ -102,9 +102,12 @@ def _section_report(sec, size: int, step: int) -> dict:
             "payload_bytes": len(sec.payload), "ideal_bits": float(sec.ideal_bits)}
 
 
-def compress(image, model=None, codec: str = "uqdm", steps: int | None = None, bpp: float | None = None,
+def compress(image, model=None, codec: str | None = None, steps: int | None = None, bpp: float | None = None,
              lossless: bool = False, seed: int = 0, alpha: str = "error", progress=None) -> EncodeResult:
     """Compress an image (path, bytes or uint8 array) to .dfc bytes.
+
+    ``model``: a loaded model, a bundled name or a .safetensors path; ``None`` = the default model
+    of ``codec`` (default codec: uqdm).
 
     Quality is chosen by exactly one of ``steps`` (diffusion steps sent, 1..T), ``bpp`` (the
     largest step count whose whole file fits) or ``lossless`` (every step plus the exact final
@@ -112,8 +115,8 @@ def compress(image, model=None, codec: str = "uqdm", steps: int | None = None, b
     """
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
         raise DiffcodecError("give at most one of steps, bpp, lossless")
-    model = _as_model(model, codec)
-    if model.codec_id != codec and codec != "uqdm":
+    model = _as_model(model, codec or "uqdm")
+    if codec is not None and model.codec_id != codec:
         raise ModelError(f"model {model.model_id} is a {model.codec_id} model, not {codec}")
     codec = model.codec_id
     T = model.num_steps

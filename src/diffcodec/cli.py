@@ -37,7 +37,7 @@ def cmd_compress(a) -> int:
     from .api import compress, get_model
     from .imageio import atomic_write
 
-    model = get_model(a.model, a.codec)
+    model = get_model(a.model, a.codec or "uqdm")
     out = a.output or str(Path(a.input).with_suffix(".dfc"))
     total = model.num_steps if (a.lossless or a.bpp is not None) else (a.steps or 0)
     bar, cb = _progress(total, "encoding", a.quiet or a.json)
@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="image -> .dfc")
     c.add_argument("input")
     c.add_argument("-o", "--output")
-    c.add_argument("--codec", default="uqdm", choices=["uqdm"])
+    c.add_argument("--codec", choices=["uqdm", "diffc"], help="codec of the default model (default: uqdm, "
+                   "or the codec of --model)")
     c.add_argument("--model", help="bundled model name or .safetensors path (default: the codec's default)")
     q = c.add_mutually_exclusive_group()
     q.add_argument("--steps", type=int, help="diffusion steps to send (1..T)")
@@ -163,11 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a model on a folder of images (torchrun-ready)")
-    t.add_argument("--codec", default="uqdm", choices=["uqdm"])
+    t.add_argument("--codec", default="uqdm", choices=["uqdm", "diffc"])
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--preset", choices=["tiny", "small", "base"])
-    t.add_argument("--num-steps", dest="num_steps", type=int, help="diffusion steps T")
+    t.add_argument("--num-steps", dest="num_steps", type=int, help="diffusion steps T (uqdm 4, diffc 16)")
+    t.add_argument("--c-max", dest="c_max", type=int, help="diffc: reverse channel coding chunk cap (bits)")
     t.add_argument("--iters", type=int)
     t.add_argument("--batch", type=int)
     t.add_argument("--crop", type=int)

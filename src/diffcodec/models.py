@@ -23,13 +23,14 @@ from safetensors.torch import save_file
 from .errors import ModelError
 
 BUNDLED_DIR = "weights"
-DEFAULT_MODELS = {"uqdm": "uqdm-small"}
+DEFAULT_MODELS = {"uqdm": "uqdm-small", "diffc": "diffc-small"}
 
 
 def _codec_classes() -> dict:
+    from .codecs.diffc import DiffC
     from .codecs.uqdm import UQDM
 
-    return {"uqdm": UQDM}
+    return {"uqdm": UQDM, "diffc": DiffC}
 
 
 def build_model(config: dict):

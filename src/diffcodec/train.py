@@ -38,13 +38,17 @@ PRESETS = {
 }
 
 
+DEFAULT_STEPS = {"uqdm": 4, "diffc": 16}
+
+
 @dataclass
 class TrainConfig:
     codec: str = "uqdm"
     data: str = ""
     out: str = "run"
     preset: str = "small"
-    num_steps: int = 4  # diffusion steps T of the progressive codec
+    num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
+    c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
     batch: int = 32
     crop: int = 32
@@ -63,8 +67,12 @@ class TrainConfig:
 
 
 def model_config(cfg: TrainConfig) -> dict:
-    unet = UNetConfig(**PRESETS[cfg.preset])
-    return {"codec": cfg.codec, "unet": unet.to_dict(), "num_steps": cfg.num_steps}
+    """Model config for a codec: UQDM's network also predicts a per-pixel log-scale (2C outputs)."""
+    unet = UNetConfig(**PRESETS[cfg.preset], out_channels=6 if cfg.codec == "uqdm" else 3)
+    out = {"codec": cfg.codec, "unet": unet.to_dict(), "num_steps": cfg.num_steps or DEFAULT_STEPS[cfg.codec]}
+    if cfg.codec == "diffc":
+        out["c_max"] = cfg.c_max
+    return out
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
