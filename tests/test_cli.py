@@ -143,3 +143,19 @@ def test_train_and_resume(tmp_path):
     Image.fromarray(synthetic_image(12, 12)).save(img)
     assert main(["compress", str(img), "--model", str(out / "model.safetensors"), "--lossless", "-q",
                  "-o", str(tmp_path / "x.dfc")]) == 0
+
+
+def test_torchrun_ddp_training(tmp_path):
+    """The same train command under torchrun (2 processes, gloo on CPU)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(synthetic_image(24, 24, seed=i)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "diffcodec.cli", "--threads", "1", "train", "--data", str(data), "--out", str(out),
+                        "--preset", "tiny", "--iters", "2", "--batch", "2", "--crop", "16", "--val-batch", "2",
+                        "--ckpt-every", "2", "--val-every", "2", "-q"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "model.safetensors").exists()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]

@@ -165,7 +165,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                             "sampler_seed": cfg.seed * 1000 + rank}, ckpt_path)
         save_model(ema, out / "model.safetensors", card=card)
 
-    log = open(out / "log.jsonl", "a") if main else None
+    log_path = out / "log.jsonl"
+    if main and log_path.exists():
+        # drop records written after the checkpoint we resumed from (or all, when starting afresh)
+        keep = [line for line in log_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        log_path.write_text("".join(line + "\n" for line in keep))
+    log = open(log_path, "a") if main else None
     bar = tqdm(total=cfg.iters, initial=step, disable=quiet or not main, dynamic_ncols=True, unit="it")
     metrics: dict = {}
     run_bpd = None
