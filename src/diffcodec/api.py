@@ -103,7 +103,8 @@ def _section_report(sec, size: int, step: int) -> dict:
 
 
 def compress(image, model=None, codec: str | None = None, steps: int | None = None, bpp: float | None = None,
-             lossless: bool = False, seed: int = 0, alpha: str = "error", progress=None) -> EncodeResult:
+             lossless: bool = False, seed: int = 0, alpha: str = "error", progress=None,
+             **options) -> EncodeResult:
     """Compress an image (path, bytes or uint8 array) to .dfc bytes.
 
     ``model``: a loaded model, a bundled name or a .safetensors path; ``None`` = the default model
@@ -111,8 +112,10 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
 
     Quality is chosen by exactly one of ``steps`` (diffusion steps sent, 1..T), ``bpp`` (the
     largest step count whose whole file fits) or ``lossless`` (every step plus the exact final
-    section).  With none, the model card's ``default_steps`` is used.
+    section).  With none, the model card's ``default_steps`` is used.  ``options`` are the codec's
+    encoder choices (diffc: ``c_max``); ``None`` values are ignored.
     """
+    options = {k: v for k, v in options.items() if v is not None}
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
         raise DiffcodecError("give at most one of steps, bpp, lossless")
     model = _as_model(model, codec or "uqdm")
@@ -126,7 +129,7 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     if bpp is not None:
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
-        sections = model.encode(pixels, seed, T, lossless=False, crop=(h, w), progress=progress)
+        sections = model.encode(pixels, seed, T, lossless=False, crop=(h, w), progress=progress, **options)
         head = len(container.header_bytes(header))
         size = head
         chosen = 0
@@ -144,7 +147,8 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
             steps = int(getattr(model, "card", {}).get("default_steps", max(1, T // 2)))
         if not lossless and not 1 <= steps <= T:
             raise DiffcodecError(f"steps must be in 1..{T} for model {model.model_id}")
-        sections = model.encode(pixels, seed, steps or T, lossless=lossless, crop=(h, w), progress=progress)
+        sections = model.encode(pixels, seed, steps or T, lossless=lossless, crop=(h, w), progress=progress,
+                                **options)
     data = container.pack(header, sections)
     reports = [_section_report(s, len(container.section_bytes(s)), i + 1) for i, s in enumerate(sections)]
     n_steps = sum(1 for s in sections if s.kind == 0)

@@ -43,7 +43,7 @@ def cmd_compress(a) -> int:
     bar, cb = _progress(total, "encoding", a.quiet or a.json)
     try:
         res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
-                       seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb)
+                       seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max)
     finally:
         if bar:
             bar.close()
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bpp", type=float, help="largest step count whose file fits this many bits/pixel")
     q.add_argument("--lossless", action="store_true", help="all steps plus the exact final section")
     c.add_argument("--seed", type=int, default=0, help="shared-randomness seed stored in the file")
+    c.add_argument("--c-max", dest="c_max", type=int, help="diffc: bits per reverse-channel-coding chunk "
+                   "(8..16; larger = slower, closer to an exact sample)")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
     c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
     c.add_argument("-q", "--quiet", action="store_true")

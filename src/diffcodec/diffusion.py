@@ -211,8 +211,12 @@ class DiffusionModel(nn.Module):
         return self.z0_to_pixels(z, g0)
 
     # ------------------------------------------------------------------ progressive coding
-    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int):
-        """Code step t_i -> t_{i-1} of image x from the shared z_t; returns (z_s, Section)."""
+    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
+        """Code step t_i -> t_{i-1} of image x from the shared z_t; returns (z_s, Section).
+
+        ``options`` are encoder-only choices of the codec (e.g. DiffC's ``c_max``): whatever the
+        decoder needs from them is written into the section.
+        """
         raise NotImplementedError
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
@@ -224,7 +228,7 @@ class DiffusionModel(nn.Module):
         return SeededStream(seed, Z_T).normal(shape)
 
     def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
-               crop: tuple[int, int] | None = None, progress=None) -> list[Section]:
+               crop: tuple[int, int] | None = None, progress=None, **options) -> list[Section]:
         """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
 
         ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale``; ``crop`` is the
@@ -240,7 +244,7 @@ class DiffusionModel(nn.Module):
         z = self.initial_latent(x.shape, seed)
         sections: list[Section] = []
         for i in range(T, T - num_steps, -1):
-            z, sec = self.encode_step(z, x, i, gam, seed)
+            z, sec = self.encode_step(z, x, i, gam, seed, **options)
             sections.append(sec)
             if progress:
                 progress(1)

@@ -10,8 +10,9 @@ turned into an image by ``denoise``, ``ancestral`` (DiffC-A) or ``flow`` (DiffC-
 probability-flow ODE, ~3 dB better than ancestral at high rates).  After the last step the
 image can be finished losslessly under p(x | z_0), like UQDM.
 
-Everything the decoder needs is in the file: T and c_max in the header, and each step's chunk
-layout (number of chunks, KL budget) in its section parameters.
+Everything the decoder needs is in the file: T in the header, and each step's chunk layout
+(number of chunks, KL budget, candidate count) in its section parameters.  ``c_max`` is thus an
+encoder-only choice: the model's value is a default, ``compress(..., c_max=K)`` overrides it.
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ class DiffC(DiffusionModel):
     def from_config(cls, cfg: dict) -> DiffC:
         return cls(UNetConfig.from_dict(cfg["unet"]), num_steps=int(cfg["num_steps"]),
                    gamma_max=float(cfg.get("gamma_max", 6.0)), c_max=int(cfg.get("c_max", DEFAULT_C_MAX)))
-
-    def header_params(self) -> bytes:
-        return bytes([self.num_steps, self.c_max])
 
     # ------------------------------------------------------------------ training loss (VDM)
     def forward(self, x: torch.Tensor, all_steps: bool = False) -> dict[str, torch.Tensor]:
@@ -93,13 +91,19 @@ class DiffC(DiffusionModel):
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gam[i - 1]), np.float64(gam[i])))
         return a * z + b * x_hat, a, b, beta
 
-    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int):
+    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int,
+                    c_max: int | None = None):
+        """Send a sample of q(z_s | z_t, x); ``c_max`` (bits per chunk) trades speed for fidelity."""
+        c_max = int(c_max or self.c_max)
+        if not 4 <= c_max <= 20:
+            raise ValueError("c_max must be in 4..20 bits")
         mu_p, a, b, beta = self._prior(z, i, gam)
         m = ((a * z + b * x) - mu_p) / beta
-        X, payload, layout, ideal, _kl = channel.encode_step(m.reshape(-1), seed, i, c_max=self.c_max)
+        X, payload, layout, _index_bits, kl_bits = channel.encode_step(m.reshape(-1), seed, i, c_max=c_max)
         z_s = mu_p + beta * X.reshape(z.shape)
         crc = channel.sample_crc(X)
-        return z_s, Section(KIND_STEP, self.num_steps - i + 1, layout.to_bytes(), payload, crc, ideal)
+        # the ideal cost of a DiffC step is its KL: what an exact channel simulation would spend
+        return z_s, Section(KIND_STEP, self.num_steps - i + 1, layout.to_bytes(), payload, crc, kl_bits)
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
         try:

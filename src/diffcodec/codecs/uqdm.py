@@ -158,8 +158,10 @@ class UQDM(DiffusionModel):
         mu_p = a * z + b * x_hat
         return mu_p + scale * rng.logistic(z.shape) + SQRT12 * beta * (rng.uniform(z.shape) - 0.5)
 
-    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int):
+    def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Universal quantization of step t_i -> t_{i-1}; returns (z_s, section)."""
+        if options:
+            raise ValueError(f"uqdm has no encoder options {sorted(options)}")
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
         u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
         mu_q = st.a * z + st.b * x
