@@ -62,8 +62,12 @@ class Baseline:
 
     def __call__(self, img: np.ndarray, quality: float) -> tuple[bytes, np.ndarray]:
         """Encode and decode ``img``: the ``(img, setting) -> (file_bytes, decoded)`` protocol of
-        :func:`diffcodec.evaluate.evaluate_curve`."""
+        :func:`diffcodec.evaluate.evaluate_curve`.  An out-of-range quality is an error rather than clamped, so
+        a result never records a setting that was not used; integer-only parameters are rounded."""
         img = _check_rgb(img)
+        lo, hi = self.quality_range
+        if not lo <= float(quality) <= hi:
+            raise ValueError(f"{self.name}: quality {quality} outside {lo}..{hi}")
         q = self._clip_quality(quality)
         data = bytes(self.encode(img, q))
         dec = np.asarray(self.decode(data))
