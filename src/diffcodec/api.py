@@ -129,8 +129,13 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     if bpp is not None:
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
-        sections = model.encode(pixels, seed, T, lossless=False, crop=(h, w), progress=progress, **options)
         head = len(container.header_bytes(header))
+
+        def over_budget(secs) -> bool:
+            return 8.0 * (head + sum(len(container.section_bytes(s)) for s in secs)) / (h * w) > bpp
+
+        sections = model.encode(pixels, seed, T, lossless=False, crop=(h, w), progress=progress,
+                                stop=over_budget, **options)
         size = head
         chosen = 0
         for k, sec in enumerate(sections, 1):

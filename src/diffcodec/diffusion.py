@@ -228,8 +228,11 @@ class DiffusionModel(nn.Module):
         return SeededStream(seed, Z_T).normal(shape)
 
     def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
-               crop: tuple[int, int] | None = None, progress=None, **options) -> list[Section]:
+               crop: tuple[int, int] | None = None, progress=None, stop=None, **options) -> list[Section]:
         """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
+
+        ``stop(sections)``, if given, is asked after every step whether to stop early (rate
+        control: once the file is over budget the finer, costlier steps need not be coded).
 
         ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale``; ``crop`` is the
         (height, width) of the real image (the lossless section covers only that region).
@@ -248,6 +251,8 @@ class DiffusionModel(nn.Module):
             sections.append(sec)
             if progress:
                 progress(1)
+            if stop is not None and not lossless and stop(sections):
+                break
         if lossless:
             h, w = crop or pixels.shape[1:]
             sym = pixels[:, :h, :w].reshape(-1).astype(np.int64)
