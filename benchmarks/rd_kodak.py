@@ -71,6 +71,23 @@ def rd_table(curve: dict) -> str:
     return "\n".join(lines)
 
 
+def diffcodec_curve(images, spec: str, swd: bool) -> dict:
+    """RD curve of a diffcodec model: whole .dfc files at each step count, decoded with METHOD."""
+    import diffcodec
+    from diffcodec.evaluate import evaluate_curve
+
+    name, method, steps = spec.split(":")
+    model = diffcodec.get_model(name)
+
+    def code(img, k):
+        data = diffcodec.compress(img, model=model, steps=int(k)).data
+        return data, diffcodec.decompress(data, model=model, method=method)
+
+    return evaluate_curve(images, code, [int(k) for k in steps.split(",")], name=f"{name}-{method}",
+                          description=f"diffcodec {model.codec_id} model {name} ({model.model_hash}), {method}",
+                          swd=swd)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kodak", type=Path, default=ROOT.parent / "shared" / "data" / "kodak")
@@ -79,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default="jpeg,jpeg2000,webp,avif,jpegxl,heic")
     ap.add_argument("--out", type=Path, default=Path("rd_kodak_out"))
     ap.add_argument("--extra", type=Path, nargs="*", default=[], help="more CompressAI-style JSON curves to compare")
+    ap.add_argument("--diffcodec", nargs="*", default=[], metavar="MODEL:METHOD:STEPS",
+                    help="diffcodec curves measured here, e.g. uqdm-small:denoise:1,2,3 diffc-small:flow:2,4,6,8")
     ap.add_argument("--anchor", default="jpeg", help="name of the BD-rate anchor curve")
     ap.add_argument("--bd-method", choices=("pchip", "cubic"), default="pchip")
     ap.add_argument("--target-bpps", default=None, help="comma list: sample every codec at these mean bpps")
@@ -110,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     curves = []
     for name, res in results.items():
         save_results(res, args.out / f"{name}.json")
+        curves.append(res)
+        print(rd_table(res))
+    for spec in args.diffcodec:
+        res = diffcodec_curve(images, spec, swd=not args.no_swd)
+        save_results(res, args.out / f"{res['name']}.json")
         curves.append(res)
         print(rd_table(res))
     for path in args.extra:
