@@ -87,6 +87,8 @@ def bundled_models() -> dict[str, Path]:
     """Names and paths of the models shipped inside the package."""
     root = resources.files("diffcodec") / BUNDLED_DIR
     out = {}
+    if not root.is_dir():  # an installation without bundled weights
+        return out
     for entry in root.iterdir():
         if entry.name.endswith(".safetensors"):
             out[entry.name[: -len(".safetensors")]] = Path(str(entry))
