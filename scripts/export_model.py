@@ -33,7 +33,7 @@ def _val_bpd(model, data: str, crop: int) -> float:
     return evaluate_bpd(model.float(), batch)
 
 
-def export(run: Path, name: str, default_steps: int | None) -> None:
+def export(run: Path, name: str, default_steps: int | None, c_max: int | None = None) -> None:
     src = run / "model.safetensors"
     meta = read_metadata(src)
     card = meta["card"]
@@ -47,6 +47,8 @@ def export(run: Path, name: str, default_steps: int | None) -> None:
     tmp.unlink()
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     model = load_model(str(src))
+    if c_max is not None:  # an encoder default (not part of the weights or the model hash)
+        model.c_max = c_max
     new_card = {
         "summary": f"{model.codec_id} default model, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params",
         "default_steps": default_steps or card.get("default_steps") or max(1, model.num_steps // 2),
@@ -113,13 +115,14 @@ def main() -> None:
     e.add_argument("run", type=Path)
     e.add_argument("name")
     e.add_argument("--default-steps", type=int)
+    e.add_argument("--c-max", type=int, help="diffc: default chunk cap of the channel coder")
     c = sub.add_parser("card")
     c.add_argument("name")
     c.add_argument("--bench", type=Path, required=True)
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.cmd == "export":
-        export(a.run, a.name, a.default_steps)
+        export(a.run, a.name, a.default_steps, a.c_max)
     else:
         card(a.name, a.bench)
 

@@ -61,6 +61,7 @@ import numpy as np
 
 from .errors import DecodeError
 from .rng import CANDIDATES, CounterStream
+from .varint import put_varint
 
 KL_UNITS_PER_BIT = 16
 """The step's total KL is sent in units of 1/16 bit: fine enough for the index model, ~2 bytes."""
@@ -126,18 +127,6 @@ _EXPONENT_GRID = 256  # exponents are rounded to 1/256 so that tables come from 
 # --------------------------------------------------------------------------------------------------
 
 
-def _put_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _get_varint(data: bytes, pos: int, limit: int, what: str) -> tuple[int, int]:
     value = 0
     shift = 0
@@ -194,7 +183,7 @@ class StepLayout:
         """varint n_chunks, then (only if n_chunks > 0) varint log2_candidates, varint kl_units."""
         if not self.n_chunks:
             return b"\x00"
-        return _put_varint(self.n_chunks) + _put_varint(self.log2_candidates) + _put_varint(self.kl_units)
+        return put_varint(self.n_chunks) + put_varint(self.log2_candidates) + put_varint(self.kl_units)
 
     @classmethod
     def read(cls, data: bytes, pos: int = 0) -> tuple[StepLayout, int]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from .codecs.base import Section
 from .errors import FormatError
+from .varint import put_varint
 
 MAGIC = b"\x89DFC\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -65,20 +66,6 @@ class Container:
     @property
     def complete(self) -> bool:
         return len(self.sections) == self.header.num_sections and not self.truncated
-
-
-def _varint(n: int) -> bytes:
-    if n < 0:
-        raise ValueError("varint must be non-negative")
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _short_str(s: str) -> bytes:
@@ -134,7 +121,7 @@ class _Short(Exception):
 
 
 def section_bytes(sec: Section) -> bytes:
-    head = bytes([sec.kind]) + _varint(len(sec.params)) + sec.params + _varint(len(sec.payload))
+    head = bytes([sec.kind]) + put_varint(len(sec.params)) + sec.params + put_varint(len(sec.payload))
     head += struct.pack("<I", sec.symbols_crc & 0xFFFFFFFF)
     crc = zlib.crc32(sec.payload, zlib.crc32(head)) & 0xFFFFFFFF
     return head + struct.pack("<I", crc) + sec.payload
@@ -146,8 +133,8 @@ def header_bytes(h: Header) -> bytes:
     if len(bytes.fromhex(h.model_hash)) != 8:
         raise ValueError("model hash must be 8 bytes")
     b = MAGIC + bytes([FORMAT_VERSION]) + _short_str(h.codec) + _short_str(h.model_id)
-    b += bytes.fromhex(h.model_hash) + _varint(h.width) + _varint(h.height) + bytes([h.channels])
-    b += _varint(h.seed) + _varint(len(h.params)) + h.params + _varint(h.num_sections)
+    b += bytes.fromhex(h.model_hash) + put_varint(h.width) + put_varint(h.height) + bytes([h.channels])
+    b += put_varint(h.seed) + put_varint(len(h.params)) + h.params + put_varint(h.num_sections)
     return b + struct.pack("<I", zlib.crc32(b) & 0xFFFFFFFF)
 
 
