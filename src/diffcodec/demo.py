@@ -53,4 +53,4 @@ def run_demo(model: str | None = None, image: str | None = None, out_dir: str | 
     return rows
 
 
-__all__ = ["run_demo", "sample_image_path", "write_image"]
+__all__ = ["run_demo", "sample_image_path"]
