@@ -64,7 +64,7 @@ def export(run: Path, name: str, default_steps: int | None, c_max: int | None = 
     print(json.dumps({"name": name, "hash": h, **{k: v for k, v in new_card.items() if k != "train"}}, indent=1))
 
 
-def card(name: str, bench: Path) -> None:
+def card(name: str, bench: Path, note: str | None = None) -> None:
     path = WEIGHTS / f"{name}.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
@@ -90,6 +90,8 @@ def card(name: str, bench: Path) -> None:
         f"* held-out validation code length ({'exact, all steps' if model.codec_id == 'uqdm' else 'VDM NELBO'}): "
         f"{c['val_bpd_stored']} bits/dim (fp32 weights: {c['val_bpd_fp32']})", "",
     ]
+    if note:
+        lines += [f"Measurement conditions: {note}", ""]
     if "summary" not in b:
         lines += diffc_lines(b, model)
         (WEIGHTS / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -153,12 +155,13 @@ def main() -> None:
     c = sub.add_parser("card")
     c.add_argument("name")
     c.add_argument("--bench", type=Path, required=True)
+    c.add_argument("--note", help="measurement conditions (threads, machine load) for the card")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.cmd == "export":
         export(a.run, a.name, a.default_steps, a.c_max)
     else:
-        card(a.name, a.bench)
+        card(a.name, a.bench, a.note)
 
 
 if __name__ == "__main__":
