@@ -118,7 +118,7 @@ def cmd_train(a) -> int:
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
-    run_demo(model=a.model, image=a.image, out_dir=a.out)
+    run_demo(model=a.model, image=a.image, out_dir=a.out, methods=tuple(a.methods.split(",")))
     return 0
 
 
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model")
     e.add_argument("--image", help="use this image instead of the bundled sample")
     e.add_argument("--out", help="write the .dfc and decoded PNGs here")
+    e.add_argument("--methods", default="denoise", help="comma list of denoise,flow,ancestral "
+                   "(each decodes every prefix again)")
     e.set_defaults(func=cmd_demo)
     return p
 

@@ -20,7 +20,7 @@ def sample_image_path() -> Path:
 
 
 def run_demo(model: str | None = None, image: str | None = None, out_dir: str | None = None,
-             methods: tuple[str, ...] = ("denoise", "flow"), echo=print) -> list[dict]:
+             methods: tuple[str, ...] = ("denoise",), echo=print) -> list[dict]:
     src = Path(image) if image else sample_image_path()
     x = read_image(src)
     m = get_model(model)
