@@ -6,20 +6,30 @@ import numpy as np
 import pytest
 import torch
 
+from diffcodec.codecs.diffc import DiffC
 from diffcodec.codecs.uqdm import UQDM
 from diffcodec.models import load_model, save_model
 from diffcodec.networks import UNetConfig
 from diffcodec.train import PRESETS
 
 
-def make_tiny_uqdm(seed: int = 0, num_steps: int = 4, random_weights: bool = True) -> UQDM:
+def make_tiny(codec: str = "uqdm", seed: int = 0, random_weights: bool = True, **kwargs):
+    """A tiny model of either progressive codec (random weights: the zero-initialised output layer
+    would give trivial outputs and hide bugs)."""
     torch.manual_seed(seed)
-    m = UQDM(UNetConfig(**PRESETS["tiny"]), num_steps=num_steps)
-    if random_weights:  # non-trivial outputs (the zero-initialised output layer would hide bugs)
+    if codec == "uqdm":
+        m = UQDM(UNetConfig(**PRESETS["tiny"]), **kwargs)
+    else:
+        m = DiffC(UNetConfig(**PRESETS["tiny"], out_channels=3), **kwargs)
+    if random_weights:
         with torch.no_grad():
             for p in m.net.parameters():
                 p.add_(0.03 * torch.randn_like(p))
     return m
+
+
+def make_tiny_uqdm(seed: int = 0, num_steps: int = 4) -> UQDM:
+    return make_tiny("uqdm", seed, num_steps=num_steps)
 
 
 @pytest.fixture(scope="session")

@@ -5,22 +5,15 @@ import pytest
 import torch
 
 import diffcodec
-from conftest import synthetic_image
+from conftest import make_tiny, synthetic_image
 from diffcodec import channel
 from diffcodec.codecs.diffc import DiffC
 from diffcodec.metrics import psnr
 from diffcodec.models import load_model, save_model
-from diffcodec.networks import UNetConfig
-from diffcodec.train import PRESETS
 
 
 def make_tiny_diffc(seed: int = 0) -> DiffC:
-    torch.manual_seed(seed)
-    m = DiffC(UNetConfig(**PRESETS["tiny"], out_channels=3), num_steps=4, c_max=8)
-    with torch.no_grad():
-        for p in m.net.parameters():
-            p.add_(0.03 * torch.randn_like(p))
-    return m
+    return make_tiny("diffc", seed, num_steps=4, c_max=8)
 
 
 @pytest.fixture(scope="module")
