@@ -62,7 +62,8 @@ def cmd_decompress(a) -> int:
     from .imageio import write_image
 
     data = _read_input(a.input)
-    out = a.output or str(Path(a.input).with_suffix(".png"))
+    # default name: never photo.png next to photo.dfc, which is likely the user's original
+    out = a.output or str(Path(a.input).with_suffix(".decoded.png"))
     img = decompress(data, model=a.model, steps=a.steps, method=a.method, nfe=a.nfe)
     write_image(out, img, inputs=(a.input,))
     if not a.quiet:
