@@ -28,8 +28,7 @@ from diffcodec.evaluate import (
     plot_rd,
     save_results,
 )
-from diffcodec.metrics import psnr
-from diffcodec.quality import ms_ssim, msssim_scales, sliced_wasserstein
+from diffcodec.metrics import ms_ssim, msssim_scales, psnr, sliced_wasserstein
 
 H, W = 48, 64
 

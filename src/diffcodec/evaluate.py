@@ -37,8 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .baselines import find_quality, select_baselines
-from .metrics import psnr
-from .quality import lpips_distance, ms_ssim, msssim_scales, sliced_wasserstein
+from .metrics import lpips_distance, ms_ssim, msssim_scales, psnr, sliced_wasserstein
 
 __all__ = [
     "EncodeDecodeFn",
@@ -136,7 +135,7 @@ def evaluate_curve(
 
     ``encode_decode_fn`` must return the complete file (``bytes``-like; its length is the rate) and the
     decoder's uint8 output of the same shape as ``img``.  Per setting the result holds the mean whole-file
-    bpp, mean PSNR (RGB, 0-255), mean MS-SSIM (scale count per :func:`diffcodec.quality.msssim_scales`;
+    bpp, mean PSNR (RGB, 0-255), mean MS-SSIM (scale count per :func:`diffcodec.metrics.msssim_scales`;
     ``null`` for images under 11 px), the set's SWD (mean over pyramid levels, x1e3, seeded: equal options
     give comparable numbers across codecs) with per-level values, LPIPS when requested and available, and
     the mean wall time of one ``encode_decode_fn`` call ("coding_time": encode + decode, seconds).
