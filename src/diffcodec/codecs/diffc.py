@@ -120,19 +120,3 @@ class DiffC(DiffusionModel):
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
         return a * z + b * x_hat + beta * rng.normal(z.shape)
-
-    def step_kl_bits(self, pixels: np.ndarray, seed: int = 0) -> list[float]:
-        """Ideal (KL) cost of every step for an image, without channel coding (for benchmarks)."""
-        from ..schedule import pixel_to_unit
-
-        x = pixel_to_unit(pixels.astype(np.float64))[None]
-        gam = self.gamma_grid(self.num_steps)
-        z = self.initial_latent(x.shape, seed)
-        out = []
-        rng = np.random.default_rng(seed)
-        for i in range(self.num_steps, 0, -1):
-            mu_p, a, b, beta = self._prior(z, i, gam)
-            m = ((a * z + b * x) - mu_p) / beta
-            out.append(float(0.5 * np.sum(m * m) / LOG2))
-            z = a * z + b * x + beta * rng.standard_normal(z.shape)
-        return out
