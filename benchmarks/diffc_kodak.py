@@ -26,10 +26,9 @@ import torch
 import diffcodec
 from diffcodec import channel, container
 from diffcodec.api import _prepare
+from diffcodec.evaluate import load_images
 from diffcodec.metrics import psnr
-from diffcodec.rng import ANCESTRAL, SeededStream
 from diffcodec.schedule import pixel_to_unit
-from uqdm_kodak import load_kodak
 
 
 class Timer:
@@ -96,7 +95,7 @@ def _ideal_chain(model, img, seed, points, nfe):
         if k in points:
             row = {"bpp": kl / (h * w)}
             for method in ("denoise", "flow"):
-                y = model.reconstruct(z, float(gam[i - 1]), method=method, nfe=min(nfe, i - 1) or None,
+                y = model.reconstruct(z, float(gam[i - 1]), method=method, nfe=nfe,
                                       default_steps=max(1, i - 1))
                 row[method] = psnr(img, y[0, :, :h, :w].transpose(1, 2, 0))
             out[k] = row
@@ -111,21 +110,9 @@ def part_b(model, images, points: list[int], nfe: int) -> dict:
         res = diffcodec.compress(img, model=model, steps=T)
         cont = container.unpack(res.data)
         ends = [o + s for o, s in zip(cont.offsets, cont.sizes)]
-        pixels, _, _, _ = _prepare(img, "error", model)
-        lat: dict = {}
-
-        def keep(z, g, r, lat=lat):
-            lat[T - r] = (z.copy(), g, r)
-
-        model.decode_latent((1, *pixels.shape), cont.header.seed, cont.sections, on_step=keep)
-        for k in points:
-            z, g, rem = lat[k]
-            row = {"bpp": 8.0 * ends[k - 1] / (h * w)}
-            for method in ("denoise", "flow", "ancestral"):
-                y = model.reconstruct(z, g, method=method, nfe=min(nfe, rem) or None, default_steps=max(1, rem),
-                                      rng=SeededStream(cont.header.seed, ANCESTRAL))
-                row[method] = psnr(img, y[0, :, :h, :w].transpose(1, 2, 0))
-            real[k].append(row)
+        for k, recs in diffcodec.decode_steps(res.data, model=model, methods=("denoise", "flow", "ancestral"),
+                                              nfe=nfe, at=set(points)):
+            real[k].append({"bpp": 8.0 * ends[k - 1] / (h * w), **{m: psnr(img, y) for m, y in recs.items()}})
         for k, row in _ideal_chain(model, img, cont.header.seed, points, nfe).items():
             ideal[k].append(row)
         print(f"{name}: " + " ".join(f"k{k}:{real[k][-1]['bpp']:.2f}bpp flow {real[k][-1]['flow']:.2f}"
@@ -169,7 +156,7 @@ def main() -> None:
     model = diffcodec.get_model(a.model)
     T = model.num_steps
     points = [int(p) for p in a.points.split(",")] if a.points else sorted({max(1, T * j // 8) for j in range(1, 9)})
-    images = load_kodak(Path(a.kodak), a.scale, a.limit)
+    images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
     result = {"model": model.model_id, "model_hash": model.model_hash, "images": len(images),
               "size": f"{images[0][1].shape[1]}x{images[0][1].shape[0]}", "default_c_max": model.c_max}
     if not a.skip_a:

@@ -3,15 +3,15 @@
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                     [--model uqdm-small] [--json out.json]
 
-Per image: compress losslessly (all T steps + the exact final section), then decode the step
-sections once and reconstruct from every prefix with each method (denoise / flow / ancestral).
-The truncated-file == --steps k equivalence this relies on is covered by the test suite.
+Per image: compress losslessly (all T steps + the exact final section), decode the whole file
+(timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
+ancestral) via ``diffcodec.decode_steps`` (equal to decoding the cut file; covered by the tests).
 Reported:
   * rate: payload bits / ideal bits (the model's code length for the coded symbols) and the
     container overhead in bytes (header + section headers);
   * lossless bits/dim (whole file);
   * per step k: cumulative bpp of the file prefix (whole prefix, headers included) and PSNR;
-  * encode and decode seconds per image (decode = all step sections + the lossless section).
+  * encode and decode seconds per image (decode = the complete lossless file).
 Results are printed and written as JSON (CompressAI-like: per method, bpp and psnr-rgb lists).
 """
 
@@ -24,26 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import diffcodec
 from diffcodec import container
-from diffcodec.api import _prepare
+from diffcodec.evaluate import load_images
 from diffcodec.metrics import psnr
-from diffcodec.rng import ANCESTRAL, SeededStream
 
 METHODS = ("denoise", "flow", "ancestral")
-
-
-def load_kodak(folder: Path, scale: int, limit: int | None) -> list[tuple[str, np.ndarray]]:
-    files = sorted(folder.glob("kodim*.png"))[:limit]
-    out = []
-    for f in files:
-        im = Image.open(f).convert("RGB")
-        if scale > 1:
-            im = im.resize((im.width // scale, im.height // scale), Image.LANCZOS)
-        out.append((f.stem, np.asarray(im)))
-    return out
 
 
 def bench_image(model, img: np.ndarray) -> dict:
@@ -52,28 +39,18 @@ def bench_image(model, img: np.ndarray) -> dict:
     res = diffcodec.compress(img, model=model, lossless=True)
     t_enc = time.perf_counter() - t0
     cont = container.unpack(res.data)
-    T = model.num_steps
     payload_bits = 8 * sum(len(s.payload) for s in cont.sections)
     overhead = len(res.data) - sum(len(s.payload) for s in cont.sections)
     ends = [o + s for o, s in zip(cont.offsets, cont.sizes)]
 
     t0 = time.perf_counter()
-    pixels, _, _, _ = _prepare(img, "error", model)
-    latents = []
-    z, _, _ = model.decode_latent((1, *pixels.shape), cont.header.seed, cont.sections[:T],
-                                  on_step=lambda z, g, r: latents.append((z.copy(), g, r)))
-    final = model.decode_final(z, cont.sections[T], (h, w))
+    lossless_ok = bool(np.array_equal(diffcodec.decompress(res.data, model=model), img))
     t_dec = time.perf_counter() - t0
-    lossless_ok = bool(np.array_equal(final.transpose(1, 2, 0), img))
 
     steps = []
-    for k, (zk, gk, rem) in enumerate(latents, 1):
-        row = {"step": k, "bpp": 8.0 * ends[k - 1] / (h * w)}
-        for method in METHODS:
-            rng = SeededStream(cont.header.seed, ANCESTRAL)
-            y = model.reconstruct(zk, gk, method=method, rng=rng, default_steps=max(1, rem))
-            row[method] = psnr(img, y[0, :, :h, :w].transpose(1, 2, 0))
-        steps.append(row)
+    for k, images in diffcodec.decode_steps(res.data, model=model, methods=METHODS):
+        steps.append({"step": k, "bpp": 8.0 * ends[k - 1] / (h * w),
+                      **{method: psnr(img, y) for method, y in images.items()}})
     return {
         "file_bytes": len(res.data), "ideal_bits": res.ideal_bits_total, "payload_bits": payload_bits,
         "rate_ratio": payload_bits / res.ideal_bits_total, "overhead_bytes": overhead,
@@ -94,7 +71,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
-    images = load_kodak(Path(a.kodak), a.scale, a.limit)
+    images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
     per = {}
     for name, img in images:
         per[name] = r = bench_image(model, img)

@@ -183,3 +183,24 @@ def test_huge_image_refused_before_work(tiny_model):
     big = np.zeros((5000, 4000, 3), np.uint8)
     with pytest.raises(diffcodec.ImageError, match="too large"):
         diffcodec.compress(big, model=tiny_model)
+
+
+def test_decode_steps_equals_cut_files(tiny_model):
+    img = synthetic_image(20, 24, seed=7)
+    res = diffcodec.compress(img, model=tiny_model, lossless=True)
+    seen = []
+    for k, recs in diffcodec.decode_steps(res.data, model=tiny_model, methods=("denoise", "ancestral"), nfe=2):
+        seen.append(k)
+        for method, y in recs.items():
+            assert np.array_equal(y, diffcodec.decompress(res.data, model=tiny_model, steps=k, method=method, nfe=2))
+    assert seen == [1, 2, 3, 4]
+    assert [k for k, _ in diffcodec.decode_steps(res.data, model=tiny_model, at={2})] == [2]
+
+
+def test_grayscale_lossless_codes_one_channel(tiny_model):
+    gray = synthetic_image(16, 16, c=1)
+    rgb = np.repeat(gray, 3, axis=2)
+    a = diffcodec.compress(gray, model=tiny_model, lossless=True)
+    b = diffcodec.compress(rgb, model=tiny_model, lossless=True)
+    assert a.sections[-1]["payload_bytes"] < b.sections[-1]["payload_bytes"]
+    assert np.array_equal(diffcodec.decompress(a.data, model=tiny_model), gray)

@@ -23,7 +23,7 @@ from .imageio import read_image
 from .models import DEFAULT_MODELS, bundled_models, load_model, read_metadata
 from .rng import ANCESTRAL, SeededStream
 
-__all__ = ["EncodeResult", "compress", "decompress", "info", "list_models", "get_model"]
+__all__ = ["EncodeResult", "compress", "decompress", "decode_steps", "info", "list_models", "get_model"]
 
 KIND_NAMES = {0: "step", 1: "lossless"}
 MAX_CODE_PIXELS = 16 * 10**6  # float64 latents and tables of a 16 MP image need a few GB of RAM
@@ -130,30 +130,27 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
         head = len(container.header_bytes(header))
+        total = [head]  # running file size, updated as sections arrive
 
         def over_budget(secs) -> bool:
-            return 8.0 * (head + sum(len(container.section_bytes(s)) for s in secs)) / (h * w) > bpp
+            total[0] += len(container.section_bytes(secs[-1]))
+            return 8.0 * total[0] / (h * w) > bpp
 
-        sections = model.encode(pixels, seed, T, lossless=False, crop=(h, w), progress=progress,
+        sections = model.encode(pixels, seed, T, lossless=False, region=(ch, h, w), progress=progress,
                                 stop=over_budget, **options)
-        size = head
-        chosen = 0
-        for k, sec in enumerate(sections, 1):
-            size += len(container.section_bytes(sec))
-            if 8.0 * size / (h * w) <= bpp:
-                chosen = k
-        if chosen == 0:
-            smallest = 8.0 * (head + len(container.section_bytes(sections[0]))) / (h * w)
+        # encoding stops at the first section over budget: all but that one fit
+        if 8.0 * total[0] / (h * w) > bpp:
+            sections = sections[:-1]
+        if not sections:
             raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: "
-                                 f"one step already takes {smallest:.3f} bpp")
-        sections = sections[:chosen]
+                                 f"one step already takes {8.0 * total[0] / (h * w):.3f} bpp")
     else:
         if steps is None and not lossless:
             steps = int(getattr(model, "card", {}).get("default_steps", max(1, T // 2)))
         if not lossless and not 1 <= steps <= T:
             raise DiffcodecError(f"steps must be in 1..{T} for model {model.model_id}")
-        sections = model.encode(pixels, seed, steps or T, lossless=lossless, crop=(h, w), progress=progress,
-                                **options)
+        sections = model.encode(pixels, seed, steps or T, lossless=lossless, region=(ch, h, w),
+                                progress=progress, **options)
     data = container.pack(header, sections)
     reports = [_section_report(s, len(container.section_bytes(s)), i + 1) for i, s in enumerate(sections)]
     n_steps = sum(1 for s in sections if s.kind == 0)
@@ -185,17 +182,8 @@ def _model_for(header: container.Header, model):
     return m
 
 
-def decompress(data: bytes, model=None, steps: int | None = None, method: str = "denoise",
-               nfe: int | None = None, progress=None) -> np.ndarray:
-    """Decode .dfc bytes (complete or a truncated prefix) to uint8 (H, W, C).
-
-    ``steps``: use only the first ``steps`` diffusion-step sections (default: all present; a
-    present lossless section is then applied).  ``method``: reconstruction from the last
-    received latent (``denoise``, ``ancestral`` or ``flow``); ``nfe`` network evaluations for
-    ancestral/flow (default: the codec's remaining steps).
-    """
-    if method not in RECONSTRUCTION_METHODS:
-        raise DiffcodecError(f"unknown method {method!r}; choose from {', '.join(RECONSTRUCTION_METHODS)}")
+def _open(data: bytes, model, steps: int | None):
+    """Parse a file and pick its model; returns (header, model, step sections, final sections, shape)."""
     cont = container.unpack(bytes(data))
     hd = cont.header
     m = _model_for(hd, model)
@@ -208,24 +196,59 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
             raise DiffcodecError("steps must be >= 1")
         if steps > len(step_secs):
             raise DiffcodecError(f"the file holds only {len(step_secs)} step(s); cannot decode {steps}")
-        step_secs = step_secs[:steps]
-        final = []
-    h, w = hd.height, hd.width
+        step_secs, final = step_secs[:steps], []
     d = m.downscale
-    shape = (1, m.channels, h + (-h % d), w + (-w % d))
-    z, gamma, remaining = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
-    if final and remaining == 0:
-        pix = m.decode_final(z, final[0], (h, w))  # (C_real, h, w)
-        out = pix.transpose(1, 2, 0)
-        if hd.channels == 1:
-            out = out[:, :, :1]
-        return np.ascontiguousarray(out)
+    shape = (1, m.channels, hd.height + (-hd.height % d), hd.width + (-hd.width % d))
+    return hd, m, step_secs, final, shape
+
+
+def _check_method(method: str) -> None:
+    if method not in RECONSTRUCTION_METHODS:
+        raise DiffcodecError(f"unknown method {method!r}; choose from {', '.join(RECONSTRUCTION_METHODS)}")
+
+
+def _to_image(m, hd: container.Header, z, gamma: float, remaining: int, method: str, nfe: int | None):
+    """uint8 (H, W, C) reconstruction of a received latent, cropped, gray files averaged to 1 channel."""
     rng = SeededStream(hd.seed, ANCESTRAL)
     pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, remaining))
-    out = pix[0, :, :h, :w].transpose(1, 2, 0)
+    out = pix[0, :, : hd.height, : hd.width].transpose(1, 2, 0)
     if hd.channels == 1:
         out = np.round(out.astype(np.float64).mean(axis=2, keepdims=True)).astype(np.uint8)
     return np.ascontiguousarray(out)
+
+
+def decompress(data: bytes, model=None, steps: int | None = None, method: str = "denoise",
+               nfe: int | None = None, progress=None) -> np.ndarray:
+    """Decode .dfc bytes (complete or a truncated prefix) to uint8 (H, W, C).
+
+    ``steps``: use only the first ``steps`` diffusion-step sections (default: all present; a
+    present lossless section is then applied).  ``method``: reconstruction from the last
+    received latent (``denoise``, ``ancestral`` or ``flow``); ``nfe`` network evaluations for
+    ancestral/flow (default: the codec's remaining steps).
+    """
+    _check_method(method)
+    hd, m, step_secs, final, shape = _open(data, model, steps)
+    z, gamma, remaining = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
+    if final and remaining == 0:
+        pix = m.decode_final(z, final[0], (hd.channels, hd.height, hd.width))
+        return np.ascontiguousarray(pix.transpose(1, 2, 0))
+    return _to_image(m, hd, z, gamma, remaining, method, nfe)
+
+
+def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",), nfe: int | None = None,
+                 at: set[int] | None = None):
+    """Decode the step sections once, yielding ``(k, {method: image})`` after step k.
+
+    Each image equals ``decompress(data, steps=k, method=method, nfe=nfe)`` (a file cut after
+    section k), without decoding the file again for every k: for progressive display and RD
+    measurements.  ``at`` restricts which k are reconstructed (all are still decoded).
+    """
+    for method in methods:
+        _check_method(method)
+    hd, m, step_secs, _, shape = _open(data, model, None)
+    for k, (z, gamma, remaining) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+        if at is None or k in at:
+            yield k, {method: _to_image(m, hd, z, gamma, remaining, method, nfe) for method in methods}
 
 
 def info(data: bytes) -> dict:

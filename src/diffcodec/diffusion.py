@@ -228,14 +228,15 @@ class DiffusionModel(nn.Module):
         return SeededStream(seed, Z_T).normal(shape)
 
     def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
-               crop: tuple[int, int] | None = None, progress=None, stop=None, **options) -> list[Section]:
+               region: tuple[int, int, int] | None = None, progress=None, stop=None, **options) -> list[Section]:
         """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
 
         ``stop(sections)``, if given, is asked after every step whether to stop early (rate
         control: once the file is over budget the finer, costlier steps need not be coded).
 
-        ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale``; ``crop`` is the
-        (height, width) of the real image (the lossless section covers only that region).
+        ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale`` (gray images
+        repeated to the model's channels); ``region`` is the (channels, height, width) of the real
+        image: the lossless section codes only those pixels.
         """
         T = self.num_steps
         if lossless:
@@ -254,9 +255,9 @@ class DiffusionModel(nn.Module):
             if stop is not None and not lossless and stop(sections):
                 break
         if lossless:
-            h, w = crop or pixels.shape[1:]
-            sym = pixels[:, :h, :w].reshape(-1).astype(np.int64)
-            payload, ideal = encode_categorical(sym, 256, self._data_table(z[0, :, :h, :w], float(gam[0])))
+            c, h, w = region or pixels.shape
+            sym = pixels[:c, :h, :w].reshape(-1).astype(np.int64)
+            payload, ideal = encode_categorical(sym, 256, self._data_table(z[0, :c, :h, :w], float(gam[0])))
             sections.append(Section(KIND_FINAL, T + 1, b"", payload, symbols_crc(sym), ideal))
         return sections
 
@@ -264,12 +265,11 @@ class DiffusionModel(nn.Module):
         flat = z0.reshape(-1)
         return lambda sl: self.data_table_f64(flat[sl], gamma0)
 
-    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None,
-                      on_step=None):
-        """Replay the step sections; returns (z, gamma of z, steps remaining to t = 0).
+    def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section]):
+        """Replay the step sections, yielding (z, gamma of z, steps remaining to t = 0) after each.
 
-        ``on_step(z, gamma, remaining)`` is called after every decoded step (benchmarks use it to
-        reconstruct from every prefix without decoding the file again).
+        Every prefix of a file is a valid file, so every yielded latent is what a file cut after
+        that section decodes to (progressive display, benchmarks).
         """
         T = self.num_steps
         gam = self.gamma_grid(T)
@@ -282,17 +282,23 @@ class DiffusionModel(nn.Module):
                 raise DecodeError("step sections out of order")
             z = self.decode_step(z, sec, i, gam, seed)
             i -= 1
+            yield z, float(gam[i]), i
+
+    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None):
+        """Replay the step sections; returns (z, gamma of z, steps remaining to t = 0)."""
+        state = None
+        for state in self.iter_latents(shape, seed, sections):  # noqa: B007 (the last one is kept)
             if progress:
                 progress(1)
-            if on_step:
-                on_step(z, float(gam[i]), i)
-        return z, float(gam[i]), i
+        if state is None:  # no step section: the shared starting latent z_T
+            state = (self.initial_latent(shape, seed), float(self.gamma_grid(self.num_steps)[-1]), self.num_steps)
+        return state
 
-    def decode_final(self, z0: np.ndarray, sec: Section, crop: tuple[int, int]) -> np.ndarray:
-        """Pixels (C, h, w) from the lossless section, coded under p(x | z_0)."""
+    def decode_final(self, z0: np.ndarray, sec: Section, region: tuple[int, int, int]) -> np.ndarray:
+        """Pixels (c, h, w) of ``region`` from the lossless section, coded under p(x | z_0)."""
         gam0 = float(self.gamma_grid(self.num_steps)[0])
-        h, w = crop
-        z0c = z0[0, :, :h, :w]
+        c, h, w = region
+        z0c = z0[0, :c, :h, :w]
         sym = decode_categorical(sec.payload, z0c.size, 256, self._data_table(z0c, gam0))
         if symbols_crc(sym.astype(np.int64)) != sec.symbols_crc:
             raise DecodeError("lossless section decoded inconsistently (model or platform mismatch)")
