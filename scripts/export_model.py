@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffcodec.data import CropSampler, list_images, split_files
+from diffcodec.data import list_images, validation_batch
 from diffcodec.models import load_model, read_metadata, save_model
 from diffcodec.train import evaluate_bpd
 
@@ -28,9 +28,7 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "diffcodec" / "weights"
 
 
 def _val_bpd(model, data: str, crop: int) -> float:
-    _, val = split_files(list_images(data))
-    batch = CropSampler(val, crop, seed=0).fixed_batch(64)
-    return evaluate_bpd(model.float(), batch)
+    return evaluate_bpd(model.float(), validation_batch(data, crop, 64))
 
 
 def export(run: Path, name: str, default_steps: int | None, c_max: int | None = None) -> None:

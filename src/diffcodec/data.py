@@ -73,3 +73,9 @@ class CropSampler:
             return self.batch(n)
         finally:
             self.rng = saved
+
+
+def validation_batch(folder: str | Path, crop: int, n: int) -> torch.Tensor:
+    """The fixed held-out batch the trainer reports its validation bits/dim on (and model cards)."""
+    _, val = split_files(list_images(folder))
+    return CropSampler(val, crop, seed=0).fixed_batch(n)

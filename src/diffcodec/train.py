@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import CropSampler, list_images, split_files
+from .data import CropSampler, list_images, split_files, validation_batch
 from .models import build_model, save_model
 from .networks import UNetConfig
 
@@ -128,10 +128,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
 
-    files = list_images(cfg.data)
-    train_files, val_files = split_files(files)
+    train_files, _ = split_files(list_images(cfg.data))
     sampler = CropSampler(train_files, cfg.crop, seed=cfg.seed * 1000 + rank)
-    val_batch = CropSampler(val_files, cfg.crop, seed=0).fixed_batch(cfg.val_batch)
+    val_batch = validation_batch(cfg.data, cfg.crop, cfg.val_batch)
 
     torch.manual_seed(cfg.seed * 1000 + rank)
     model = build_model(model_config(cfg)).to(device)
