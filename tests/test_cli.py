@@ -126,11 +126,18 @@ def test_unknown_model_and_usage(png):
     assert code == 2  # argparse usage error
 
 
-def test_train_and_resume(tmp_path):
+@pytest.fixture
+def image_folder(tmp_path):
+    """Three small training images."""
     data = tmp_path / "data"
     data.mkdir()
     for i in range(3):
         Image.fromarray(synthetic_image(24, 24, seed=i)).save(data / f"{i}.png")
+    return data
+
+
+def test_train_and_resume(tmp_path, image_folder):
+    data = image_folder
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--batch", "4", "--crop", "16",
             "--val-batch", "4", "--ckpt-every", "2", "--val-every", "3", "-q"]
@@ -145,12 +152,9 @@ def test_train_and_resume(tmp_path):
                  "-o", str(tmp_path / "x.dfc")]) == 0
 
 
-def test_torchrun_ddp_training(tmp_path):
+def test_torchrun_ddp_training(tmp_path, image_folder):
     """The same train command under torchrun (2 processes, gloo on CPU)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        Image.fromarray(synthetic_image(24, 24, seed=i)).save(data / f"{i}.png")
+    data = image_folder
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "diffcodec.cli", "--threads", "1", "train", "--data", str(data), "--out", str(out),
