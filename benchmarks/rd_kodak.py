@@ -1,18 +1,19 @@
-"""Rate-distortion of the classical baselines on Kodak, BD-rate tables and RD plots.
+"""Rate-distortion of diffcodec models and the classical baselines on Kodak, BD-rate tables and RD plots.
 
     python benchmarks/rd_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                   [--codecs jpeg,jpeg2000,webp,avif,jpegxl,heic] [--out DIR]
-                                  [--extra curve.json ...] [--anchor jpeg] [--bd-method pchip|cubic]
-                                  [--target-bpps 0.25,0.5,1,2]
+                                  [--diffcodec MODEL:METHOD[:STEPS] ...] [--extra curve.json ...]
+                                  [--anchor jpeg] [--bd-method pchip|cubic] [--target-bpps 0.25,0.5,1,2]
+                                  [--workers N]
 
-Writes into DIR:
-  * ``<codec>.json``  -- one CompressAI-style result per baseline (bpp from whole files, PSNR, MS-SSIM, SWD);
-  * ``bd.json`` / ``bd.txt`` -- BD-rate (PSNR and MS-SSIM dB) and BD-PSNR of every curve (baselines and
-    ``--extra`` curves, e.g. written by a diffcodec benchmark) against the anchor, and of every extra curve
-    against every baseline;
-  * ``rd_psnr.png``, ``rd_msssim.png``, ``rd_swd.png`` -- RD plots of all curves.
-Unavailable codecs are skipped with a message.  Threads are limited to 1 by default (``--threads``):
-this runs beside training jobs and the images are small.
+A thin caller of :func:`diffcodec.evaluate.run_eval` (what ``diffcodec eval`` runs): each ``--diffcodec``
+model is encoded once per image with all its steps and every prefix (or the STEPS listed) is a point;
+the baselines are swept over their quality grids (or, with ``--target-bpps``, over the qualities whose
+mean bpp on these images hits the targets).  Writes into DIR everything ``diffcodec eval`` writes
+(``<curve>.json``, ``per_image.csv``, ``curves.txt``, ``bd.txt``, ``rd_*.png``, ``cache/`` for resuming),
+plus ``bd.json`` and, appended to ``bd.txt``, BD-rate / BD-PSNR / BD-rate on MS-SSIM of every curve
+(including ``--extra`` ones) against ``--anchor``.  Unavailable codecs are skipped with a message.  BLAS
+threads are limited to 1 by default (``--threads``) and every worker uses 1 torch thread.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,19 +34,16 @@ def _limit_threads(n: int) -> None:
         os.environ.setdefault(var, str(n))
 
 
-def _fmt(v: float, unit: str) -> str:
+def _fmt(v: float | None, unit: str) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:+.2f}{unit}"
 
 
-def bd_table(curves: list[dict], anchor: dict, method: str) -> tuple[list[dict], str]:
-    """Rows of BD numbers for ``curves`` against ``anchor`` and the table as text."""
+def anchor_table(curves: list[dict], anchor: dict, method: str) -> tuple[list[dict], str]:
+    """BD-rate (PSNR, MS-SSIM dB) and BD-PSNR of every curve against ``anchor``: rows and text."""
     from diffcodec.evaluate import compare_curves
 
-    rows = []
-    for c in curves:
-        if c is anchor:
-            continue
-        rows.append({"name": c["name"], "anchor": anchor["name"], **compare_curves(anchor, c, method=method)})
+    rows = [{"name": c["name"], "anchor": anchor["name"], **compare_curves(anchor, c, method=method)}
+            for c in curves if c is not anchor]
     width = max([len(r["name"]) for r in rows] + [8])
     head = (f"{'codec':<{width}}  {'BD-rate PSNR':>13}  {'BD-PSNR':>9}  {'BD-rate MS-SSIM':>16}"
             f"   (anchor: {anchor['name']})")
@@ -57,37 +54,6 @@ def bd_table(curves: list[dict], anchor: dict, method: str) -> tuple[list[dict],
     return rows, "\n".join(lines)
 
 
-def rd_table(curve: dict) -> str:
-    res = curve["results"]
-    lines = [f"{curve['name']}:  {'quality':>8} {'bpp':>7} {'PSNR':>7} {'MS-SSIM':>8} {'SWD':>7} {'time/img':>9}"]
-    for i, b in enumerate(res["bpp"]):
-        q, p = res.get("quality", [None] * len(res["bpp"]))[i], res["psnr-rgb"][i]
-        m = res.get("ms-ssim-rgb", [None] * len(res["bpp"]))[i]
-        s = res.get("swd", [None] * len(res["bpp"]))[i]
-        t = res.get("coding_time", [None] * len(res["bpp"]))[i]
-        lines.append(f"{'':{len(curve['name']) + 2}} {q if q is not None else '':>8} {b:7.3f} "
-                     f"{p if p is None else f'{p:7.2f}':>7} {m if m is None else f'{m:8.4f}':>8} "
-                     f"{s if s is None else f'{s:7.1f}':>7} {t if t is None else f'{1e3 * t:7.1f}ms':>9}")
-    return "\n".join(lines)
-
-
-def diffcodec_curve(images, spec: str, swd: bool) -> dict:
-    """RD curve of a diffcodec model: whole .dfc files at each step count, decoded with METHOD."""
-    import diffcodec
-    from diffcodec.evaluate import evaluate_curve
-
-    name, method, steps = spec.split(":")
-    model = diffcodec.get_model(name)
-
-    def code(img, k):
-        data = diffcodec.compress(img, model=model, steps=int(k)).data
-        return data, diffcodec.decompress(data, model=model, method=method)
-
-    return evaluate_curve(images, code, [int(k) for k in steps.split(",")], name=f"{name}-{method}",
-                          description=f"diffcodec {model.codec_id} model {name} ({model.model_hash}), {method}",
-                          swd=swd)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kodak", type=Path, default=ROOT.parent / "shared" / "data" / "kodak")
@@ -96,18 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--codecs", default="jpeg,jpeg2000,webp,avif,jpegxl,heic")
     ap.add_argument("--out", type=Path, default=Path("rd_kodak_out"))
     ap.add_argument("--extra", type=Path, nargs="*", default=[], help="more CompressAI-style JSON curves to compare")
-    ap.add_argument("--diffcodec", nargs="*", default=[], metavar="MODEL:METHOD:STEPS",
-                    help="diffcodec curves measured here, e.g. uqdm-small:denoise:1,2,3 diffc-small:flow:2,4,6,8")
+    ap.add_argument("--diffcodec", nargs="*", default=[], metavar="MODEL:METHOD[:STEPS]",
+                    help="diffcodec curves measured here, e.g. uqdm-small:denoise:1,2,3 diffc-small:flow")
+    ap.add_argument("--nfe", type=int, default=None, help="network evaluations of flow/ancestral reconstructions")
     ap.add_argument("--anchor", default="jpeg", help="name of the BD-rate anchor curve")
     ap.add_argument("--bd-method", choices=("pchip", "cubic"), default="pchip")
     ap.add_argument("--target-bpps", default=None, help="comma list: sample every codec at these mean bpps")
     ap.add_argument("--no-swd", action="store_true")
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
     _limit_threads(args.threads)
-    from diffcodec.baselines import select_baselines
-    from diffcodec.evaluate import evaluate_baselines, load_images, load_results, plot_rd, save_results
+    from diffcodec.baselines import find_quality, select_baselines
+    from diffcodec.evaluate import BaselineAdapter, load_images, load_results, make_adapter, run_eval
 
     try:
         chosen, skipped = select_baselines([c.strip() for c in args.codecs.split(",") if c.strip()])
@@ -115,60 +83,37 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e.args[0]))
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}", file=sys.stderr)
-    targets = [float(t) for t in args.target_bpps.split(",")] if args.target_bpps else None
 
     images = load_images(args.kodak, scale=args.scale, limit=args.limit)
     sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images.values()})
     print(f"{len(images)} images from {args.kodak} at 1/{args.scale} ({', '.join(sizes)})", flush=True)
 
-    t0 = time.perf_counter()
-    results = evaluate_baselines(images, list(chosen), target_bpps=targets, swd=not args.no_swd)
-    print(f"baselines evaluated in {time.perf_counter() - t0:.1f} s", flush=True)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    curves = []
-    for name, res in results.items():
-        save_results(res, args.out / f"{name}.json")
-        curves.append(res)
-        print(rd_table(res))
+    adapters = []
     for spec in args.diffcodec:
-        res = diffcodec_curve(images, spec, swd=not args.no_swd)
-        save_results(res, args.out / f"{res['name']}.json")
-        curves.append(res)
-        print(rd_table(res))
-    for path in args.extra:
-        curves.append(load_results(path))
+        model, _, rest = spec.partition(":")
+        method, _, steps = rest.partition(":")
+        adapters.append(make_adapter(None, model, [method or "denoise"], nfe=args.nfe,
+                                     steps=[int(k) for k in steps.split(",")] if steps else None))
+    targets = [float(t) for t in args.target_bpps.split(",")] if args.target_bpps else None
+    for name, baseline in chosen.items():
+        grid = [find_quality(baseline, list(images.values()), t).quality for t in targets] if targets else None
+        adapters.append(BaselineAdapter(name, grid))
+    extra = [load_results(p) for p in args.extra]
 
+    report = run_eval(images, adapters, args.out, workers=args.workers, swd=not args.no_swd, bd_method=args.bd_method,
+                      extra_curves=extra, title=f"Kodak 1/{args.scale} ({len(images)} images)")
+    curves = report["curves"] + extra
     by_name = {c["name"]: c for c in curves}
     if args.anchor not in by_name:
-        print(f"anchor {args.anchor!r} not among the curves ({', '.join(by_name)}); no BD table", file=sys.stderr)
-        bd = {}
+        print(f"anchor {args.anchor!r} not among the curves ({', '.join(by_name)}); no anchor table", file=sys.stderr)
     else:
-        rows, text = bd_table(curves, by_name[args.anchor], args.bd_method)
-        bd = {"method": args.bd_method, "anchor": args.anchor, "rows": rows}
-        blocks = [f"BD metrics ({args.bd_method}; MS-SSIM in dB; negative BD-rate = fewer bits than the anchor)",
-                  text]
-        extra_names = [c["name"] for c in curves[len(results):]]
-        for base in results.values():
-            if not extra_names:
-                break
-            if base is by_name[args.anchor]:
-                continue  # already in the first table
-            extra_rows, extra_text = bd_table([by_name[n] for n in extra_names], base, args.bd_method)
-            bd.setdefault("extra_vs_baselines", []).extend(extra_rows)
-            blocks.append(extra_text)
-        table = "\n\n".join(blocks)
-        print()
-        print(table)
-        (args.out / "bd.txt").write_text(table + "\n")
+        rows, text = anchor_table(curves, by_name[args.anchor], args.bd_method)
+        head = f"BD metrics ({args.bd_method}; MS-SSIM in dB; negative BD-rate = fewer bits than the anchor)"
+        print(f"\n{head}\n{text}")
+        with open(args.out / "bd.txt", "a" if report["table"] else "w") as f:  # after run_eval's table
+            f.write(f"\n{head}\n{text}\n")
+        bd = {"method": args.bd_method, "anchor": args.anchor, "rows": rows, "vs_baselines": report["bd"]}
         (args.out / "bd.json").write_text(json.dumps(bd, indent=2, allow_nan=True) + "\n")
-
-    title = f"Kodak 1/{args.scale} ({len(images)} images)"
-    for metric, fname in (("psnr-rgb", "rd_psnr.png"), ("ms-ssim-db", "rd_msssim.png"), ("swd", "rd_swd.png")):
-        try:
-            plot_rd(curves, metric, args.out / fname, title=title)
-        except ValueError as e:
-            print(f"no {fname}: {e}", file=sys.stderr)
     print(f"\nwrote {args.out}/: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
     return 0
 

@@ -31,7 +31,8 @@ def _val_bpd(model, data: str, crop: int) -> float:
     return evaluate_bpd(model.float(), validation_batch(data, crop, 64))
 
 
-def export(run: Path, name: str, default_steps: int | None, c_max: int | None = None) -> None:
+def export(run: Path, name: str, default_steps: int | None, c_max: int | None = None,
+           default_q: float | None = None, eta: float | None = None) -> None:
     src = run / "model.safetensors"
     meta = read_metadata(src)
     card = meta["card"]
@@ -47,9 +48,12 @@ def export(run: Path, name: str, default_steps: int | None, c_max: int | None = 
     model = load_model(str(src))
     if c_max is not None:  # an encoder default (not part of the weights or the model hash)
         model.c_max = c_max
+    if eta is not None:  # rvgc: the sampler's default randomness (a decoder default, not in the hash)
+        model.eta = eta
     new_card = {
         "summary": f"{model.codec_id} default model, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params",
-        "default_steps": default_steps or card.get("default_steps") or max(1, model.num_steps // 2),
+        **({"default_q": default_q or 4.0} if model.codec_id == "rvgc" else
+           {"default_steps": default_steps or card.get("default_steps") or max(1, model.num_steps // 2)}),
         "data": f"{Path(tcfg['data']).name}/ ({len(list_images(tcfg['data']))} photos, held-out every 20th)",
         "train": tcfg,
         "iterations": logs[-1]["step"],
@@ -76,6 +80,11 @@ def card(name: str, bench: Path, note: str | None = None) -> None:
     tmp.replace(path)
     model = load_model(str(path))
     t = c["train"]
+    if model.codec_id == "rvgc":
+        lines = rvgc_lines(name, c, b, model, path, note)
+        (WEIGHTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     lines = [
         f"# Model card: {name}", "",
         f"* codec: `{model.codec_id}`, {model.num_steps} diffusion steps, model hash `{model.model_hash}`",
@@ -115,6 +124,44 @@ def card(name: str, bench: Path, note: str | None = None) -> None:
     print("\n".join(lines))
 
 
+def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None) -> list[str]:
+    """Model card of an RVGC model from ``benchmarks/rvgc_kodak.py --json``."""
+    t = c["train"]
+    lo, hi = model.q_range
+    lines = [
+        f"# Model card: {name}", "",
+        f"* codec: `rvgc`, q range [{lo:g}, {hi:g}], model hash `{model.model_hash}`",
+        f"* {c['summary']}; weights stored as {c['stored_dtype']} ({path.stat().st_size / 1e6:.2f} MB); "
+        f"default q {c['default_q']:g}; decoder: {model.sampler_steps}-step latent sampler (eta {model.eta:g})",
+        f"* data: {c['data']} — never Kodak",
+        f"* training: {c['iterations']} iterations of batch {t['batch']} random {t['crop']}x{t['crop']} crops, "
+        f"Adam lr {t['lr']} (warm-up {t['warmup']}, cosine), EMA {t['ema']}, preset `{t['preset']}`, "
+        f"{c['wallclock_s'] / 3600:.2f} h wall-clock on a 2-core CPU; one loss: bpp + lambda(q) MSE + latent "
+        f"denoising, lambda from {model.lambda_range[0]:g} (q_min) to {model.lambda_range[1]:g} (q_max)",
+        f"* held-out validation loss (q drawn with a fixed seed): {c['val_bpd_stored']:.4f} "
+        f"(fp32 weights: {c['val_bpd_fp32']:.4f})", "",
+    ]
+    if note:
+        lines += [f"Measurement conditions: {note}", ""]
+    lines += [f"## Kodak, {b['images']} images downscaled {b['scale']}x (`benchmarks/rvgc_kodak.py`)", "",
+              f"Rate monotone in q on every image: {'yes' if b['rate_monotone_in_q'] else 'NO'}.  "
+              "SWD: sliced Wasserstein distance of multi-scale Laplacian patches to the originals (x1e3, lower "
+              "= more realistic).", ""]
+    decoders = list(b["rows"][0]["decoders"])
+    lines += ["| q | bpp | " + " | ".join(f"{d} PSNR / MS-SSIM / SWD" for d in decoders) + " |",
+              "|---" * (2 + len(decoders)) + "|"]
+    for r in b["rows"]:
+        cells = [f"{v['psnr']:.2f} / {v['ms-ssim']:.4f} / {v['swd']:.1f}" for v in r["decoders"].values()]
+        lines.append(f"| {r['q']:g} | {r['bpp']:.4f} | " + " | ".join(cells) + " |")
+    r0 = b["rows"][len(b["rows"]) // 2]
+    lines += ["", "Seconds per image (at q = " + f"{r0['q']:g}): encode {r0['encode_s']:.2f}; decode "
+              + ", ".join(f"{d} {v['decode_s']:.2f}" for d, v in r0["decoders"].items())
+              + "; per sampler step " + ", ".join(f"{v['s_per_sampler_step']:.3f}" for d, v in r0["decoders"].items()
+                                                 if "s_per_sampler_step" in v), "",
+              "Reproduce: `python benchmarks/rvgc_kodak.py --json rvgc.json` and `scripts/export_model.py`."]
+    return lines
+
+
 def diffc_lines(b: dict, model) -> list[str]:
     """Model-card section from ``benchmarks/diffc_kodak.py --json``."""
     lines = [f"## Kodak, {b['images']} images at {b['size']} (`benchmarks/diffc_kodak.py`)", "",
@@ -150,6 +197,8 @@ def main() -> None:
     e.add_argument("name")
     e.add_argument("--default-steps", type=int)
     e.add_argument("--c-max", type=int, help="diffc: default chunk cap of the channel coder")
+    e.add_argument("--default-q", type=float, help="rvgc: default quantisation step")
+    e.add_argument("--eta", type=float, help="rvgc: default randomness of the latent sampler")
     c = sub.add_parser("card")
     c.add_argument("name")
     c.add_argument("--bench", type=Path, required=True)
@@ -157,7 +206,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.cmd == "export":
-        export(a.run, a.name, a.default_steps, a.c_max)
+        export(a.run, a.name, a.default_steps, a.c_max, a.default_q, a.eta)
     else:
         card(a.name, a.bench, a.note)
 

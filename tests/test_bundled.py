@@ -23,8 +23,12 @@ def test_default_models_are_bundled_with_cards(capsys):
     listed = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
     for codec, name in DEFAULT_MODELS.items():
         m = listed[name]
-        assert m["codec"] == codec and m["default"] and m["steps"] >= 1
-        assert m["iterations"] > 0 and "kodak" in m and m["default_steps"] >= 1
+        assert m["codec"] == codec and m["default"] and m["iterations"] > 0 and "kodak" in m
+        if codec == "rvgc":
+            lo, hi = m["q_range"]
+            assert lo <= m["default_q"] <= hi
+        else:
+            assert m["steps"] >= 1 and m["default_steps"] >= 1
 
 
 def test_default_model_round_trip():
@@ -32,6 +36,15 @@ def test_default_model_round_trip():
     res = diffcodec.compress(img, lossless=True)  # no model given: the bundled default
     assert res.model == DEFAULT_MODELS["uqdm"]
     assert np.array_equal(diffcodec.decompress(res.data), img)
+
+
+def test_default_rvgc_model_round_trip():
+    img = synthetic_image(40, 48)
+    res = diffcodec.compress(img, codec="rvgc")
+    assert res.model == DEFAULT_MODELS["rvgc"] and res.q is not None
+    for kw in ({}, {"deterministic": True}):
+        out = diffcodec.decompress(res.data, **kw)
+        assert out.shape == img.shape
 
 
 def test_demo_runs_on_an_image(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 
 from diffcodec import container
 from diffcodec.codecs.base import Section
-from diffcodec.errors import FormatError
+from diffcodec.errors import DiffcodecError, FormatError, LimitError
+from diffcodec.varint import put_varint
 
 
 def _file(n=3):
@@ -78,3 +79,65 @@ def test_version_and_trailing_garbage():
         container.unpack(bytes(bad))
     with pytest.raises(FormatError, match="trailing"):
         container.unpack(data + b"xx")
+
+
+def test_every_header_bit_flip_is_reported_as_corruption():
+    """The header CRC covers every header field (magic and version are checked by value)."""
+    data, _ = _file()
+    end = container.unpack(data).offsets[0]
+    for pos in range(end):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[pos] ^= 1 << bit
+            with pytest.raises(FormatError) as e:
+                container.unpack(bytes(bad))
+            msg = str(e.value)
+            assert ("corrupt" in msg) if pos >= len(container.MAGIC) else ("bad magic" in msg), (pos, msg)
+
+
+def test_every_section_bit_flip_is_corruption_or_looks_cut():
+    """Kind, params, length, symbol CRC and payload are all under the section CRC: a flipped bit is
+    corruption, except a length now pointing past the end of the file, which looks like a partial
+    download: then only the intact sections before it are returned."""
+    data, secs = _file()
+    c = container.unpack(data)
+    for pos in range(c.offsets[0], len(data)):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[pos] ^= 1 << bit
+            try:
+                part = container.unpack(bytes(bad))
+            except FormatError as e:
+                assert "corrupt" in str(e)
+                continue
+            k = len(part.sections)
+            assert part.truncated and pos >= c.offsets[k]
+            assert [s.payload for s in part.sections] == [s.payload for s in secs[:k]]
+
+
+def test_limits_are_configurable():
+    data, _ = _file()  # 30 x 20 = 600 pixels
+    assert container.unpack(data, limits=container.Limits(max_pixels=600)).complete
+    with pytest.raises(LimitError, match="600 pixels exceeds the limit 599"):
+        container.unpack(data, limits=container.Limits(max_pixels=599))
+    with pytest.raises(LimitError, match="per side"):
+        container.unpack(data, limits=container.Limits(max_side=29))
+    with pytest.raises(LimitError, match="section count = 3 exceeds the limit 2"):
+        container.unpack(data, limits=container.Limits(max_sections=2))
+    assert issubclass(LimitError, FormatError)
+    assert container.Limits.default(123).max_pixels == 123
+    with pytest.raises(DiffcodecError):
+        container.Limits(max_pixels=0)
+
+
+def test_section_length_bound_and_identifiers():
+    h = container.Header("uqdm", "m", "0123456789abcdef", 2, 2, 3, 0, params=b"\x04")
+    bound = container.max_payload_bytes(h)
+    data = container.pack(h, [Section(0, 1, b"", b"x" * 10, 0)])
+    i = len(container.header_bytes(h)) + 2  # kind, params length, then the payload length
+    forged = data[:i] + put_varint(bound + 1) + data[i + 1 :]
+    with pytest.raises(FormatError, match="impossible for a 2x2 image"):
+        container.unpack(forged)
+    for bad in ("", "a\nb", "\x1b[2J", "x" * 256):
+        with pytest.raises(ValueError):
+            container.header_bytes(container.Header("uqdm", bad, "0123456789abcdef", 2, 2, 3, 0))

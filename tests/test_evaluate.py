@@ -123,6 +123,15 @@ def test_swd_self_is_zero_and_blur_increases_it(image_set):
     assert light.per_level[0] > 0 and len(heavy.per_level) == 2
 
 
+def test_swd_grows_with_noise(image_set):
+    """More added noise = a larger distance.  Identical sets score exactly 0 when paired; unpaired, only the
+    patch sampling differs (a floor that a few tiny images make large), still well below heavy noise."""
+    swds = [sliced_wasserstein(image_set, [noisy(im, s) for im in image_set]).mean for s in (2, 8, 25)]
+    assert 0.0 < swds[0] < swds[1] < swds[2], swds
+    floor = sliced_wasserstein(image_set, image_set, paired=False).mean
+    assert floor < 0.6 * sliced_wasserstein(image_set, [noisy(im, 25) for im in image_set], paired=False).mean
+
+
 def test_swd_is_seeded(image_set):
     rec = [noisy(im, 6) for im in image_set]
     a = sliced_wasserstein(image_set, rec, seed=3)

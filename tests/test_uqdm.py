@@ -180,7 +180,7 @@ def test_tiled_evaluation_matches_structure(tiny_model, monkeypatch):
 
 
 def test_huge_image_refused_before_work(tiny_model):
-    big = np.zeros((5000, 4000, 3), np.uint8)
+    big = np.zeros((6000, 5000, 3), np.uint8)  # 30 MP: above api.MAX_CODE_PIXELS (25 MP)
     with pytest.raises(diffcodec.ImageError, match="too large"):
         diffcodec.compress(big, model=tiny_model)
 

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,8 @@ from .rng import ANCESTRAL, SeededStream
 
 __all__ = ["EncodeResult", "compress", "decompress", "decode_steps", "info", "list_models", "get_model"]
 
-KIND_NAMES = {0: "step", 1: "lossless"}
-MAX_CODE_PIXELS = 16 * 10**6  # float64 latents and tables of a 16 MP image need a few GB of RAM
+KIND_NAMES = {0: "step", 1: "lossless", 2: "hyper-latent", 3: "latent"}
+MAX_CODE_PIXELS = 25 * 10**6  # a 24 MP photo; = container.DEFAULT_MAX_PIXELS (benchmarks/large_image.py: RAM)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class EncodeResult:
     steps: int
     lossless: bool
     sections: list[dict] = field(default_factory=list)
+    q: float | None = None  # rvgc: the quantisation step used
 
     @property
     def file_bytes(self) -> int:
@@ -55,7 +57,7 @@ class EncodeResult:
     def summary(self) -> dict:
         return {
             "codec": self.codec, "model": self.model, "width": self.width, "height": self.height,
-            "steps": self.steps, "lossless": self.lossless, "file_bytes": self.file_bytes,
+            "steps": self.steps, "lossless": self.lossless, "q": self.q, "file_bytes": self.file_bytes,
             "bpp": self.bpp, "ideal_bits_total": self.ideal_bits_total, "sections": self.sections,
         }
 
@@ -122,8 +124,14 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     if codec is not None and model.codec_id != codec:
         raise ModelError(f"model {model.model_id} is a {model.codec_id} model, not {codec}")
     codec = model.codec_id
-    T = model.num_steps
     pixels, h, w, ch = _prepare(image, alpha, model)
+    if codec == "rvgc":
+        if steps is not None or lossless:
+            raise DiffcodecError("rvgc has no steps and no lossless mode: choose the rate with q or bpp")
+        return _compress_rvgc(model, pixels, h, w, ch, seed, bpp, options.pop("q", None), progress, options)
+    if "q" in options:
+        raise DiffcodecError(f"q applies to rvgc models, not {codec}")
+    T = model.num_steps
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed),
                               params=model.header_params())
     if bpp is not None:
@@ -157,6 +165,65 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports)
 
 
+def _compress_rvgc(model, pixels, h, w, ch, seed, bpp, q, progress, options) -> EncodeResult:
+    """RVGC: one latent coded at step q, or the smallest q in the model's range whose file fits ``bpp``."""
+    if options:
+        raise DiffcodecError(f"rvgc has no encoder options {sorted(options)}")
+    if bpp is not None and q is not None:
+        raise DiffcodecError("give q or bpp, not both")
+    y = model.analyse(pixels)
+
+    def encode_at(qv: float):
+        header = container.Header("rvgc", model.model_id, model.model_hash, w, h, ch, int(seed),
+                                  params=model.header_params(qv))
+        sections, _ = model.encode_latent(y, qv)
+        return container.pack(header, sections), sections
+
+    if bpp is not None:
+        if not bpp > 0:
+            raise DiffcodecError("bpp must be positive")
+        budget = bpp * h * w / 8.0
+        lo, hi = (math.log(v) for v in model.q_range)
+        data, sections = encode_at(model.q_range[1])
+        if len(data) > budget:
+            raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: its largest q "
+                                 f"({model.q_range[1]:g}) gives {8.0 * len(data) / (h * w):.4f} bpp")
+        best = (model.q_range[1], data, sections)
+        data, sections = encode_at(model.q_range[0])
+        if len(data) <= budget:
+            best = (model.q_range[0], data, sections)
+        else:  # bisection on log q; the rate decreases with q (up to coding noise, so keep the best fit)
+            for _ in range(14):
+                mid = 0.5 * (lo + hi)
+                qm = math.exp(mid)
+                data, sections = encode_at(qm)
+                if len(data) <= budget:
+                    hi = mid
+                    if qm < best[0]:
+                        best = (qm, data, sections)
+                else:
+                    lo = mid
+        q, data, sections = best
+    else:
+        if q is None:
+            q = float(getattr(model, "card", {}).get("default_q", math.sqrt(model.q_range[0] * model.q_range[1])))
+        q = model.check_q(float(q))
+        data, sections = encode_at(q)
+    if progress:
+        progress(len(sections))
+    reports = [_section_report(s, len(container.section_bytes(s)), i + 1) for i, s in enumerate(sections)]
+    return EncodeResult(data, "rvgc", model.model_id, w, h, 0, False, reports, q=q)
+
+
+def _codec_params(header: container.Header) -> dict:
+    """The codec parameters of a file header, validated, as a dict (for info and decoding)."""
+    if header.codec == "rvgc":
+        from .codecs.rvgc import RVGC
+
+        return RVGC.parse_header_params(header.params)
+    return {"total_steps": _total_steps(header)}
+
+
 def _total_steps(header: container.Header) -> int:
     if len(header.params) < 1 or header.params[0] < 1:
         raise FormatError("malformed codec parameters")
@@ -166,6 +233,8 @@ def _total_steps(header: container.Header) -> int:
 def _model_for(header: container.Header, model):
     if model is None:
         try:
+            if header.model_id not in bundled_models():  # a file never names a path to load
+                raise ModelError(header.model_id)
             m = get_model(header.model_id)
         except ModelError:
             raise ModelError(f"file was encoded with model {header.model_id!r} ({header.model_hash}), "
@@ -177,16 +246,26 @@ def _model_for(header: container.Header, model):
                          f"got {m.model_id!r} (hash {m.model_hash})")
     if m.codec_id != header.codec:
         raise ModelError(f"file is {header.codec} but model {m.model_id} is {m.codec_id}")
-    if header.params != m.header_params():
+    if hasattr(m, "check_header_params"):
+        m.check_header_params(header.params)
+    elif header.params != m.header_params():
         raise FormatError("the file's codec parameters do not match its model")
     return m
 
 
-def _open(data: bytes, model, steps: int | None):
+def _open(data: bytes, model, steps: int | None, max_pixels: int | None = None):
     """Parse a file and pick its model; returns (header, model, step sections, final sections, shape)."""
-    cont = container.unpack(bytes(data))
+    cont = container.unpack(bytes(data), limits=container.Limits.default(max_pixels))
     hd = cont.header
     m = _model_for(hd, model)
+    d = m.downscale
+    if hd.codec == "rvgc":  # hyper-latent and latent sections; the latent shape is (M, H/16, W/16)
+        if not cont.sections:
+            raise DecodeError("the file holds no complete section to decode")
+        if steps is not None:
+            raise DiffcodecError("rvgc files have no steps to choose")
+        shape = (1, m.M, (hd.height + (-hd.height % d)) // d, (hd.width + (-hd.width % d)) // d)
+        return hd, m, cont.sections, [], shape
     step_secs = [s for s in cont.sections if s.kind == 0]
     final = [s for s in cont.sections if s.kind == 1]
     if not step_secs:
@@ -197,7 +276,6 @@ def _open(data: bytes, model, steps: int | None):
         if steps > len(step_secs):
             raise DiffcodecError(f"the file holds only {len(step_secs)} step(s); cannot decode {steps}")
         step_secs, final = step_secs[:steps], []
-    d = m.downscale
     shape = (1, m.channels, hd.height + (-hd.height % d), hd.width + (-hd.width % d))
     return hd, m, step_secs, final, shape
 
@@ -218,16 +296,29 @@ def _to_image(m, hd: container.Header, z, gamma: float, remaining: int, method: 
 
 
 def decompress(data: bytes, model=None, steps: int | None = None, method: str = "denoise",
-               nfe: int | None = None, progress=None) -> np.ndarray:
+               nfe: int | None = None, progress=None, max_pixels: int | None = None,
+               deterministic: bool = False, sampler_steps: int | None = None, eta: float | None = None
+               ) -> np.ndarray:
     """Decode .dfc bytes (complete or a truncated prefix) to uint8 (H, W, C).
 
     ``steps``: use only the first ``steps`` diffusion-step sections (default: all present; a
     present lossless section is then applied).  ``method``: reconstruction from the last
     received latent (``denoise``, ``ancestral`` or ``flow``); ``nfe`` network evaluations for
-    ancestral/flow (default: the codec's remaining steps).
+    ancestral/flow (default: the codec's remaining steps).  ``max_pixels``: refuse files declaring
+    a larger image before allocating anything (default: ``$DIFFCODEC_MAX_PIXELS`` or 25 MP);
+    ``info(data)["complete"]`` tells whether a file holds all its sections.
+
+    rvgc files: the latent is reversed to a sample by the few-step stochastic sampler
+    (``sampler_steps`` network evaluations, default from the model; randomness ``eta`` in [0, 1])
+    before synthesis; ``deterministic=True`` gives the plain synthesis of the decoded latent.
+    A file holding only its hyper-latent section decodes to a preview from the prior mean.
     """
     _check_method(method)
-    hd, m, step_secs, final, shape = _open(data, model, steps)
+    hd, m, step_secs, final, shape = _open(data, model, steps, max_pixels)
+    if hd.codec == "rvgc":
+        return _decode_rvgc(m, hd, step_secs, shape, deterministic, sampler_steps, eta, progress)
+    if deterministic or sampler_steps is not None or eta is not None:
+        raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
     z, gamma, remaining = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
     if final and remaining == 0:
         pix = m.decode_final(z, final[0], (hd.channels, hd.height, hd.width))
@@ -235,8 +326,21 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
     return _to_image(m, hd, z, gamma, remaining, method, nfe)
 
 
+def _decode_rvgc(m, hd, sections, shape, deterministic, sampler_steps, eta, progress) -> np.ndarray:
+    q = m.check_header_params(hd.params)["q"]
+    y_hat = m.decode_latent_rvgc(sections, q, shape)
+    if progress:
+        progress(len(sections))
+    pix = m.reconstruct_rvgc(y_hat, q, deterministic=deterministic, sampler_steps=sampler_steps, eta=eta,
+                             rng=SeededStream(hd.seed, ANCESTRAL))
+    out = pix[0, :, : hd.height, : hd.width].transpose(1, 2, 0)
+    if hd.channels == 1:
+        out = np.round(out.astype(np.float64).mean(axis=2, keepdims=True)).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
 def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",), nfe: int | None = None,
-                 at: set[int] | None = None):
+                 at: set[int] | None = None, max_pixels: int | None = None):
     """Decode the step sections once, yielding ``(k, {method: image})`` after step k.
 
     Each image equals ``decompress(data, steps=k, method=method, nfe=nfe)`` (a file cut after
@@ -245,15 +349,21 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     """
     for method in methods:
         _check_method(method)
-    hd, m, step_secs, _, shape = _open(data, model, None)
+    hd, m, step_secs, _, shape = _open(data, model, None, max_pixels)
+    if hd.codec == "rvgc":
+        raise DiffcodecError("rvgc files are not progressive; use decompress")
     for k, (z, gamma, remaining) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
         if at is None or k in at:
             yield k, {method: _to_image(m, hd, z, gamma, remaining, method, nfe) for method in methods}
 
 
-def info(data: bytes) -> dict:
-    """Describe a .dfc file without decoding it (checksums are verified)."""
-    cont = container.unpack(bytes(data))
+def info(data: bytes, max_pixels: int | None = None) -> dict:
+    """Describe a .dfc file without decoding it (checksums and limits are verified, as by decompress).
+
+    ``complete`` is false for a partial file (``sections_in_file`` of ``sections_encoded``;
+    ``truncated``: it ends inside a section, which is not counted).
+    """
+    cont = container.unpack(bytes(data), limits=container.Limits.default(max_pixels))
     hd = cont.header
     secs = []
     step = 0
@@ -264,8 +374,9 @@ def info(data: bytes) -> dict:
     return {
         "format_version": container.FORMAT_VERSION, "codec": hd.codec, "model": hd.model_id,
         "model_hash": hd.model_hash, "width": hd.width, "height": hd.height, "channels": hd.channels,
-        "total_steps": _total_steps(hd), "sections_in_file": len(cont.sections),
-        "sections_encoded": hd.num_sections, "complete": cont.complete, "file_bytes": len(data),
+        **_codec_params(hd), "sections_in_file": len(cont.sections),
+        "sections_encoded": hd.num_sections, "complete": cont.complete, "truncated": cont.truncated,
+        "file_bytes": len(data),
         "bpp": 8.0 * len(data) / (hd.width * hd.height), "sections": secs,
     }
 
@@ -280,7 +391,8 @@ def list_models() -> list[dict]:
             out.append({"name": name, "error": str(e)})
             continue
         cfg, card = meta["config"], meta["card"]
-        out.append({"name": name, "codec": cfg.get("codec"), "steps": cfg.get("num_steps"),
+        extra = {"q_range": cfg["q_range"]} if "q_range" in cfg else {}
+        out.append({"name": name, "codec": cfg.get("codec"), "steps": cfg.get("num_steps"), **extra,
                     "default": DEFAULT_MODELS.get(cfg.get("codec")) == name,
                     "file_bytes": path.stat().st_size, **{k: v for k, v in card.items() if k != "train"}})
     return out

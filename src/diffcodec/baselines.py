@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -64,16 +65,24 @@ class Baseline:
         """Encode and decode ``img``: the ``(img, setting) -> (file_bytes, decoded)`` protocol of
         :func:`diffcodec.evaluate.evaluate_curve`.  An out-of-range quality is an error rather than clamped, so
         a result never records a setting that was not used; integer-only parameters are rounded."""
+        data, dec, _, _ = self.timed(img, quality)
+        return data, dec
+
+    def timed(self, img: np.ndarray, quality: float) -> tuple[bytes, np.ndarray, float, float]:
+        """As :meth:`__call__`, also returning the encode and decode wall times in seconds."""
         img = _check_rgb(img)
         lo, hi = self.quality_range
         if not lo <= float(quality) <= hi:
             raise ValueError(f"{self.name}: quality {quality} outside {lo}..{hi}")
         q = self._clip_quality(quality)
+        t0 = time.perf_counter()
         data = bytes(self.encode(img, q))
+        t1 = time.perf_counter()
         dec = np.asarray(self.decode(data))
+        t2 = time.perf_counter()
         if dec.shape != img.shape or dec.dtype != np.uint8:
             raise RuntimeError(f"{self.name}: decoded {dec.shape} {dec.dtype}, expected {img.shape} uint8")
-        return data, dec
+        return data, dec, t1 - t0, t2 - t1
 
     def _clip_quality(self, quality: float) -> float:
         lo, hi = self.quality_range

@@ -35,46 +35,57 @@ def _read_input(path: str) -> bytes:
 
 def cmd_compress(a) -> int:
     from .api import compress, get_model
-    from .imageio import atomic_write
+    from .imageio import atomic_write, check_output
 
-    model = get_model(a.model, a.codec or "uqdm")
     out = a.output or str(Path(a.input).with_suffix(".dfc"))
-    total = model.num_steps if (a.lossless or a.bpp is not None) else (a.steps or 0)
+    check_output(out, inputs=(a.input,), overwrite=a.force)  # before any work
+    model = get_model(a.model, a.codec or "uqdm")
+    total = model.num_steps if (a.lossless or a.bpp is not None or model.codec_id == "rvgc") else (a.steps or 0)
     bar, cb = _progress(total, "encoding", a.quiet or a.json)
     try:
         res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
-                       seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max)
+                       seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max,
+                       q=a.q_step)
     finally:
         if bar:
             bar.close()
-    atomic_write(out, res.data, inputs=(a.input,))
+    atomic_write(out, res.data, inputs=(a.input,), overwrite=a.force)
     if a.json:
         print(json.dumps({"output": out, **res.summary()}))
     elif not a.quiet:
-        kind = "lossless" if res.lossless else f"{res.steps} step(s)"
+        kind = f"q {res.q:.4g}" if res.q is not None else "lossless" if res.lossless else f"{res.steps} step(s)"
         print(f"{a.input} -> {out}: {res.file_bytes} bytes, {res.bpp:.4f} bpp, {kind}, "
               f"model {res.model} (ideal {res.ideal_bits_total / 8:.0f} bytes)")
     return 0
 
 
 def cmd_decompress(a) -> int:
-    from .api import decompress
-    from .imageio import write_image
+    from .api import decompress, info
+    from .imageio import check_output, write_image
 
     data = _read_input(a.input)
     # default name: never photo.png next to photo.dfc, which is likely the user's original
     out = a.output or str(Path(a.input).with_suffix(".decoded.png"))
-    img = decompress(data, model=a.model, steps=a.steps, method=a.method, nfe=a.nfe)
-    write_image(out, img, inputs=(a.input,))
+    check_output(out, inputs=(a.input,), overwrite=a.force)  # before any work
+    meta = info(data, max_pixels=a.max_pixels)
+    img = decompress(data, model=a.model, steps=a.steps, method=a.method, nfe=a.nfe, max_pixels=a.max_pixels,
+                     deterministic=a.deterministic, sampler_steps=a.sampler_steps, eta=a.eta)
+    write_image(out, img, inputs=(a.input,), overwrite=a.force)
+    if not meta["complete"]:
+        used = a.steps or meta["sections_in_file"]
+        print(f"diffcodec: note: file truncated: decoded {used} of {meta['sections_encoded']} sections",
+              file=sys.stderr)
     if not a.quiet:
-        print(f"{a.input} -> {out}: {img.shape[1]}x{img.shape[0]}, method {a.method}")
+        how = (("deterministic" if a.deterministic else "sampler") if meta["codec"] == "rvgc"
+               else f"method {a.method}")
+        print(f"{a.input} -> {out}: {img.shape[1]}x{img.shape[0]}, {how}")
     return 0
 
 
 def cmd_info(a) -> int:
     from .api import info
 
-    d = info(_read_input(a.input))
+    d = info(_read_input(a.input), max_pixels=a.max_pixels)
     if a.json:
         print(json.dumps(d))
         return 0
@@ -99,7 +110,8 @@ def cmd_models(a) -> int:
         print("no bundled models")
     for m in ms:
         star = "*" if m.get("default") else " "
-        print(f"{star} {m['name']:<14} codec={m.get('codec')} steps={m.get('steps')} "
+        knob = f"q={m['q_range'][0]:g}..{m['q_range'][1]:g}" if "q_range" in m else f"steps={m.get('steps')}"
+        print(f"{star} {m['name']:<14} codec={m.get('codec')} {knob} "
               f"size={m.get('file_bytes', 0) / 1e6:.2f} MB  {m.get('summary', '')}")
     return 0
 
@@ -123,6 +135,89 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _csv_list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _eval_methods(spec: list[str], codec: str) -> list[str] | None:
+    """Methods for one codec from ``--methods``: unprefixed ones that the codec has, plus ``codec:method``."""
+    from .diffusion import RECONSTRUCTION_METHODS
+    from .evaluate import QSweepAdapter
+
+    valid = QSweepAdapter.METHODS if codec == "rvgc" else RECONSTRUCTION_METHODS
+    out = [m for m in spec if ":" not in m and m in valid]
+    out += [m.split(":", 1)[1] for m in spec if m.startswith(f"{codec}:")]
+    return list(dict.fromkeys(out)) or None  # None: the codec's default
+
+
+def cmd_eval(a) -> int:
+    from .api import get_model
+    from .baselines import select_baselines
+    from .diffusion import RECONSTRUCTION_METHODS
+    from .evaluate import BaselineAdapter, QSweepAdapter, load_images, make_adapter, run_eval
+
+    codecs, models, methods = _csv_list(a.codec), _csv_list(a.model), _csv_list(a.methods)
+    if models and not codecs:
+        codecs = [get_model(m).codec_id for m in models]
+    if models and len(models) != len(codecs):
+        raise DiffcodecError("give one --model per --codec (comma lists of equal length)")
+    known = set(RECONSTRUCTION_METHODS) | set(QSweepAdapter.METHODS)
+    for m in methods:
+        c, _, name = m.rpartition(":")
+        if name not in known or (c and c not in codecs):
+            raise DiffcodecError(f"--methods: {m!r} is not a method of the codecs evaluated ({', '.join(codecs)})")
+    names = [] if a.baselines.lower() in ("", "none") else None if a.baselines.lower() == "all" else \
+        _csv_list(a.baselines)
+    try:
+        chosen, skipped = select_baselines(names) if names != [] else ({}, {})
+    except KeyError as e:
+        raise DiffcodecError(str(e.args[0])) from None
+    for name, reason in skipped.items():
+        print(f"diffcodec: note: skipping baseline {name}: {reason}", file=sys.stderr)
+    if not codecs and not chosen:
+        raise DiffcodecError("nothing to evaluate: give --codec and/or --baselines")
+    try:  # "1-12,14": ranges and single steps
+        steps = [k for part in _csv_list(a.steps) for k in range(int(part.split("-")[0]),
+                                                                 int(part.split("-")[-1]) + 1)] or None
+    except ValueError:
+        raise DiffcodecError(f"--steps: expected steps or ranges like 1-12,14, got {a.steps!r}") from None
+    adapters = [make_adapter(c, models[i] if models else None, _eval_methods(methods, c), nfe=a.nfe, steps=steps,
+                             sampler_steps=a.sampler_steps, num_q=a.num_q) for i, c in enumerate(codecs)]
+    adapters += [BaselineAdapter(n) for n in chosen]
+    images = load_images(a.images, scale=a.downscale, limit=a.limit, pattern=a.pattern)
+    log = None if a.quiet else print
+    if log:
+        sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images.values()})
+        log(f"{len(images)} images from {a.images} (downscale {a.downscale}: {', '.join(sizes)})")
+    report = run_eval(images, adapters, a.out, workers=a.workers, swd=not a.no_swd, bd_method=a.bd_method,
+                      title=a.title, progress=not a.quiet, log=log)
+    if log:
+        log(f"\nwrote {len(report['curves'])} curve JSONs, per_image.csv, curves.txt"
+            f"{', bd.txt' if report['table'] else ''} and plots to {a.out}/ "
+            f"({report['points'] - report['points_cached']} points computed, {report['points_cached']} reused)")
+    return 0
+
+
+_PLOT_METRICS = {"psnr": "psnr-rgb", "ms-ssim": "ms-ssim-db", "ms-ssim-rgb": "ms-ssim-rgb", "swd": "swd",
+                 "lpips": "lpips"}
+
+
+def cmd_plot(a) -> int:
+    from .evaluate import load_results, plot_rd
+
+    results = []
+    for path in a.results:
+        try:
+            results.append(load_results(path))
+        except ValueError as e:  # e.g. a bd.json lying beside the curves: results/*.json
+            print(f"diffcodec: note: skipping {path}: {e}", file=sys.stderr)
+    if not results:
+        raise DiffcodecError("no result JSON to plot")
+    out = plot_rd(results, _PLOT_METRICS[a.metric], a.output, title=a.title, max_bpp=a.max_bpp)
+    print(f"wrote {out} ({len(results)} curves, {a.metric})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffcodec", description="Image compression with diffusion models.")
     p.add_argument("--version", action="version", version=f"diffcodec {__version__}")
@@ -132,18 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="image -> .dfc")
     c.add_argument("input")
     c.add_argument("-o", "--output")
-    c.add_argument("--codec", choices=["uqdm", "diffc"], help="codec of the default model (default: uqdm, "
+    c.add_argument("--codec", choices=["uqdm", "diffc", "rvgc"], help="codec of the default model (default: uqdm, "
                    "or the codec of --model)")
     c.add_argument("--model", help="bundled model name or .safetensors path (default: the codec's default)")
     q = c.add_mutually_exclusive_group()
     q.add_argument("--steps", type=int, help="diffusion steps to send (1..T)")
-    q.add_argument("--bpp", type=float, help="largest step count whose file fits this many bits/pixel")
+    q.add_argument("--bpp", type=float, help="best quality whose file fits this many bits/pixel (uqdm/diffc: "
+                   "largest step count; rvgc: smallest q)")
     q.add_argument("--lossless", action="store_true", help="all steps plus the exact final section")
+    c.add_argument("--q", dest="q_step", type=float, help="rvgc: quantisation step (the rate knob; larger = "
+                   "fewer bits), any value in the model's range")
     c.add_argument("--seed", type=int, default=0, help="shared-randomness seed stored in the file")
     c.add_argument("--c-max", dest="c_max", type=int, help="diffc: bits per reverse-channel-coding chunk "
                    "(8..16; larger = slower, closer to an exact sample)")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
     c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
 
@@ -154,12 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="decode only the first K step sections")
     d.add_argument("--method", default="denoise", choices=["denoise", "ancestral", "flow"])
     d.add_argument("--nfe", type=int, help="network evaluations for ancestral/flow")
+    d.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: steps of the latent sampler "
+                   "(default: the model's, 2)")
+    d.add_argument("--eta", type=float, help="rvgc: randomness of the sampler in [0, 1] (default: the model's)")
+    d.add_argument("--deterministic", action="store_true", help="rvgc: plain synthesis of the decoded latent")
+    d.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    d.add_argument("--max-pixels", dest="max_pixels", type=int, help="refuse files declaring a larger image "
+                   "(default: $DIFFCODEC_MAX_PIXELS or 25000000)")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_decompress)
 
     i = sub.add_parser("info", help="describe a .dfc file")
     i.add_argument("input")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--max-pixels", dest="max_pixels", type=int, help="refuse files declaring a larger image "
+                   "(default: $DIFFCODEC_MAX_PIXELS or 25000000)")
     i.set_defaults(func=cmd_info)
 
     m = sub.add_parser("models", help="list bundled models")
@@ -167,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     t = sub.add_parser("train", help="train a model on a folder of images (torchrun-ready)")
-    t.add_argument("--codec", default="uqdm", choices=["uqdm", "diffc"])
+    t.add_argument("--codec", default="uqdm", choices=["uqdm", "diffc", "rvgc"])
     t.add_argument("--data", required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--preset", choices=["tiny", "small", "base"])
@@ -197,6 +305,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", default="denoise", help="comma list of denoise,flow,ancestral "
                    "(each decodes every prefix again)")
     e.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="rate-distortion evaluation of codecs and baselines on a folder of images",
+                        description="Per-curve CompressAI-style JSON, per_image.csv, a BD-rate table (bd.txt) and "
+                        "RD plots in --out. Resumable: points already recorded in --out/cache are skipped.")
+    ev.add_argument("images", help="folder of images (png, jpg, ...)")
+    ev.add_argument("--codec", help="comma list of diffcodec codecs: uqdm, diffc (progressive: every step of one "
+                    "file is a point), rvgc (a sweep over q)")
+    ev.add_argument("--model", help="comma list, one model per --codec (default: each codec's default model)")
+    ev.add_argument("--methods", default="denoise", help="reconstructions, comma list: denoise,flow,ancestral "
+                    "(rvgc: deterministic,sampler); CODEC:METHOD applies to one codec only (default: denoise)")
+    ev.add_argument("--nfe", type=int, help="network evaluations of flow/ancestral (default: remaining steps)")
+    ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "
+                    "beyond a model's T are ignored; every step is still encoded; default: all)")
+    ev.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: sampler network evaluations")
+    ev.add_argument("--num-q", dest="num_q", type=int, default=6, help="rvgc: q values, log-spaced over its range")
+    ev.add_argument("--baselines", default="", help="comma list of jpeg,jpeg2000,webp,avif,jpegxl,heic, or all")
+    ev.add_argument("--out", required=True, help="output folder (reused: finished points are not recomputed)")
+    ev.add_argument("--downscale", type=int, default=1, help="downscale images by this factor (antialiased)")
+    ev.add_argument("--limit", type=int, help="only the first K images (sorted by name)")
+    ev.add_argument("--pattern", help="glob of image files in the folder (default: common image suffixes)")
+    ev.add_argument("--workers", type=int, default=1, help="parallel processes over images (1 torch thread each)")
+    ev.add_argument("--no-swd", dest="no_swd", action="store_true", help="skip SWD (no reconstructions stored)")
+    ev.add_argument("--bd-method", dest="bd_method", choices=["pchip", "cubic"], default="pchip")
+    ev.add_argument("--title", help="title of the RD plots (default: the image count and sizes)")
+    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="RD curves of result JSONs (from eval or CompressAI)")
+    pl.add_argument("results", nargs="+", help="result JSON files")
+    pl.add_argument("-o", "--output", required=True, help="PNG to write")
+    pl.add_argument("--metric", default="psnr", choices=list(_PLOT_METRICS),
+                    help="psnr (RGB), ms-ssim (dB: -10 log10(1-x)), ms-ssim-rgb, swd, lpips")
+    pl.add_argument("--max-bpp", dest="max_bpp", type=float, help="leave out points above this rate")
+    pl.add_argument("--title")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -18,6 +18,7 @@ The ideal code length reported to users is computed from the same float64 tables
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -111,3 +112,83 @@ def decode_categorical(payload: bytes, n: int, alphabet: int, table: TableFn) ->
 def symbols_crc(symbols: np.ndarray) -> int:
     """CRC32 of decoded symbols, stored per section to detect encoder/decoder desync."""
     return zlib.crc32(np.ascontiguousarray(symbols, dtype="<i4").tobytes()) & 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------------
+# Gaussian conditional with a scale table (hyperprior codecs)
+# --------------------------------------------------------------------------------------------------
+
+SCALE_MIN, SCALE_MAX, NUM_SCALES = 0.11, 256.0, 64
+"""Scales (in units of the quantisation step) of the Gaussian conditional.
+
+As in CompressAI, per-element scales are snapped to one of NUM_SCALES log-spaced levels.  The level
+index is an integer computed from grid-rounded network outputs with one subtraction and one
+rounding, so encoder and decoder agree on it exactly, and the levels themselves are rounded to a
+2^-20 grid so that every platform feeds the coder the same float64 values.  Snapping costs < 0.5% of
+rate (levels are 13% apart and the rate is flat around the true scale)."""
+_LOG_STEP = (math.log(SCALE_MAX) - math.log(SCALE_MIN)) / (NUM_SCALES - 1)
+SCALES = np.array([round(math.exp(math.log(SCALE_MIN) + _LOG_STEP * i) * 2**20) / 2**20 for i in range(NUM_SCALES)])
+
+
+def scale_index(log_scale: np.ndarray) -> np.ndarray:
+    """Table index (int64 in [0, NUM_SCALES)) of natural-log scales given in quantisation steps."""
+    idx = np.round((np.asarray(log_scale, dtype=np.float64) - math.log(SCALE_MIN)) / _LOG_STEP)
+    return np.clip(idx, 0, NUM_SCALES - 1).astype(np.int64)
+
+
+def gaussian_scale_tables(half_width: int) -> np.ndarray:
+    """(NUM_SCALES, 2R+1) float64 tables of P(k) = Phi((k+1/2)/s) - Phi((k-1/2)/s), k = -R..R.
+
+    Used for the ideal code length reported by the encoder (the coder itself uses constriction's
+    quantised Gaussian, whose cost does not grow with R).  Computed with ``math.erfc`` on the upper
+    tail (|k|), stable far into the tails.
+    """
+    ks = np.arange(half_width + 1, dtype=np.float64)
+    out = np.empty((NUM_SCALES, half_width + 1), dtype=np.float64)
+    for i, s in enumerate(SCALES):
+        c = 1.0 / (s * math.sqrt(2.0))
+        upper = np.array([0.5 * math.erfc((k - 0.5) * c) for k in ks])
+        lower = np.array([0.5 * math.erfc((k + 0.5) * c) for k in ks])
+        out[i] = np.maximum(upper - lower, 0.0)
+        out[i, 0] = 1.0 - 2.0 * lower[0]
+    return np.concatenate([out[:, :0:-1], out], axis=1)
+
+
+def encode_gaussian(symbols: np.ndarray, scale_idx: np.ndarray, half_width: int) -> tuple[bytes, float]:
+    """Range-code integers in [-R, R] under zero-mean quantised Gaussians with scales SCALES[idx].
+
+    Returns the payload and the ideal code length (bits) under the float64 tables.
+    """
+    symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
+    idx = np.asarray(scale_idx).reshape(-1)
+    if symbols.size and np.abs(symbols).max() > half_width:
+        raise ValueError("symbol outside the range")
+    tabs = gaussian_scale_tables(half_width)
+    p = tabs[idx, symbols + half_width]
+    ideal = float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
+    enc = constriction.stream.queue.RangeEncoder()
+    model = constriction.stream.model.QuantizedGaussian(-half_width, half_width)
+    enc.encode(symbols, model, np.zeros(symbols.size), np.ascontiguousarray(SCALES[idx]))
+    return enc.get_compressed().astype("<u4").tobytes(), ideal
+
+
+def decode_gaussian(payload: bytes, scale_idx: np.ndarray, half_width: int) -> np.ndarray:
+    """Inverse of :func:`encode_gaussian` (int32 symbols); its cost does not depend on ``half_width``."""
+    if len(payload) % 4:
+        raise DecodeError("entropy-coded section length is not a multiple of 4 bytes")
+    idx = np.asarray(scale_idx).reshape(-1)
+    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+    model = constriction.stream.model.QuantizedGaussian(-half_width, half_width)
+    try:
+        dec = constriction.stream.queue.RangeDecoder(words)
+        return np.asarray(dec.decode(model, np.zeros(idx.size), np.ascontiguousarray(SCALES[idx])), dtype=np.int32)
+    except Exception as e:
+        raise DecodeError(f"corrupt entropy-coded data: {e}") from None
+
+
+def logistic_tables(mu: np.ndarray, log_s: np.ndarray, half_width: int) -> np.ndarray:
+    """(n, 2R+1) tables of a discretised logistic(mu, exp(log_s)) on integer bins k = -R..R."""
+    ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
+    inv = np.exp(-np.asarray(log_s, dtype=np.float64))[:, None]
+    centre = ks[None, :] - np.asarray(mu, dtype=np.float64)[:, None]
+    return np.exp(log_logistic_bin((centre - 0.5) * inv, (centre + 0.5) * inv))

@@ -24,3 +24,7 @@ class ModelError(DiffcodecError):
 
 class ImageError(DiffcodecError):
     """The input image cannot be coded (unreadable, unsupported mode, too large)."""
+
+
+class LimitError(FormatError):
+    """A size declared in a file exceeds a configured limit (e.g. ``max_pixels``); nothing was allocated."""

@@ -25,11 +25,17 @@ meaningless with 128 patches).  Non-finite values (PSNR of a lossless point) are
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import math
+import os
+import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +43,29 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .baselines import find_quality, select_baselines
-from .metrics import lpips_distance, ms_ssim, msssim_scales, psnr, sliced_wasserstein
+from .metrics import fid, lpips_distance, ms_ssim, msssim_scales, psnr, sliced_wasserstein
 
 __all__ = [
+    "BaselineAdapter",
+    "CodecAdapter",
     "EncodeDecodeFn",
+    "Point",
+    "ProgressiveAdapter",
+    "QSweepAdapter",
+    "RecordCache",
     "bd_psnr",
     "bd_rate",
+    "bd_table",
     "compare_curves",
     "evaluate_baselines",
     "evaluate_curve",
+    "format_curve",
     "load_images",
     "load_results",
+    "make_adapter",
     "msssim_db",
     "plot_rd",
+    "run_eval",
     "save_results",
 ]
 
@@ -61,19 +77,30 @@ Images = Sequence[np.ndarray] | Mapping[str, np.ndarray]
 # --------------------------------------------------------------------------------------------------
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
 def load_images(folder: str | Path, scale: int = 1, limit: int | None = None,
-                pattern: str = "*.png") -> dict[str, np.ndarray]:
+                pattern: str | None = "*.png") -> dict[str, np.ndarray]:
     """Load the images of ``folder`` (sorted by name) as uint8 RGB, optionally downscaled by ``scale``.
 
     Downscaling uses Pillow's LANCZOS resize, which widens its kernel by the reduction factor and so
     antialiases (768x512 -> 192x128 for scale 4: "kodak-small" of DESIGN.md section 5).  Sizes are floored
-    to whole pixels.  Returns ``{stem: image}`` so results can name their images.
+    to whole pixels.  ``pattern=None`` takes every file with a common image suffix (:data:`IMAGE_SUFFIXES`).
+    Returns ``{stem: image}`` so results can name their images.
     """
     if scale < 1:
         raise ValueError("scale must be >= 1")
-    files = sorted(Path(folder).glob(pattern))
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if pattern is None:
+        files = sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = sorted(Path(folder).glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no {pattern} images in {folder}")
+        raise FileNotFoundError(f"no {pattern or 'image'} files in {folder}")
+    if len({f.stem for f in files}) != len(files):
+        raise ValueError(f"{folder}: several images share a name stem (results are keyed by it)")
     out: dict[str, np.ndarray] = {}
     for f in files[:limit]:
         with Image.open(f) as im:
@@ -396,12 +423,14 @@ _LABELS = {"psnr-rgb": "PSNR RGB [dB]", "ms-ssim-rgb": "MS-SSIM (RGB)", "ms-ssim
 
 
 def plot_rd(results: Sequence[Mapping[str, Any]], metric: str, out_png: str | Path, *, title: str | None = None,
-            ) -> Path:
+            max_bpp: float | None = None) -> Path:
     """One RD plot: linear bpp axis, one line with markers per result, points ordered by rate.
 
     ``metric`` is any results key (``psnr-rgb``, ``ms-ssim-rgb``, ``swd``, ...) or the derived
-    ``ms-ssim-db``.  Uses the Agg canvas directly (no pyplot global state), so it is safe to call from
-    scripts, tests and threads regardless of the configured matplotlib backend."""
+    ``ms-ssim-db``.  ``max_bpp`` leaves out points above that rate (a progressive file's last steps can
+    cost 10x the rates of interest and would squash the rest).  Uses the Agg canvas directly (no pyplot
+    global state), so it is safe to call from scripts, tests and threads regardless of the configured
+    matplotlib backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -416,7 +445,8 @@ def plot_rd(results: Sequence[Mapping[str, Any]], metric: str, out_png: str | Pa
         except KeyError:
             continue
         pts = sorted((b, y) for b, y in zip(r["results"]["bpp"], ys)
-                     if b is not None and y is not None and math.isfinite(b) and math.isfinite(y))
+                     if b is not None and y is not None and math.isfinite(b) and math.isfinite(y)
+                     and (max_bpp is None or b <= max_bpp))
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], markersize=4,
@@ -436,3 +466,764 @@ def plot_rd(results: Sequence[Mapping[str, Any]], metric: str, out_png: str | Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One-command evaluation (``diffcodec eval``): codec adapters, a resumable record cache, worker processes
+# --------------------------------------------------------------------------------------------------
+#
+# A codec enters the evaluation through a small *adapter* that turns one image into RD points:
+#
+# * :class:`ProgressiveAdapter` (uqdm, diffc): encode ONE file with every step, then every prefix of it is a
+#   point: point k is the file cut after step section k (header + sections 1..k, its size read from
+#   ``api.info``), reconstructed by ``api.decode_steps`` with each method;
+# * :class:`QSweepAdapter` (rvgc): one file per image and quantisation step q, swept over the model's q range;
+# * :class:`BaselineAdapter`: one classical codec (:mod:`diffcodec.baselines`) swept over its quality grid.
+#
+# :func:`run_eval` runs the adapters' jobs (one job = one image x one encoded file), stores every point's
+# per-image record in ``OUT/cache/records.jsonl`` (and its reconstruction as a PNG, which the set-level SWD
+# needs), skips points already recorded when rerun, and rebuilds every output from the records: one
+# CompressAI-style JSON per curve, ``per_image.csv``, the BD-rate table ``bd.txt`` and RD plots.  Every
+# quantity except the wall times is deterministic, so the results do not depend on the worker count.
+
+
+@dataclass
+class Point:
+    """One RD point of one image, as an adapter produces it: the whole-file size and the reconstruction."""
+
+    curve: str
+    setting: Any
+    file_bytes: int
+    decoded: np.ndarray
+    enc_s: float
+    dec_s: float
+
+
+Group = tuple[Any, list[tuple[str, Any]]]  # (job setting, the (curve, setting) points that one job produces)
+
+
+class CodecAdapter:
+    """How one codec turns an image into RD points (see the section comment above).
+
+    Adapters hold plain data only (they are pickled to worker processes) and load models lazily through
+    the per-process model cache of :func:`diffcodec.api.get_model`.  ``config`` fingerprints everything
+    that changes the points (model hash, options): records made under another config are recomputed.
+    """
+
+    family = "diffcodec"
+
+    def curves(self) -> list[str]:
+        raise NotImplementedError
+
+    def curve_description(self, curve: str) -> str:
+        raise NotImplementedError
+
+    @property
+    def config(self) -> str:
+        raise NotImplementedError
+
+    def groups(self) -> list[Group]:
+        raise NotImplementedError
+
+    def run(self, img: np.ndarray, group: Any, needed: Sequence[tuple[str, Any]]) -> list[Point]:
+        """The points ``needed`` (a subset of the group's points) for ``img``."""
+        raise NotImplementedError
+
+
+class _CallTimer:
+    """Times every call of ``obj.<name>()`` while active (an instance attribute shadows the method)."""
+
+    def __init__(self, obj: Any, name: str):
+        self.obj, self.name, self.times = obj, name, []
+
+    def __enter__(self) -> _CallTimer:
+        fn = getattr(self.obj, self.name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times.append(time.perf_counter() - t0)
+
+        setattr(self.obj, self.name, timed)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        delattr(self.obj, self.name)
+
+    def take(self) -> list[float]:
+        out, self.times = self.times, []
+        return out
+
+
+def _load_model(model: str | None, codec: str | None):
+    from .api import get_model
+
+    m = get_model(None if model is None else str(model), codec or "uqdm")
+    if codec is not None and m.codec_id != codec:
+        raise ValueError(f"model {m.model_id} is a {m.codec_id} model, not {codec}")
+    return m
+
+
+class ProgressiveAdapter(CodecAdapter):
+    """uqdm / diffc: one file per image with all T steps (not lossless); point k = the file cut after step k.
+
+    ``steps`` restricts which prefixes are reconstructed (default: every step 1..T; all are still encoded).
+    Times: encoding_time of point k is the time until section k was coded, decoding_time is the time to
+    decode sections 1..k plus that method's reconstruction (both measured inside the one encode/decode).
+    """
+
+    def __init__(self, codec: str | None = None, model: str | None = None, methods: Sequence[str] = ("denoise",),
+                 *, nfe: int | None = None, steps: Sequence[int] | None = None, seed: int = 0):
+        from .diffusion import RECONSTRUCTION_METHODS
+
+        m = _load_model(model, codec)
+        if m.codec_id not in ("uqdm", "diffc"):
+            raise ValueError(f"{m.model_id} is a {m.codec_id} model, not a progressive one")
+        bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
+        if bad or not methods:
+            raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
+                             f"{', '.join(RECONSTRUCTION_METHODS)}")
+        if nfe is not None and nfe < 1:
+            raise ValueError("nfe must be >= 1")
+        self.codec, self.model, self.seed, self.nfe = m.codec_id, model, int(seed), nfe
+        self.methods = tuple(dict.fromkeys(methods))
+        self.model_id, self.model_hash, self.num_steps = m.model_id, m.model_hash, int(m.num_steps)
+        all_steps = range(1, self.num_steps + 1)
+        self.steps = tuple(all_steps) if steps is None else tuple(k for k in sorted(set(steps)) if k in all_steps)
+        if not self.steps:
+            raise ValueError(f"none of steps {list(steps or [])} is in 1..{self.num_steps} for {self.model_id}")
+
+    def curves(self) -> list[str]:
+        return [f"{self.model_id}-{method}" for method in self.methods]
+
+    def curve_description(self, curve: str) -> str:
+        method = self.methods[self.curves().index(curve)]
+        nfe = "" if method == "denoise" else f" with nfe = {self.nfe or 'the remaining step count'}"
+        return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction{nfe}; "
+                f"one file per image with all {self.num_steps} steps, point k = that file cut after step section "
+                f"k (header + sections 1..k); quality = k")
+
+    @property
+    def config(self) -> str:
+        return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}"
+
+    def groups(self) -> list[Group]:
+        return [("all-steps", [(c, k) for c in self.curves() for k in self.steps])]
+
+    def run(self, img: np.ndarray, group: Any, needed: Sequence[tuple[str, Any]]) -> list[Point]:
+        from .api import compress, decode_steps, info
+
+        m = _load_model(self.model, self.codec)
+        if m.model_hash != self.model_hash:
+            raise RuntimeError(f"model {self.model_id} changed during the evaluation")
+        method_of = dict(zip(self.curves(), self.methods))
+        need = set(needed)
+        methods = tuple(method_of[c] for c in self.curves() if any(c == n[0] for n in need))
+        want = {k for _, k in need}
+        marks: list[float] = []
+        t0 = time.perf_counter()
+        res = compress(img, model=m, codec=self.codec, steps=self.num_steps, seed=self.seed,
+                       progress=lambda n: marks.append(time.perf_counter() - t0))
+        t_enc = time.perf_counter() - t0
+        ends = {s["step"]: s["offset"] + s["bytes"] for s in info(res.data)["sections"] if s["kind"] == "step"}
+        points: list[Point] = []
+        latent = 0.0  # seconds spent decoding sections so far (reconstructions excluded)
+        with _CallTimer(m, "reconstruct") as timer:
+            t_prev = time.perf_counter()
+            for k, images in decode_steps(res.data, model=m, methods=methods, nfe=self.nfe, at=want):
+                spent = time.perf_counter() - t_prev
+                recon = timer.take()
+                if len(recon) != len(methods):  # not one reconstruct() per method: charge the whole interval
+                    recon = [0.0] * len(methods)
+                latent += spent - sum(recon)
+                for method, dt in zip(methods, recon):
+                    curve = f"{self.model_id}-{method}"
+                    if (curve, k) in need:
+                        points.append(Point(curve, k, ends[k], images[method],
+                                            marks[k - 1] if len(marks) >= k else t_enc, latent + dt))
+                if k >= max(want):
+                    break
+                t_prev = time.perf_counter()
+        return points
+
+
+class QSweepAdapter(CodecAdapter):
+    """rvgc: not progressive; one file per image and quantisation step q, ``num_q`` values log-spaced over the
+    model's ``q_range`` (largest q = fewest bits first).  Methods: ``deterministic`` (plain synthesis of the
+    decoded latent) and ``sampler`` (the few-step stochastic sampler, ``sampler_steps`` evaluations)."""
+
+    METHODS = ("deterministic", "sampler")
+
+    def __init__(self, codec: str = "rvgc", model: str | None = None, methods: Sequence[str] | None = None, *,
+                 num_q: int = 6, qs: Sequence[float] | None = None, sampler_steps: int | None = None, seed: int = 0):
+        if codec != "rvgc":
+            raise ValueError(f"the q-sweep adapter is for rvgc, not {codec}")
+        methods = tuple(dict.fromkeys(methods or self.METHODS))
+        bad = [x for x in methods if x not in self.METHODS]
+        if bad:
+            raise ValueError(f"methods {bad} invalid for rvgc; choose from {', '.join(self.METHODS)}")
+        m = _load_model(model, codec)
+        q_min, q_max = (float(v) for v in m.q_range)
+        if qs is None:
+            if num_q < 2:
+                raise ValueError("num_q must be >= 2")
+            qs = np.geomspace(q_max, q_min, num_q)
+        self.qs = tuple(min(max(float(f"{q:.6g}"), q_min), q_max) for q in qs)
+        self.codec, self.model, self.methods, self.seed = codec, model, methods, int(seed)
+        self.sampler_steps = sampler_steps
+        self.model_id, self.model_hash = m.model_id, m.model_hash
+
+    def curves(self) -> list[str]:
+        return [f"{self.model_id}-{method}" for method in self.methods]
+
+    def curve_description(self, curve: str) -> str:
+        method = self.methods[self.curves().index(curve)]
+        extra = f" ({self.sampler_steps or 'default'} sampler steps)" if method == "sampler" else ""
+        return (f"diffcodec rvgc model {self.model_id} ({self.model_hash}), {method} decoding{extra}; one file per "
+                f"image and quantisation step q (log-spaced over the model's q range); quality = q")
+
+    @property
+    def config(self) -> str:
+        return f"rvgc:{self.model_hash}:seed={self.seed}:sampler_steps={self.sampler_steps}"
+
+    def groups(self) -> list[Group]:
+        return [(q, [(c, q) for c in self.curves()]) for q in self.qs]
+
+    def run(self, img: np.ndarray, group: Any, needed: Sequence[tuple[str, Any]]) -> list[Point]:
+        from .api import compress, decompress
+
+        m = _load_model(self.model, self.codec)
+        t0 = time.perf_counter()
+        data = compress(img, model=m, codec="rvgc", q=group, seed=self.seed).data
+        t_enc = time.perf_counter() - t0
+        points = []
+        for curve, method in zip(self.curves(), self.methods):
+            if (curve, group) not in set(needed):
+                continue
+            kw: dict[str, Any] = {"deterministic": method == "deterministic"}
+            if method == "sampler" and self.sampler_steps is not None:
+                kw["sampler_steps"] = self.sampler_steps
+            t0 = time.perf_counter()
+            dec = decompress(data, model=m, **kw)
+            points.append(Point(curve, group, len(data), dec, t_enc, time.perf_counter() - t0))
+        return points
+
+
+class BaselineAdapter(CodecAdapter):
+    """One classical codec of :mod:`diffcodec.baselines` over its quality grid (or ``qualities``)."""
+
+    family = "baseline"
+
+    def __init__(self, name: str, qualities: Sequence[float] | None = None):
+        from .baselines import get_baseline
+
+        b = get_baseline(name)
+        self.name, self.description = b.name, b.description
+        self.qualities = tuple(dict.fromkeys(float(q) for q in (qualities if qualities is not None else b.qualities)))
+        lo, hi = b.quality_range
+        bad = [q for q in self.qualities if not lo <= q <= hi]
+        if bad or not self.qualities:
+            raise ValueError(f"{self.name}: qualities {bad or '(none)'} outside {lo}..{hi}")
+
+    def curves(self) -> list[str]:
+        return [self.name]
+
+    def curve_description(self, curve: str) -> str:
+        return f"{self.description}; quality = the codec's quality parameter"
+
+    @property
+    def config(self) -> str:
+        return f"baseline:{self.description}"
+
+    def groups(self) -> list[Group]:
+        return [(q, [(self.name, q)]) for q in self.qualities]
+
+    def run(self, img: np.ndarray, group: Any, needed: Sequence[tuple[str, Any]]) -> list[Point]:
+        from .baselines import get_baseline
+
+        data, dec, t_enc, t_dec = get_baseline(self.name).timed(img, group)
+        return [Point(self.name, group, len(data), dec, t_enc, t_dec)]
+
+
+PROGRESSIVE_CODECS = ("uqdm", "diffc")
+
+
+def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[str] | None = None, *,
+                 nfe: int | None = None, steps: Sequence[int] | None = None, sampler_steps: int | None = None,
+                 num_q: int = 6, seed: int = 0) -> CodecAdapter:
+    """The adapter of a diffcodec codec: progressive for uqdm/diffc, a q sweep for rvgc only.
+
+    ``codec=None`` takes the codec of ``model``; ``methods=None`` the codec's default (denoise; rvgc both)."""
+    if codec is None:
+        codec = _load_model(model, None if model is not None else "uqdm").codec_id
+    if codec in PROGRESSIVE_CODECS:
+        return ProgressiveAdapter(codec, model, methods or ("denoise",), nfe=nfe, steps=steps, seed=seed)
+    if codec == "rvgc":
+        return QSweepAdapter(codec, model, methods, num_q=num_q, sampler_steps=sampler_steps, seed=seed)
+    raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(PROGRESSIVE_CODECS)}, rvgc")
+
+
+# ------------------------------------------------------------------------------------------ the record cache
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(name)) or "_"
+
+
+def _short_hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def image_sha(img: np.ndarray) -> str:
+    """Fingerprint of an evaluation image (pixels and shape): a record is only reused for the same pixels."""
+    a = np.ascontiguousarray(img)
+    return hashlib.sha256(f"{a.shape}{a.dtype}".encode() + a.tobytes()).hexdigest()[:16]
+
+
+class RecordCache:
+    """Per-image point records of an evaluation folder: ``OUT/cache/records.jsonl`` (one JSON object per line,
+    appended as points finish, so an interrupted run loses at most its running jobs) and each point's
+    reconstruction as a PNG under ``OUT/cache/recon/`` (the set-level SWD/FID needs the images).
+
+    A record is keyed by (image name, image fingerprint, curve, setting, adapter config).  Its ``psnr`` is
+    ``null`` for an identical reconstruction (infinite PSNR); its ``ms-ssim`` is ``null`` for images under 11 px.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir) / "cache"
+        self.path = self.root / "records.jsonl"
+        self.records: dict[tuple[str, ...], dict[str, Any]] = {}
+        if self.path.exists():
+            text = self.path.read_text()
+            if text and not text.endswith("\n"):  # cut mid-line: end it, so the next record starts a line
+                with open(self.path, "a") as f:
+                    f.write("\n")
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    self.records[self.key(r["image"], r["image_sha"], r["codec"], r["setting"], r["config"])] = r
+                except (ValueError, KeyError, TypeError):  # a line cut by an interrupted run
+                    warnings.warn(f"{self.path}:{n}: unreadable record ignored", stacklevel=2)
+
+    @staticmethod
+    def key(image: str, sha: str, curve: str, setting: Any, config: str) -> tuple[str, ...]:
+        return (image, sha, curve, json.dumps(setting), config)
+
+    def get(self, image: str, sha: str, curve: str, setting: Any, config: str, *,
+            need_recon: bool = False) -> dict[str, Any] | None:
+        r = self.records.get(self.key(image, sha, curve, setting, config))
+        if r is not None and need_recon and not (r.get("recon") and (self.root / r["recon"]).is_file()):
+            return None
+        return r
+
+    def recon_path(self, record: Mapping[str, Any]) -> str:
+        setting = json.dumps(record["setting"])
+        return (f"recon/{_safe(record['codec'])}-{_short_hash(record['config'])}/{_safe(setting)}/"
+                f"{_safe(record['image'])}-{record['image_sha'][:8]}.png")
+
+    def add(self, record: dict[str, Any], decoded: np.ndarray | None) -> None:
+        """Store one record (and its reconstruction, written atomically before the record refers to it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = dict(record)
+        if decoded is not None:
+            rel = self.recon_path(record)
+            path = self.root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(np.asarray(decoded).squeeze() if decoded.shape[-1] == 1 else decoded).save(
+                tmp, format="PNG", compress_level=3)
+            os.replace(tmp, path)
+            record["recon"] = rel
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.flush()
+        self.records[self.key(record["image"], record["image_sha"], record["codec"], record["setting"],
+                              record["config"])] = record
+
+    def load_recon(self, record: Mapping[str, Any]) -> np.ndarray:
+        with Image.open(self.root / record["recon"]) as im:
+            a = np.asarray(im).copy()
+        return a[..., None] if a.ndim == 2 else a
+
+
+# ------------------------------------------------------------------------------------------ running jobs
+
+
+def _point_record(name: str, img: np.ndarray, p: Point) -> dict[str, Any]:
+    dec = _check_decoded(p.decoded, img, p.curve)
+    h, w = img.shape[:2]
+    rec: dict[str, Any] = {
+        "image": name, "codec": p.curve, "setting": _jsonable(p.setting), "width": w, "height": h,
+        "bytes": int(p.file_bytes), "bpp": 8.0 * p.file_bytes / (h * w),
+        "psnr": _finite_or_none(psnr(img, dec)),
+        "ms-ssim": _finite_or_none(ms_ssim(img, dec)) if min(h, w) >= 11 else None,
+        "enc_s": float(p.enc_s), "dec_s": float(p.dec_s),
+    }
+    lp = lpips_distance(img, dec) if dec.ndim == 3 and dec.shape[2] == 3 else None
+    if lp is not None:
+        rec["lpips"] = lp
+    return rec
+
+
+def _run_job(payload: tuple) -> tuple[int, str, list[tuple[dict[str, Any], np.ndarray]]]:
+    """One job in any process: (adapter index, image name, [(record, reconstruction), ...])."""
+    index, adapter, group, name, img, needed = payload
+    points = adapter.run(img, group, needed)
+    got = {(p.curve, json.dumps(_jsonable(p.setting))) for p in points}
+    missing = [n for n in needed if (n[0], json.dumps(_jsonable(n[1]))) not in got]
+    if missing:
+        raise RuntimeError(f"{type(adapter).__name__} produced no point for {missing} of image {name}")
+    return index, name, [(_point_record(name, img, p), np.asarray(p.decoded)) for p in points]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _execute(payloads: list[tuple], workers: int, bar: Any):
+    """Yield each job's result as it finishes, in-process (``workers <= 1``) or in spawned worker processes
+    (one torch thread each)."""
+    if not payloads:
+        return
+    if workers <= 1:
+        import torch
+
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for p in payloads:
+                bar.set_postfix_str(f"{p[1].curves()[0]} {p[3]}", refresh=False)
+                yield _run_job(p)
+                bar.update()
+        finally:
+            torch.set_num_threads(prev)
+        return
+    import multiprocessing as mp
+
+    # spawn (fresh interpreters: safe beside torch's thread pools) re-imports the parent's main script, which
+    # is impossible when it has no file (python - < script, notebooks): fork there, as workers use 1 thread
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    spawnable = main_file is None or Path(main_file).is_file() or "fork" not in mp.get_all_start_methods()
+    ctx = mp.get_context("spawn" if spawnable else "fork")
+    saved = {v: os.environ.get(v) for v in _THREAD_VARS}
+    os.environ.update({v: "1" for v in _THREAD_VARS})  # read by the children's BLAS/OpenMP at import
+    try:
+        pool = ctx.Pool(min(workers, len(payloads)), initializer=_init_worker)
+    finally:
+        for v, old in saved.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
+    with pool:
+        for result in pool.imap_unordered(_run_job, payloads):
+            yield result
+            bar.update()
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+class _SetMetricCache:
+    """Set-level metrics (SWD, FID) of finished settings, in ``OUT/cache/set_metrics.json``: rebuilding the
+    outputs of a finished run does not recompute them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            self.data = {}
+        self.dirty = False
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.data:
+            self.data[key] = compute()
+            self.dirty = True
+        return self.data[key]
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, allow_nan=False) + "\n")
+            os.replace(tmp, self.path)
+            self.dirty = False
+
+
+def _mean(values: Sequence[float | None], none_is: float = math.nan) -> float | None:
+    return _finite_or_none(float(np.mean([none_is if v is None else v for v in values])))
+
+
+def _aggregate_curve(adapter: CodecAdapter, curve: str, imgs: Mapping[str, np.ndarray], shas: Mapping[str, str],
+                     cache: RecordCache, sets: _SetMetricCache, *, swd: bool, swd_opts: Mapping[str, Any],
+                     fid_state: dict[str, bool]) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """(CompressAI-style result, its per-image records, number of incomplete settings) of one curve."""
+    keys = ["bpp", "psnr-rgb", "ms-ssim-rgb", "swd", "swd-per-level", "encoding_time", "decoding_time", "quality"]
+    res: dict[str, list[Any]] = {k: [] for k in keys}
+    lpips_vals: list[float | None] = []
+    fid_vals: list[float | None] = []
+    rows: list[dict[str, Any]] = []
+    incomplete = 0
+    swd_res: tuple[int, ...] = ()
+    settings = [s for _, pts in adapter.groups() for c, s in pts if c == curve]
+    refs = list(imgs.values())
+    for s in settings:
+        recs = [cache.get(n, shas[n], curve, s, adapter.config, need_recon=swd) for n in imgs]
+        if any(r is None for r in recs):
+            incomplete += 1
+            continue
+        rows.extend(recs)
+        res["bpp"].append(float(np.mean([r["bpp"] for r in recs])))
+        res["psnr-rgb"].append(_mean([r["psnr"] for r in recs], none_is=math.inf))
+        res["ms-ssim-rgb"].append(_mean([r["ms-ssim"] for r in recs]))
+        res["encoding_time"].append(float(np.mean([r["enc_s"] for r in recs])))
+        res["decoding_time"].append(float(np.mean([r["dec_s"] for r in recs])))
+        res["quality"].append(_jsonable(s))
+        set_key = _short_hash(curve, adapter.config, s, [(n, shas[n]) for n in imgs])
+        if swd:
+            def compute_swd(recs: list = recs) -> dict[str, Any]:
+                r = sliced_wasserstein(refs, [cache.load_recon(x) for x in recs], **swd_opts)
+                return {"mean": r.mean, "per_level": list(r.per_level), "resolutions": list(r.resolutions)}
+
+            v = sets.get(f"swd:{set_key}:{_short_hash(swd_opts)}", compute_swd)
+            res["swd"].append(v["mean"])
+            res["swd-per-level"].append(v["per_level"])
+            swd_res = tuple(v["resolutions"])
+            if fid_state.get("available"):
+                f = sets.get(f"fid:{set_key}", lambda recs=recs: fid(refs, [cache.load_recon(x) for x in recs]))
+                if f is None:
+                    fid_state["available"] = False
+                fid_vals.append(f)
+        else:
+            res["swd"].append(None)
+            res["swd-per-level"].append(None)
+        lpips_vals.append(_mean([r.get("lpips") for r in recs]) if all("lpips" in r for r in recs) else None)
+    if any(v is not None for v in lpips_vals):
+        res["lpips"] = lpips_vals
+    if fid_vals and any(v is not None for v in fid_vals) and len(fid_vals) == len(res["bpp"]):
+        res["fid"] = fid_vals
+    ims = list(imgs.values())
+    sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in ims})
+    scales = sorted({msssim_scales(*im.shape[:2]) for im in ims if min(im.shape[:2]) >= 11})
+    meta = (f"{len(ims)} images ({', '.join(sizes)}); bpp = 8*whole-file bytes/pixels (mean of per-image); PSNR "
+            f"RGB 0-255 and MS-SSIM ({'/'.join(map(str, scales))} scale(s)) means of per-image values; SWD x1e3 "
+            f"Karras 2018 Laplacian levels {list(swd_res)} on the image set "
+            f"{json.dumps(dict(swd_opts)) if swd_opts else '(default options)'}; encoding_time/decoding_time "
+            f"mean seconds per image, 1 torch thread")
+    return {"name": curve, "description": f"{adapter.curve_description(curve)}. {meta}", "results": res}, rows, \
+        incomplete
+
+
+def _fmt_pct(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:+.1f}%"
+
+
+def bd_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]], *,
+             method: str = "pchip") -> tuple[list[dict[str, Any]], str]:
+    """BD-rate on PSNR of every ``tests`` curve (rows) against every ``anchors`` curve (columns).
+
+    Returns the rows (all of :func:`compare_curves`' numbers, nan as ``None``) and the table as text."""
+    rows = []
+    for t in tests:
+        for a in anchors:
+            cmp = compare_curves(a, t, method=method)
+            rows.append({"curve": t["name"], "anchor": a["name"], **{k: _finite_or_none(v) for k, v in cmp.items()}})
+    width = max([len(str(t["name"])) for t in tests] + [5])
+    cols = [str(a["name"]) for a in anchors]
+    cw = [max(9, len(c)) for c in cols]
+    lines = [f"BD-rate on PSNR ({method}) of each curve (rows) against each anchor (columns): extra bits at equal "
+             "PSNR, negative = fewer; n/a = no overlap in PSNR",
+             f"{'curve':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, cw))]
+    lines.append("-" * len(lines[-1]))
+    for t in tests:
+        vals = {r["anchor"]: r["bd-rate-psnr"] for r in rows if r["curve"] == t["name"]}
+        lines.append(f"{t['name']:<{width}}  " + "  ".join(f"{_fmt_pct(vals[c]):>{w}}" for c, w in zip(cols, cw)))
+    return rows, "\n".join(lines)
+
+
+def format_curve(result: Mapping[str, Any]) -> str:
+    """A result's points as a text table (quality, bpp, PSNR, MS-SSIM, SWD, seconds per image)."""
+    res = result["results"]
+    n = len(res["bpp"])
+
+    def col(key: str) -> list[Any]:
+        return list(res.get(key) or [None] * n)
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{result['name']}",
+             f"  {'quality':>9} {'bpp':>8} {'PSNR':>7} {'MS-SSIM':>8} {'SWD':>7} {'enc s':>7} {'dec s':>7}"]
+    enc, dec = col("encoding_time"), col("decoding_time")
+    if all(v is None for v in enc) and "coding_time" in res:
+        enc = col("coding_time")
+    for q, b, p, m, s, te, td in zip(col("quality"), res["bpp"], col("psnr-rgb"), col("ms-ssim-rgb"), col("swd"),
+                                     enc, dec):
+        lines.append(f"  {'' if q is None else f'{q:g}' if isinstance(q, (int, float)) else str(q):>9} "
+                     f"{f(b, '8.4f')} {f(p, '7.2f'):>7} {f(m, '8.4f'):>8} {f(s, '7.1f'):>7} {f(te, '7.3f'):>7} "
+                     f"{f(td, '7.3f'):>7}")
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = ("image", "codec", "setting", "bytes", "bpp", "psnr", "ms-ssim", "enc_s", "dec_s")
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    import csv
+
+    cols = list(CSV_COLUMNS) + (["lpips"] if any("lpips" in r for r in rows) else [])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in rows:
+            vals = []
+            for c in cols:
+                v = r.get(c)
+                if c == "psnr" and v is None:
+                    v = "inf"
+                vals.append("" if v is None else f"{v:.6g}" if isinstance(v, float) and c != "setting" else v)
+            w.writerow(vals)
+    os.replace(tmp, path)
+
+
+def run_eval(
+    images: Mapping[str, np.ndarray],
+    adapters: Sequence[CodecAdapter],
+    out_dir: str | Path,
+    *,
+    workers: int = 1,
+    swd: bool = True,
+    swd_options: Mapping[str, Any] | None = None,
+    bd_method: str = "pchip",
+    extra_curves: Sequence[Mapping[str, Any]] = (),
+    plots: bool = True,
+    title: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Evaluate ``adapters`` on ``images`` ({name: uint8 RGB}) into ``out_dir``; resumable, parallel.
+
+    Writes ``<curve>.json`` (CompressAI schema: name, description, results with bpp, psnr-rgb, ms-ssim-rgb,
+    swd, encoding_time, decoding_time, quality per point, plus lpips/fid when their weights are installed),
+    ``per_image.csv``, ``curves.txt`` (the points as tables), ``bd.txt`` / ``bd.csv`` (BD-rate on PSNR of each
+    diffcodec and ``extra_curves`` curve against each baseline), and ``rd_psnr.png`` / ``rd_msssim.png`` /
+    ``rd_swd.png``; the per-image records live in ``cache/`` (see :class:`RecordCache`).  Points already
+    recorded for the same pixels and config are not recomputed.  Returns a summary dict (``curves``,
+    ``table``, ``bd``, counts of points run / cached / incomplete settings).
+    """
+    from tqdm import tqdm
+
+    imgs = {str(k): np.asarray(v) for k, v in images.items()}
+    if not imgs:
+        raise ValueError("no images to evaluate")
+    for n, im in imgs.items():
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"image {n}: expected uint8 (H, W, 3), got {im.dtype} {im.shape}")
+    names = [c for a in adapters for c in a.curves()]
+    dup = sorted({c for c in names if names.count(c) > 1})
+    if dup:
+        raise ValueError(f"several codecs produce curves named {dup}")
+    say = log or (lambda _msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    swd_opts = dict(swd_options or {})
+    shas = {n: image_sha(im) for n, im in imgs.items()}
+    cache = RecordCache(out)
+
+    payloads, n_points, n_cached = [], 0, 0
+    for ai, ad in enumerate(adapters):
+        for group, pts in ad.groups():
+            for n in imgs:
+                needed = [(c, s) for c, s in pts
+                          if cache.get(n, shas[n], c, s, ad.config, need_recon=swd) is None]
+                n_points += len(pts)
+                n_cached += len(pts) - len(needed)
+                if needed:
+                    payloads.append((ai, ad, group, n, imgs[n], needed))
+    say(f"{len(imgs)} images, {len(names)} curves: {n_points} points, {n_cached} already in {cache.path}; "
+        f"{len(payloads)} jobs to run on {max(1, workers)} worker(s)")
+    bar = tqdm(total=len(payloads), desc="eval", unit="job", file=sys.stderr, disable=not progress or not payloads,
+               dynamic_ncols=True)
+    try:
+        for ai, name, results in _execute(payloads, workers, bar):
+            for rec, dec in results:
+                cache.add({**rec, "image_sha": shas[name], "config": adapters[ai].config}, dec if swd else None)
+    finally:
+        bar.close()
+
+    sets = _SetMetricCache(cache.root / "set_metrics.json")
+    fid_state = {"available": importlib.util.find_spec("torchmetrics") is not None}
+    curves: list[dict[str, Any]] = []
+    family: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    incomplete = 0
+    try:
+        for ad in adapters:
+            for curve in ad.curves():
+                result, recs, inc = _aggregate_curve(ad, curve, imgs, shas, cache, sets, swd=swd, swd_opts=swd_opts,
+                                                     fid_state=fid_state)
+                incomplete += inc
+                rows.extend(recs)
+                if result["results"]["bpp"]:
+                    save_results(result, out / f"{_safe(curve)}.json")
+                    curves.append(result)
+                    family[curve] = ad.family
+    finally:
+        sets.save()
+    if incomplete:
+        say(f"warning: {incomplete} settings lack some images' points and were left out (rerun to finish them)")
+    _write_csv(out / "per_image.csv", rows)
+    (out / "curves.txt").write_text("\n\n".join(format_curve(c) for c in curves) + "\n")
+    for c in curves:
+        say(format_curve(c))
+
+    baselines = [c for c in curves if family[c["name"]] == "baseline"]
+    tests = [c for c in curves if family[c["name"]] != "baseline"] + list(extra_curves)
+    bd_rows: list[dict[str, Any]] = []
+    table = ""
+    if baselines:
+        bd_rows, table = bd_table(tests or baselines, baselines, method=bd_method)
+        (out / "bd.txt").write_text(table + "\n")
+        with open(out / "bd.csv", "w", newline="") as f:
+            import csv
+
+            w = csv.writer(f)
+            w.writerow(["curve", "anchor", "bd-rate-psnr", "bd-psnr", "bd-rate-ms-ssim"])
+            for r in bd_rows:
+                w.writerow([r["curve"], r["anchor"]] + ["" if r[k] is None else f"{r[k]:.4f}"
+                                                        for k in ("bd-rate-psnr", "bd-psnr", "bd-rate-ms-ssim")])
+        say("")
+        say(table)
+    if plots and curves:
+        every = curves + list(extra_curves)
+        max_bpp = 1.25 * max(max(c["results"]["bpp"]) for c in baselines) if baselines else None
+        sizes = ", ".join(sorted({f"{v.shape[1]}x{v.shape[0]}" for v in imgs.values()}))
+        title = title or f"{len(imgs)} images ({sizes})"
+        figures = (("psnr-rgb", "rd_psnr.png"), ("ms-ssim-db", "rd_msssim.png"), ("swd", "rd_swd.png"))
+        # what the plots show (not the wall times): a rerun with nothing new does not redraw them
+        stamp = _short_hash(title, max_bpp, [(c["name"], {k: v for k, v in c["results"].items() if "time" not in k})
+                                              for c in every])
+        stamp_file = cache.root / "plots.stamp"
+        fresh = stamp_file.is_file() and stamp_file.read_text() == stamp and all((out / f).exists() for _, f in figures
+                                                                                  if f != "rd_swd.png" or swd)
+        if not fresh:
+            for metric, fname in figures:
+                try:
+                    plot_rd(every, metric, out / fname, title=title, max_bpp=max_bpp)
+                except ValueError:
+                    pass  # e.g. --no-swd: nothing to plot for that metric
+            cache.root.mkdir(parents=True, exist_ok=True)
+            stamp_file.write_text(stamp)
+    return {"curves": curves, "families": family, "bd": bd_rows, "table": table, "points": n_points,
+            "points_cached": n_cached, "jobs_run": len(payloads), "incomplete_settings": incomplete, "out": out}

@@ -5,7 +5,8 @@
   refused with a clear message rather than silently converted.
 * An alpha channel is never dropped silently: ``alpha="error"`` (default) refuses, ``"drop"``
   discards it on explicit request.
-* Outputs are written atomically (temp file + rename) and never onto an input file.
+* Outputs are written atomically (temp file + fsync + rename), never onto an input file, and
+  (``overwrite=False``, the CLI without ``--force``) never onto any existing file.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ def to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def atomic_write(path: str | Path, data: bytes, inputs: tuple = ()) -> None:
-    """Write ``data`` to ``path`` via a temp file and rename; refuse to overwrite an input."""
+def check_output(path: str | Path, inputs: tuple = (), overwrite: bool = True) -> None:
+    """Refuse an output that is one of ``inputs`` (always) or, unless ``overwrite``, any existing file.
+
+    Called before the work (fail fast) and again by :func:`atomic_write`.
+    """
     path = Path(path)
     for src in inputs:
         try:
@@ -81,6 +85,27 @@ def atomic_write(path: str | Path, data: bytes, inputs: tuple = ()) -> None:
                 raise DiffcodecError(f"refusing to overwrite the input file {src}")
         except FileNotFoundError:
             pass
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise DiffcodecError(f"{path} exists; pass --force to overwrite")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, data: bytes, inputs: tuple = (), overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename.
+
+    Readers (and a crash or kill at any moment) see either the old file or the complete new one,
+    never a partial file; on any error the temp file is removed.  An input file is never
+    overwritten; with ``overwrite=False`` no existing file is (the final step is then a hard
+    link, which fails atomically if the name was taken meanwhile).  The file gets the usual
+    permissions (0666 minus the umask), not the temp file's 0600.
+    """
+    path = Path(path)
+    check_output(path, inputs, overwrite)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise DiffcodecError(f"output folder does not exist: {parent}")
@@ -88,11 +113,22 @@ def atomic_write(path: str | Path, data: bytes, inputs: tuple = ()) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise DiffcodecError(f"{path} exists; pass --force to overwrite") from None
+            except OSError:  # a file system without hard links: check, then rename
+                check_output(path, inputs, overwrite)
+                os.replace(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def encode_image(arr: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -101,9 +137,9 @@ def encode_image(arr: np.ndarray, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def write_image(path: str | Path, arr: np.ndarray, inputs: tuple = ()) -> None:
+def write_image(path: str | Path, arr: np.ndarray, inputs: tuple = (), overwrite: bool = True) -> None:
     """Save uint8 (H, W, C) atomically; format from the suffix (PNG if unknown)."""
     ext = Path(path).suffix.lower()
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
            ".webp": "WEBP", ".ppm": "PPM", ".pgm": "PPM"}.get(ext, "PNG")
-    atomic_write(path, encode_image(arr, fmt), inputs=inputs)
+    atomic_write(path, encode_image(arr, fmt), inputs=inputs, overwrite=overwrite)

@@ -23,14 +23,15 @@ from safetensors.torch import save_file
 from .errors import ModelError
 
 BUNDLED_DIR = "weights"
-DEFAULT_MODELS = {"uqdm": "uqdm-small", "diffc": "diffc-small"}
+DEFAULT_MODELS = {"uqdm": "uqdm-small", "diffc": "diffc-small", "rvgc": "rvgc-small"}
 
 
 def _codec_classes() -> dict:
     from .codecs.diffc import DiffC
+    from .codecs.rvgc import RVGC
     from .codecs.uqdm import UQDM
 
-    return {"uqdm": UQDM, "diffc": DiffC}
+    return {"uqdm": UQDM, "diffc": DiffC, "rvgc": RVGC}
 
 
 def build_model(config: dict):

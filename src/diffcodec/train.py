@@ -27,6 +27,8 @@ import torch
 from tqdm import tqdm
 
 from .data import CropSampler, list_images, split_files, validation_batch
+from .errors import DiffcodecError
+from .imageio import atomic_write
 from .models import build_model, save_model
 from .networks import UNetConfig
 
@@ -68,6 +70,10 @@ class TrainConfig:
 
 def model_config(cfg: TrainConfig) -> dict:
     """Model config for a codec: UQDM's network also predicts a per-pixel log-scale (2C outputs)."""
+    if cfg.codec == "rvgc":
+        from .codecs.rvgc import RVGC
+
+        return RVGC.preset_config(cfg.preset)
     unet = UNetConfig(**PRESETS[cfg.preset], out_channels=6 if cfg.codec == "uqdm" else 3)
     out = {"codec": cfg.codec, "unet": unet.to_dict(), "num_steps": cfg.num_steps or DEFAULT_STEPS[cfg.codec]}
     if cfg.codec == "diffc":
@@ -76,14 +82,54 @@ def model_config(cfg: TrainConfig) -> dict:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename: a kill (or a crash) at any
+    moment leaves either the previous checkpoint or the new one, never a partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TEMP_PATTERNS = ("checkpoint.pt*.tmp", "model.safetensors*.tmp", ".log.jsonl.*.tmp")
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp files of writes a killed run left behind (never read: their rename did not happen)."""
+    for pattern in TEMP_PATTERNS:
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, device) -> dict:
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(ck, dict) or not {"model", "ema", "opt", "step"} <= set(ck):
+            raise ValueError("not a diffcodec training checkpoint")
+        return ck
+    except Exception as e:
+        raise DiffcodecError(f"cannot resume from {path}: {e}; move it away to start afresh") from None
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Keep the log records up to ``step`` (the checkpoint resumed from); drop a line cut by a kill.
+
+    Rewritten atomically, so a kill during the rewrite loses nothing either.
+    """
+    keep = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write(log_path, "".join(line + "\n" for line in keep).encode())
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -102,6 +148,7 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
     torch.manual_seed(0)
     try:
         vals = [model(batch[i : i + chunk], all_steps=True)["bpd"] for i in range(0, len(batch), chunk)]
+        # rvgc: "bpd" is its rate-distortion loss (q drawn from the fixed seed), not a rate
     finally:
         torch.random.set_rng_state(state)
         model.train(was)
@@ -126,6 +173,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
     ckpt_path = out / "checkpoint.pt"
 
     train_files, _ = split_files(list_images(cfg.data))
@@ -142,7 +190,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     step = 0
     elapsed = 0.0
     if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = _load_checkpoint(ckpt_path, device)
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -167,9 +215,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     log_path = out / "log.jsonl"
     if main and log_path.exists():
         # drop records written after the checkpoint we resumed from (or all, when starting afresh)
-        keep = [line for line in log_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        log_path.write_text("".join(line + "\n" for line in keep))
+        _truncate_log(log_path, step)
     log = open(log_path, "a") if main else None
     bar = tqdm(total=cfg.iters, initial=step, disable=quiet or not main, dynamic_ncols=True, unit="it")
     metrics: dict = {}
@@ -180,7 +226,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             g["lr"] = lr_at(step, cfg)
         x = sampler.batch(cfg.batch).to(device)
         res = net(x)
-        loss = res["bpd"].mean()
+        loss = res.get("loss", res["bpd"]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -199,7 +245,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         lv = float(loss.detach())
         run_bpd = lv if run_bpd is None else 0.98 * run_bpd + 0.02 * lv
         bar.update(1)
-        bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(model.schedule.gamma_min.detach()):.2f}")
+        if hasattr(model, "schedule"):
+            bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(model.schedule.gamma_min.detach()):.2f}")
+        else:
+            bar.set_postfix(loss=f"{run_bpd:.3f}", bpp=f"{float(res['bpp'].detach().mean()):.3f}")
         if main:
             rec = {"step": step, "bpd": lv, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
                    "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm), "elapsed": round(elapsed, 1)}

@@ -151,6 +151,16 @@ class UQDM(DiffusionModel):
 
         return table
 
+    @staticmethod
+    def _max_half_width(st: _Step) -> int:
+        """The largest |k| any image can produce at this step, known to both sides.
+
+        mu_Q - mu_P = b (x - x_hat) with x and x_hat in [-1, 1], so |k| <= 2b/D + 1/2 (plus the
+        rounding).  The decoder refuses wider symbol ranges: table work grows with the range, and a
+        forged section must not turn a normal decode into hours.
+        """
+        return max(1, math.ceil(2.0 * st.b / st.delta + 0.5))
+
     def sample_reverse_step(self, z, eps, aux, gamma_s, gamma_t, rng):
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
@@ -167,7 +177,7 @@ class UQDM(DiffusionModel):
         mu_q = st.a * z + st.b * x
         k = np.round((mu_q - st.mu_p).reshape(-1) / st.delta + u)
         half_width = int(max(1, np.abs(k).max()))
-        if half_width > MAX_HALF_WIDTH:
+        if half_width > min(MAX_HALF_WIDTH, self._max_half_width(st)):
             raise ValueError("step symbol out of range (model unsuited to this image)")
         k = k.astype(np.int64)
         payload, ideal = encode_categorical(k + half_width, 2 * half_width + 1, self._table(st, u, half_width))
@@ -181,6 +191,8 @@ class UQDM(DiffusionModel):
             raise DecodeError(f"malformed parameters in section {sec.index}")
         (half_width,) = struct.unpack("<H", sec.params)
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
+        if not 1 <= half_width <= self._max_half_width(st):  # a forged width would only cost time
+            raise DecodeError(f"corrupt parameters in section {sec.index} (symbol range {half_width})")
         u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
         sym = decode_categorical(sec.payload, z.size, 2 * half_width + 1, self._table(st, u, half_width))
         k = sym.astype(np.int64) - half_width

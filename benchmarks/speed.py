@@ -1,0 +1,112 @@
+"""Encode/decode speed of every codec's default model: network vs everything else, NFE, peak memory.
+
+    python benchmarks/speed.py [--image ../shared/data/kodak/kodim01.png] [--sizes full,small]
+                               [--codecs uqdm,diffc,rvgc] [--threads 2] [--json out.json]
+
+For each codec and image size (``full`` = the Kodak image as is, 768x512; ``small`` = downscaled 4x
+to 192x128) one case runs in a fresh subprocess (so peak memory is that case's own): compress with
+the model's default quality, then decompress with the default decoder.  Every network module's
+``forward`` is timed; "coding" is all the rest (probability tables, entropy and channel coding,
+random streams, container, image conversion).  NFE counts the main network's evaluations (the
+denoiser U-Net; for rvgc also the transforms' calls are timed but not counted as NFE).  Peak memory
+is the subprocess's maximum resident set size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _instrument(model) -> dict:
+    """Wrap the forward of every top-level network module; returns the live counters."""
+    stats = {"network_s": 0.0, "nfe": 0}
+    main = "den" if model.codec_id == "rvgc" else "net"
+    for name, mod in model.named_children():
+        if name == "schedule":
+            continue
+        orig = mod.forward
+
+        def timed(*args, _orig=orig, _main=(name == main), **kw):
+            t0 = time.perf_counter()
+            try:
+                return _orig(*args, **kw)
+            finally:
+                stats["network_s"] += time.perf_counter() - t0
+                stats["nfe"] += int(_main)
+
+        mod.forward = timed
+    return stats
+
+
+def run_case(codec: str, size: str, image: str, threads: int) -> dict:
+    import torch
+
+    import diffcodec
+    from diffcodec.evaluate import load_images
+
+    torch.set_num_threads(threads)
+    folder = Path(image).parent
+    imgs = load_images(folder, scale=1 if size == "full" else 4, pattern=Path(image).name)
+    img = next(iter(imgs.values()))
+    model = diffcodec.get_model(None, codec)
+    stats = _instrument(model)
+    out = {"codec": codec, "model": model.model_id, "size": f"{img.shape[1]}x{img.shape[0]}", "threads": threads}
+    for phase in ("encode", "decode"):
+        stats["network_s"], stats["nfe"] = 0.0, 0
+        t0 = time.perf_counter()
+        if phase == "encode":
+            res = diffcodec.compress(img, model=model)
+            data = res.data
+        else:
+            diffcodec.decompress(data, model=model)
+        total = time.perf_counter() - t0
+        out[phase] = {"seconds": total, "network_s": stats["network_s"], "coding_s": total - stats["network_s"],
+                      "coding_share": (total - stats["network_s"]) / total, "nfe": stats["nfe"]}
+    out["bpp"] = 8.0 * len(data) / (img.shape[0] * img.shape[1])
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return out
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", default=str(here.parent.parent / "shared" / "data" / "kodak" / "kodim01.png"))
+    p.add_argument("--sizes", default="small,full")
+    p.add_argument("--codecs", default="uqdm,diffc,rvgc")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: CODEC:SIZE, run in a subprocess
+    a = p.parse_args()
+    if a.case:
+        codec, size = a.case.split(":")
+        print(json.dumps(run_case(codec, size, a.image, a.threads)))
+        return
+    rows = []
+    for size in a.sizes.split(","):
+        for codec in a.codecs.split(","):
+            r = subprocess.run([sys.executable, __file__, "--case", f"{codec}:{size}", "--image", a.image,
+                                "--threads", str(a.threads)], capture_output=True, text=True)
+            if r.returncode:
+                print(r.stderr, file=sys.stderr)
+                raise SystemExit(f"case {codec}:{size} failed")
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            x = rows[-1]
+            print(f"{x['codec']:<6} {x['size']:>8}  bpp {x['bpp']:.3f}  "
+                  + "  ".join(f"{ph} {x[ph]['seconds']:7.2f} s (network {x[ph]['network_s']:6.2f}, coding "
+                              f"{100 * x[ph]['coding_share']:4.1f}%, NFE {x[ph]['nfe']})"
+                              for ph in ("encode", "decode"))
+                  + f"  peak {x['peak_rss_mb']:.0f} MB", flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"threads": a.threads, "image": Path(a.image).name, "rows": rows,
+                                            "median_note": "single run per case"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

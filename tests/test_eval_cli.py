@@ -1,0 +1,196 @@
+"""One-command RD evaluation: ``diffcodec eval`` / ``diffcodec plot`` and the adapters behind them.
+
+Tiny models (conftest) and 2 tiny synthetic images keep the whole file to a few seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffcodec
+from conftest import synthetic_image
+from diffcodec.baselines import get_baseline
+from diffcodec.cli import main
+from diffcodec.evaluate import (
+    BaselineAdapter,
+    ProgressiveAdapter,
+    RecordCache,
+    bd_table,
+    image_sha,
+    load_results,
+    make_adapter,
+    run_eval,
+)
+
+RESULT_KEYS = ("bpp", "psnr-rgb", "ms-ssim-rgb", "swd", "encoding_time", "decoding_time")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second torch thread only adds spinning on a busy machine (eval itself uses 1)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for i in range(2):
+        Image.fromarray(synthetic_image(24, 32, seed=i)).save(d / f"im{i}.png")
+    return d
+
+
+def eval_args(images_dir, out, model, *extra):
+    return ["eval", str(images_dir), "--codec", "uqdm", "--model", str(model), "--baselines", "jpeg",
+            "--out", str(out), *extra]
+
+
+def test_eval_end_to_end_schema_and_resume(images_dir, tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(eval_args(images_dir, out, tiny_model_path, "--methods", "denoise,uqdm:flow", "-q")) == 0
+    names = {"tiny-uqdm-denoise", "tiny-uqdm-flow", "jpeg"}
+    assert names <= {p.stem for p in out.glob("*.json")}
+    for name in names:
+        r = json.loads((out / f"{name}.json").read_text())  # strict JSON, CompressAI's schema
+        assert set(r) == {"name", "description", "results"} and r["name"] == name
+        res = r["results"]
+        n = len(res["bpp"])
+        assert n == (4 if name != "jpeg" else len(get_baseline("jpeg").qualities))
+        assert all(len(res[k]) == n for k in RESULT_KEYS + ("quality",))
+        assert all(v is not None and v >= 0 for k in RESULT_KEYS for v in res[k])
+    prog = load_results(out / "tiny-uqdm-denoise.json")["results"]
+    assert prog["quality"] == [1, 2, 3, 4] and prog["bpp"] == sorted(prog["bpp"])
+    assert prog["encoding_time"] == sorted(prog["encoding_time"])  # point k: time until section k was coded
+
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:9] == ["image", "codec", "setting", "bytes", "bpp", "psnr", "ms-ssim", "enc_s", "dec_s"]
+    assert len(rows) == 2 * (4 + 4 + len(get_baseline("jpeg").qualities))
+    jpeg_rows = [r for r in rows if r["codec"] == "jpeg" and r["setting"] == "50.0"]
+    assert float(json.loads((out / "jpeg.json").read_text())["results"]["bpp"][4]) == pytest.approx(
+        np.mean([float(r["bpp"]) for r in jpeg_rows]), rel=1e-5)
+
+    table = (out / "bd.txt").read_text()
+    assert "tiny-uqdm-denoise" in table and "tiny-uqdm-flow" in table and "jpeg" in table
+    for png in ("rd_psnr.png", "rd_msssim.png", "rd_swd.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+
+    # rerun: every point is reused, nothing is recomputed, the outputs are rebuilt identically
+    records = (out / "cache" / "records.jsonl").read_text()
+    before = {p.name: p.read_text() for p in out.glob("*.json")}
+    capsys.readouterr()
+    assert main(eval_args(images_dir, out, tiny_model_path, "--methods", "denoise,uqdm:flow")) == 0
+    log = capsys.readouterr().out
+    assert "0 jobs to run" in log and "0 points computed" in log
+    assert (out / "cache" / "records.jsonl").read_text() == records
+    assert {p.name: p.read_text() for p in out.glob("*.json")} == before
+
+    # an interrupted run (last records lost): only the missing points are computed again
+    lines = records.splitlines(keepends=True)
+    (out / "cache" / "records.jsonl").write_text("".join(lines[:-3]) + lines[-3][:20])  # + a cut line
+    with pytest.warns(UserWarning, match="unreadable record"):
+        assert main(eval_args(images_dir, out, tiny_model_path, "--methods", "denoise,uqdm:flow")) == 0
+    assert "3 points computed" in capsys.readouterr().out
+    after = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    for name, text in before.items():  # equal up to the wall times of the recomputed points
+        old = json.loads(text)["results"]
+        assert {k: v for k, v in old.items() if "time" not in k} == \
+            {k: v for k, v in after[name]["results"].items() if "time" not in k}
+
+    # plot: any result JSONs, non-result JSON skipped with a note
+    (out / "bd.json").write_text("{}")
+    for metric in ("psnr", "ms-ssim", "swd"):
+        png = tmp_path / f"{metric}.png"
+        assert main(["plot", *map(str, sorted(out.glob("*.json"))), "-o", str(png), "--metric", metric]) == 0
+        assert png.read_bytes().startswith(b"\x89PNG")
+    assert "skipping" in capsys.readouterr().err
+
+
+def test_progressive_points_are_cut_files(tiny_model_path, tiny_model):
+    """Point k of the one encoded file == a file encoded with k steps, decoded like a cut download."""
+    img = synthetic_image(24, 32, seed=3)
+    ad = ProgressiveAdapter("uqdm", str(tiny_model_path), ("denoise", "flow"))
+    assert ad.curves() == ["tiny-uqdm-denoise", "tiny-uqdm-flow"] and ad.steps == (1, 2, 3, 4)
+    (group, pts), = ad.groups()
+    points = ad.run(img, group, pts)
+    assert len(points) == 8
+    for p in points:
+        k, method = p.setting, p.curve.rsplit("-", 1)[1]
+        ref = diffcodec.compress(img, model=tiny_model, steps=k)
+        assert p.file_bytes == len(ref.data)
+        assert np.array_equal(p.decoded, diffcodec.decompress(ref.data, model=tiny_model, method=method))
+        assert p.enc_s > 0 and p.dec_s > 0
+    # only the needed points are produced (resuming half a curve)
+    part = ad.run(img, group, [("tiny-uqdm-flow", 2)])
+    assert [(p.curve, p.setting) for p in part] == [("tiny-uqdm-flow", 2)]
+
+
+def test_bd_table_identity_and_known_rate_factor():
+    base = {"name": "anchor", "results": {"bpp": [0.2, 0.4, 0.8, 1.6], "psnr-rgb": [27.0, 30.0, 33.5, 37.0],
+                                          "ms-ssim-rgb": [0.93, 0.96, 0.98, 0.99]}}
+    shifted = {"name": "x1.1", "results": {**base["results"], "bpp": [1.1 * b for b in base["results"]["bpp"]]}}
+    rows, text = bd_table([base, shifted], [base])
+    got = {r["curve"]: r["bd-rate-psnr"] for r in rows}
+    assert got["anchor"] == pytest.approx(0.0, abs=1e-9)
+    assert got["x1.1"] == pytest.approx(10.0, abs=1e-6)
+    assert rows[1]["bd-rate-ms-ssim"] == pytest.approx(10.0, abs=1e-6)
+    assert "+10.0%" in text and "+0.0%" in text
+    far = {"name": "far", "results": {"bpp": [0.2, 0.4], "psnr-rgb": [60.0, 70.0]}}
+    rows, text = bd_table([far], [base])
+    assert rows[0]["bd-rate-psnr"] is None and "n/a" in text
+
+
+def test_baseline_point_roundtrips_through_its_codec(tmp_path):
+    img = synthetic_image(24, 32, seed=5)
+    ad = BaselineAdapter("jpg", qualities=[30, 80])
+    assert ad.curves() == ["jpeg"] and ad.qualities == (30.0, 80.0)
+    codec = get_baseline("jpeg")
+    data, dec = codec(img, 80.0)
+    (p,) = ad.run(img, 80.0, [("jpeg", 80.0)])
+    assert p.file_bytes == len(data) and np.array_equal(p.decoded, dec)
+    assert np.array_equal(codec.decode(data), p.decoded)  # the whole file alone decodes to the point
+    # the cached reconstruction is lossless
+    report = run_eval({"a": img}, [ad], tmp_path, swd=True, progress=False, log=None, plots=False)
+    cache = RecordCache(tmp_path)
+    rec = cache.get("a", image_sha(img), "jpeg", 80.0, ad.config, need_recon=True)
+    assert rec["bytes"] == len(data) and np.array_equal(cache.load_recon(rec), dec)
+    assert report["curves"][0]["results"]["bpp"][1] == pytest.approx(8 * len(data) / img[..., 0].size)
+    with pytest.raises(ValueError, match="outside"):
+        BaselineAdapter("jpeg", qualities=[0])
+
+
+def test_results_do_not_depend_on_worker_count(images_dir, tiny_model_path, tmp_path):
+    from diffcodec.evaluate import load_images
+
+    images = load_images(images_dir)
+
+    def evaluate(out, workers):
+        adapters = [ProgressiveAdapter("uqdm", str(tiny_model_path), steps=[2, 3]), BaselineAdapter("jpeg", [20, 60])]
+        rep = run_eval(images, adapters, out, workers=workers, plots=False, progress=False, log=None)
+        assert rep["jobs_run"] == 2 + 4
+        return {c["name"]: {k: v for k, v in c["results"].items() if "time" not in k} for c in rep["curves"]}
+
+    one, two = evaluate(tmp_path / "w1", 1), evaluate(tmp_path / "w2", 2)  # in-process vs 2 spawned workers
+    assert one == two and set(one) == {"tiny-uqdm-denoise", "jpeg"}
+    assert one["tiny-uqdm-denoise"]["quality"] == [2, 3] and all(v > 0 for v in one["jpeg"]["swd"])
+
+
+def test_eval_usage_errors(images_dir, tiny_model_path, tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["eval", str(images_dir), "--out", out]) == 1  # nothing to evaluate
+    assert main(["eval", str(images_dir), "--baselines", "nosuch", "--out", out]) == 1
+    assert main(["eval", str(images_dir), "--codec", "uqdm", "--model", str(tiny_model_path), "--methods",
+                 "sharpen", "--out", out]) == 1
+    assert main(["eval", str(tmp_path / "missing"), "--baselines", "jpeg", "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert err.count("diffcodec: error:") == 4 and "Traceback" not in err
+    with pytest.raises(ValueError, match="unknown codec"):
+        make_adapter("nosuch")
