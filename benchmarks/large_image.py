@@ -1,7 +1,7 @@
 """Large images: peak memory and time of compressing (and decoding) a 24-megapixel photo.
 
-    python benchmarks/large_image.py [--width 6000] [--height 4000] [--codec uqdm] [--steps 1]
-                                     [--no-decode] [--json benchmarks/results/large_image.json]
+    python benchmarks/large_image.py [--width 6000] [--height 4000] [--codec uqdm|diffc|rvgc] [--steps 1]
+                                     [--model NAME] [--q 4] [--no-decode] [--json benchmarks/results/large_image.json]
 
 A tiny random-weights model (``tests/conftest.make_tiny``: the network is cheap, so what is
 measured is the codec's own arrays: latents, network outputs, probability tables, range coder)
@@ -67,15 +67,19 @@ def child(args) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_tiny
 
-    model = make_tiny(args.codec, seed=0)
-    model.double().eval()
-    model.model_id, model.model_hash = f"tiny-{args.codec}", "0123456789abcdef"
+    if args.model:  # a real model (e.g. the bundled rvgc-small): its activations are part of the peak
+        model = diffcodec.get_model(args.model, args.codec)
+    else:
+        model = make_tiny(args.codec, seed=0)
+        model.double().eval()
+        model.model_id, model.model_hash = f"tiny-{args.codec}", "0123456789abcdef"
     work = Path(args.work)
     if args.phase == "compress":
         img = np.load(work / "img.npy")
         before = _rss_mib()
         t0 = time.perf_counter()
-        res = diffcodec.compress(img, model=model, steps=args.steps, c_max=args.c_max)
+        kw = {"q": args.q} if args.codec == "rvgc" else {"steps": args.steps, "c_max": args.c_max}
+        res = diffcodec.compress(img, model=model, **kw)
         dt = time.perf_counter() - t0
         (work / "img.dfc").write_bytes(res.data)
         extra = {"file_bytes": len(res.data), "bpp": res.bpp}
@@ -98,7 +102,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=6000)
     p.add_argument("--height", type=int, default=4000)
-    p.add_argument("--codec", default="uqdm", choices=["uqdm", "diffc"])
+    p.add_argument("--codec", default="uqdm", choices=["uqdm", "diffc", "rvgc"])
+    p.add_argument("--model", help="a bundled model or path instead of the tiny random-weights one")
+    p.add_argument("--q", type=float, default=4.0, help="rvgc: quantisation step")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--c-max", dest="c_max", type=int, help="diffc: chunk cap in bits (default: the model's)")
     p.add_argument("--no-decode", dest="decode", action="store_false")
@@ -112,13 +118,16 @@ def main() -> None:
         return
     phases = ["compress"] + (["decompress"] if args.decode else [])
     results = {"width": args.width, "height": args.height, "megapixels": args.width * args.height / 1e6,
-               "codec": args.codec, "model": "tests/conftest.make_tiny (random weights)", "steps": args.steps,
+               "codec": args.codec, "model": args.model or "tests/conftest.make_tiny (random weights)",
+               **({"q": args.q} if args.codec == "rvgc" else {"steps": args.steps}),
                "torch_threads": 1, "cpu_count": os.cpu_count(), "note": args.note, "phases": {}}
     with tempfile.TemporaryDirectory() as work:
         np.save(Path(work) / "img.npy", make_image(args.height, args.width))
         for phase in phases:
             cmd = [sys.executable, __file__, "--phase", phase, "--work", work, "--width", str(args.width),
-                   "--height", str(args.height), "--codec", args.codec, "--steps", str(args.steps)]
+                   "--height", str(args.height), "--codec", args.codec, "--steps", str(args.steps), "--q", str(args.q)]
+            if args.model:
+                cmd += ["--model", args.model]
             if args.c_max:
                 cmd += ["--c-max", str(args.c_max)]
             load_before = os.getloadavg()[0]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffcodec.codecs.diffc import DiffC
+from diffcodec.codecs.rvgc import RVGC
 from diffcodec.codecs.uqdm import UQDM
 from diffcodec.models import load_model, save_model
 from diffcodec.networks import UNetConfig
@@ -14,9 +15,16 @@ from diffcodec.train import PRESETS
 
 
 def make_tiny(codec: str = "uqdm", seed: int = 0, random_weights: bool = True, **kwargs):
-    """A tiny model of either progressive codec (random weights: the zero-initialised output layer
-    would give trivial outputs and hide bugs)."""
+    """A tiny model of any codec (random weights: zero-initialised output layers would give trivial
+    outputs and hide bugs)."""
     torch.manual_seed(seed)
+    if codec == "rvgc":
+        m = RVGC.from_config({**RVGC.preset_config("tiny"), **kwargs})
+        if random_weights:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        return m
     if codec == "uqdm":
         m = UQDM(UNetConfig(**PRESETS["tiny"]), **kwargs)
     else:

@@ -194,3 +194,21 @@ def test_eval_usage_errors(images_dir, tiny_model_path, tmp_path, capsys):
     assert err.count("diffcodec: error:") == 4 and "Traceback" not in err
     with pytest.raises(ValueError, match="unknown codec"):
         make_adapter("nosuch")
+
+
+def test_eval_rvgc_sweeps_q_on_the_same_images(images_dir, tmp_path, capsys):
+    """rvgc: one point per q for each decoder, bpp decreasing with q, from real files."""
+    from conftest import make_tiny
+    from diffcodec.models import save_model
+
+    path = tmp_path / "tiny-rvgc.safetensors"
+    save_model(make_tiny("rvgc"), path)
+    out = tmp_path / "res"
+    assert main(["eval", str(images_dir), "--codec", "rvgc", "--model", str(path), "--num-q", "3",
+                 "--baselines", "none", "--out", str(out), "-q"]) == 0
+    for method in ("deterministic", "sampler"):
+        res = load_results(out / f"tiny-rvgc-{method}.json")
+        bpp = res["results"]["bpp"]
+        steps = np.diff(bpp)
+        assert len(bpp) == 3 and (np.all(steps <= 0) or np.all(steps >= 0)), bpp  # whole 4-byte words: ties
+        assert all(np.isfinite(res["results"]["psnr-rgb"]))

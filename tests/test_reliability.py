@@ -49,7 +49,7 @@ def one_thread():
     """One torch thread (the machine is shared), and the small files built before any timing."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    for codec in ("uqdm", "diffc"):
+    for codec in ("uqdm", "diffc", "rvgc"):
         _base(codec)
     yield
     torch.set_num_threads(before)
@@ -57,7 +57,7 @@ def one_thread():
 
 @functools.cache
 def _model(codec: str):
-    m = make_tiny(codec, num_steps=4)
+    m = make_tiny(codec) if codec == "rvgc" else make_tiny(codec, num_steps=4)
     m.double().eval()
     m.model_id, m.model_hash = f"tiny-{codec}", "0123456789abcdef"
     return m
@@ -68,6 +68,11 @@ def _base(codec: str):
     """(file bytes, image, set of every legitimate reconstruction as bytes) of a small file."""
     m = _model(codec)
     img = synthetic_image(4, 6, seed=1)
+    if codec == "rvgc":  # two sections: hyper-latent (a preview on its own) and latent
+        data = diffcodec.compress(img, model=m, q=2.0).data
+        cut = container.unpack(data).offsets[1]
+        legit = {diffcodec.decompress(d, model=m).tobytes() for d in (data, data[:cut])}
+        return data, img, legit
     if codec == "uqdm":
         data = diffcodec.compress(img, model=m, lossless=True).data
     else:
@@ -133,7 +138,7 @@ _ops = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "t
 
 
 @settings(**FUZZ)
-@given(codec=st.sampled_from(["uqdm", "diffc"]), ops=_ops)
+@given(codec=st.sampled_from(["uqdm", "diffc", "rvgc"]), ops=_ops)
 def test_fuzz_mutated_files(codec, ops):
     """Random flips/insertions/deletions/truncations: a clean error or a legitimate (prefix) decode."""
     data, _, legit = _base(codec)
@@ -147,7 +152,7 @@ def test_fuzz_mutated_files(codec, ops):
 
 
 @settings(**{**FUZZ, "max_examples": 80})
-@given(codec=st.sampled_from(["uqdm", "diffc"]), data=st.data())
+@given(codec=st.sampled_from(["uqdm", "diffc", "rvgc"]), data=st.data())
 def test_fuzz_forged_checksums(codec, data):
     """Structure-aware fuzzing with *valid* checksums (a forger's files): any field, any value ->
     a DiffcodecError or an image of the declared size, never another exception."""
@@ -194,7 +199,7 @@ def test_fuzz_forged_checksums(codec, data):
     assert out.shape == (h.height, h.width, h.channels) and out.dtype == np.uint8
 
 
-@pytest.mark.parametrize("codec", ["uqdm", "diffc"])
+@pytest.mark.parametrize("codec", ["uqdm", "diffc", "rvgc"])
 def test_every_truncation_offset(codec):
     """Every prefix: a clean error (header incomplete / no complete section) or exactly the decode
     of the complete sections it holds, with info() saying how many.  (uqdm: every prefix is
@@ -204,7 +209,10 @@ def test_every_truncation_offset(codec):
     cont = container.unpack(data)
     ends = [o + s for o, s in zip(cont.offsets, cont.sizes)]
     n = len(ends)
-    by_k = {k: diffcodec.decompress(data, model=m, steps=k) for k in range(1, 5)}
+    if codec == "rvgc":  # k = 1: the hyper-latent preview
+        by_k = {k: diffcodec.decompress(data[: ends[k - 1]], model=m) for k in (1, 2)}
+    else:
+        by_k = {k: diffcodec.decompress(data, model=m, steps=k) for k in range(1, 5)}
     near = {e + d for e in [cont.offsets[0], *ends] for d in (-1, 0, 1, 5)}
     for cut in range(len(data) + 1):
         part = data[:cut]
@@ -224,7 +232,7 @@ def test_every_truncation_offset(codec):
             continue
         out = diffcodec.decompress(part, model=m)
         if k == n:
-            assert np.array_equal(out, img if codec == "uqdm" else by_k[4])
+            assert np.array_equal(out, img if codec == "uqdm" else by_k[max(by_k)])
         else:
             assert np.array_equal(out, by_k[min(k, 4)])
 

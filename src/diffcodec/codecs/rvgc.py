@@ -70,6 +70,36 @@ PRESETS = {
 }
 
 
+ANALYSIS_TILE = 1024  # pixels: g_a and g_s run in tiles of this size (memory bounded for any image)
+
+
+def tiled(fn, x: np.ndarray, out_channels: int, scale: float, tile: int, halo: int) -> np.ndarray:
+    """Apply a convolutional ``fn`` (spatial scale factor ``scale``) to ``x`` in overlapping tiles.
+
+    ``tile`` and ``halo`` are in input units and multiples of the stride, so every tile's output
+    aligns with the whole-image output; a halo wider than the receptive field makes tiled and
+    untiled results agree up to float64 rounding.  The tiling depends only on the image size, so
+    a decoder computes exactly the same thing every time.  Images within one tile plus halo are
+    processed whole.
+    """
+    _, _, H, W = x.shape
+    if H <= tile + 2 * halo and W <= tile + 2 * halo:
+        return fn(np.ascontiguousarray(x))
+    oh, ow = int(round(H * scale)), int(round(W * scale))
+    out = np.empty((x.shape[0], out_channels, oh, ow), dtype=np.float64)
+    for y0 in range(0, H, tile):
+        for x0 in range(0, W, tile):
+            y1, x1 = min(H, y0 + tile), min(W, x0 + tile)
+            ya, xa = max(0, y0 - halo), max(0, x0 - halo)
+            yb, xb = min(H, y1 + halo), min(W, x1 + halo)
+            o = fn(np.ascontiguousarray(x[:, :, ya:yb, xa:xb]))
+            sy, sx = int(round((y0 - ya) * scale)), int(round((x0 - xa) * scale))
+            ty, tx = int(round((y1 - y0) * scale)), int(round((x1 - x0) * scale))
+            out[:, :, int(round(y0 * scale)) : int(round(y0 * scale)) + ty,
+                int(round(x0 * scale)) : int(round(x0 * scale)) + tx] = o[:, :, sy : sy + ty, sx : sx + tx]
+    return out
+
+
 def _phi(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.special.erfc(-x / math.sqrt(2.0))
 
@@ -271,8 +301,8 @@ class RVGC(nn.Module):
         from ..schedule import pixel_to_unit
 
         self._f64()
-        x = torch.from_numpy(pixel_to_unit(pixels.astype(np.float64))[None])
-        return self.g_a(x).numpy()
+        x = pixel_to_unit(pixels.astype(np.float64))[None]
+        return tiled(lambda t: self.g_a(torch.from_numpy(t)).numpy(), x, self.M, 1.0 / 16, ANALYSIS_TILE, 64)
 
     @torch.no_grad()
     def _z_prior_f64(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -394,7 +424,9 @@ class RVGC(nn.Module):
     def synthesize(self, y: np.ndarray, q_cond: float) -> np.ndarray:
         """uint8 pixels (1, C, H, W) = g_s(y) conditioned on the noise level q_cond."""
         self._f64()
-        x = self.g_s(torch.from_numpy(np.ascontiguousarray(y)), self._emb(q_cond)).numpy()
+        emb = self._emb(q_cond)
+        x = tiled(lambda t: self.g_s(torch.from_numpy(t), emb).numpy(), y, self.in_channels, 16.0,
+                  ANALYSIS_TILE // 16, 4)
         return unit_to_pixel(quantize_to_grid(x, EPS_GRID_BITS))
 
     def reconstruct_rvgc(self, y_hat: np.ndarray, q: float, deterministic: bool = False,
