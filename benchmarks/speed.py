@@ -24,15 +24,18 @@ from pathlib import Path
 
 
 def _instrument(model) -> dict:
-    """Wrap the forward of every top-level network module; returns the live counters."""
+    """Wrap the forward of every top-level network module; returns the live counters.
+
+    NFE counts whole-image evaluations of the main network: ``eval_f64`` calls for the diffusion
+    codecs (one evaluation may run several tiles), the latent denoiser's calls for rvgc.
+    """
     stats = {"network_s": 0.0, "nfe": 0}
-    main = "den" if model.codec_id == "rvgc" else "net"
     for name, mod in model.named_children():
         if name == "schedule":
             continue
         orig = mod.forward
 
-        def timed(*args, _orig=orig, _main=(name == main), **kw):
+        def timed(*args, _orig=orig, _main=(model.codec_id == "rvgc" and name == "den"), **kw):
             t0 = time.perf_counter()
             try:
                 return _orig(*args, **kw)
@@ -41,6 +44,14 @@ def _instrument(model) -> dict:
                 stats["nfe"] += int(_main)
 
         mod.forward = timed
+    if hasattr(model, "eval_f64"):
+        orig_eval = model.eval_f64
+
+        def counted(*args, **kw):
+            stats["nfe"] += 1
+            return orig_eval(*args, **kw)
+
+        model.eval_f64 = counted
     return stats
 
 
