@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,11 @@ PRESETS = {
 
 
 DEFAULT_STEPS = {"uqdm": 4, "diffc": 16}
+CODEC_DEFAULTS = {  # batch and crop when not given: what the bundled models were trained with
+    "uqdm": {"batch": 32, "crop": 32},
+    "diffc": {"batch": 32, "crop": 32},
+    "rvgc": {"batch": 8, "crop": 128},
+}
 
 
 @dataclass
@@ -52,8 +57,8 @@ class TrainConfig:
     num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
-    batch: int = 32
-    crop: int = 32
+    batch: int = 0  # 0 = the codec's default (CODEC_DEFAULTS)
+    crop: int = 0  # 0 = the codec's default: rvgc needs crops large enough for its 64x downsampling
     lr: float = 2e-4
     warmup: int = 200
     ema: float = 0.999
@@ -141,14 +146,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
-    """Exact (all steps) code length in bits/dim on a fixed batch, with a fixed noise seed."""
+    """Exact (all steps) code length in bits/dim on a fixed batch, with a fixed noise seed.
+
+    For rvgc, whose ``bpd`` entry is its rate-distortion loss, this is that loss (q drawn from the
+    fixed seed)."""
     was = model.training
     model.eval()
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
         vals = [model(batch[i : i + chunk], all_steps=True)["bpd"] for i in range(0, len(batch), chunk)]
-        # rvgc: "bpd" is its rate-distortion loss (q drawn from the fixed seed), not a rate
     finally:
         torch.random.set_rng_state(state)
         model.train(was)
@@ -157,6 +164,8 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
+    defaults = CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"])
+    cfg = replace(cfg, batch=cfg.batch or defaults["batch"], crop=cfg.crop or defaults["crop"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
