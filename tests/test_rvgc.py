@@ -140,6 +140,10 @@ def test_cli_round_trip_json_and_errors(rvgc_path, tmp_path, capsys):
     assert np.asarray(Image.open(out)).shape == (48, 40, 3)
     assert main(["decompress", str(dfc), "-o", str(tmp_path / "d.png"), "--model", str(rvgc_path),
                  "--deterministic"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(dfc)]) == 0
+    text = capsys.readouterr().out
+    assert "q = 3" in text and "hyper-latent" in text and "latent" in text
     assert main(["compress", str(png), "-o", str(tmp_path / "b.dfc"), "--model", str(rvgc_path), "--bpp", "4"]) == 0
     assert 8 * (tmp_path / "b.dfc").stat().st_size / (48 * 40) <= 4
     capsys.readouterr()

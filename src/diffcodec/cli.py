@@ -92,10 +92,13 @@ def cmd_info(a) -> int:
     print(f"{a.input}: {d['codec']} .dfc v{d['format_version']}, {d['width']}x{d['height']}x{d['channels']}, "
           f"model {d['model']} ({d['model_hash']}), {d['file_bytes']} bytes, {d['bpp']:.4f} bpp")
     state = "complete" if d["complete"] else f"partial: {d['sections_in_file']} of {d['sections_encoded']} sections"
-    print(f"  {d['total_steps']} diffusion steps in the model; {state}")
+    if "q" in d:
+        print(f"  quantisation step q = {d['q']:g}; {state}")
+    else:
+        print(f"  {d['total_steps']} diffusion steps in the model; {state}")
     for s in d["sections"]:
         label = f"step {s['step']}" if s["kind"] == "step" else s["kind"]
-        print(f"  section {s['index']:>2} {label:<9} offset {s['offset']:>8}  {s['bytes']:>8} bytes")
+        print(f"  section {s['index']:>2} {label:<12} offset {s['offset']:>8}  {s['bytes']:>8} bytes")
     return 0
 
 
