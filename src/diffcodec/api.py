@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import container
-from .diffusion import RECONSTRUCTION_METHODS
-from .errors import DecodeError, DiffcodecError, FormatError, ImageError, ModelError
+from .diffusion import RECONSTRUCTION_METHODS, DiffusionModel
+from .errors import DecodeError, DiffcodecError, ImageError, ModelError
 from .imageio import read_image
 from .models import DEFAULT_MODELS, bundled_models, load_model, read_metadata
 from .rng import ANCESTRAL, SeededStream
@@ -216,18 +216,10 @@ def _compress_rvgc(model, pixels, h, w, ch, seed, bpp, q, progress, options) -> 
 
 
 def _codec_params(header: container.Header) -> dict:
-    """The codec parameters of a file header, validated, as a dict (for info and decoding)."""
-    if header.codec == "rvgc":
-        from .codecs.rvgc import RVGC
+    """The codec parameters of a file header, validated, as a dict (for info; no model is loaded)."""
+    from .models import _codec_classes
 
-        return RVGC.parse_header_params(header.params)
-    return {"total_steps": _total_steps(header)}
-
-
-def _total_steps(header: container.Header) -> int:
-    if len(header.params) < 1 or header.params[0] < 1:
-        raise FormatError("malformed codec parameters")
-    return header.params[0]
+    return _codec_classes().get(header.codec, DiffusionModel).parse_header_params(header.params)
 
 
 def _model_for(header: container.Header, model):
@@ -246,10 +238,7 @@ def _model_for(header: container.Header, model):
                          f"got {m.model_id!r} (hash {m.model_hash})")
     if m.codec_id != header.codec:
         raise ModelError(f"file is {header.codec} but model {m.model_id} is {m.codec_id}")
-    if hasattr(m, "check_header_params"):
-        m.check_header_params(header.params)
-    elif header.params != m.header_params():
-        raise FormatError("the file's codec parameters do not match its model")
+    m.check_header_params(header.params)
     return m
 
 

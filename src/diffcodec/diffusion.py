@@ -19,7 +19,7 @@ from torch import nn
 
 from .codecs.base import Section
 from .entropy import decode_categorical, encode_categorical, quantize_to_grid, symbols_crc
-from .errors import DecodeError
+from .errors import DecodeError, FormatError
 from .networks import DenoiserUNet, UNetConfig
 from .rng import Z_T, SeededStream
 from .schedule import LinearGammaSchedule, alpha_sigma, pixel_to_unit, unit_to_pixel
@@ -69,6 +69,19 @@ class DiffusionModel(nn.Module):
     def header_params(self) -> bytes:
         """Codec parameters stored in the .dfc header (first byte: the step count T)."""
         return bytes([self.num_steps])
+
+    @staticmethod
+    def parse_header_params(params: bytes) -> dict:
+        """The header's codec parameters as a dict (no model needed: for ``info``)."""
+        if len(params) < 1 or params[0] < 1:
+            raise FormatError("malformed codec parameters")
+        return {"total_steps": params[0]}
+
+    def check_header_params(self, params: bytes) -> dict:
+        """Parse and check a file's codec parameters against this model (each codec has its own)."""
+        if params != self.header_params():
+            raise FormatError("the file's codec parameters do not match its model")
+        return self.parse_header_params(params)
 
     @property
     def channels(self) -> int:
