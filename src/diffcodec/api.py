@@ -274,14 +274,19 @@ def _check_method(method: str) -> None:
         raise DiffcodecError(f"unknown method {method!r}; choose from {', '.join(RECONSTRUCTION_METHODS)}")
 
 
-def _to_image(m, hd: container.Header, z, gamma: float, remaining: int, method: str, nfe: int | None):
-    """uint8 (H, W, C) reconstruction of a received latent, cropped, gray files averaged to 1 channel."""
-    rng = SeededStream(hd.seed, ANCESTRAL)
-    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, remaining))
+def _crop(pix: np.ndarray, hd: container.Header) -> np.ndarray:
+    """uint8 (H, W, C) of the image region of padded (1, C, Hp, Wp) pixels; gray files averaged to 1 channel."""
     out = pix[0, :, : hd.height, : hd.width].transpose(1, 2, 0)
     if hd.channels == 1:
         out = np.round(out.astype(np.float64).mean(axis=2, keepdims=True)).astype(np.uint8)
     return np.ascontiguousarray(out)
+
+
+def _to_image(m, hd: container.Header, z, gamma: float, remaining: int, method: str, nfe: int | None):
+    """uint8 (H, W, C) reconstruction of a received latent, cropped, gray files averaged to 1 channel."""
+    rng = SeededStream(hd.seed, ANCESTRAL)
+    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, remaining))
+    return _crop(pix, hd)
 
 
 def decompress(data: bytes, model=None, steps: int | None = None, method: str = "denoise",
@@ -322,10 +327,7 @@ def _decode_rvgc(m, hd, sections, shape, deterministic, sampler_steps, eta, prog
         progress(len(sections))
     pix = m.reconstruct_rvgc(y_hat, q, deterministic=deterministic, sampler_steps=sampler_steps, eta=eta,
                              rng=SeededStream(hd.seed, ANCESTRAL))
-    out = pix[0, :, : hd.height, : hd.width].transpose(1, 2, 0)
-    if hd.channels == 1:
-        out = np.round(out.astype(np.float64).mean(axis=2, keepdims=True)).astype(np.uint8)
-    return np.ascontiguousarray(out)
+    return _crop(pix, hd)
 
 
 def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",), nfe: int | None = None,

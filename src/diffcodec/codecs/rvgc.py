@@ -432,15 +432,13 @@ class RVGC(nn.Module):
     def reconstruct_rvgc(self, y_hat: np.ndarray, q: float, deterministic: bool = False,
                          sampler_steps: int | None = None, eta: float | None = None, rng=None) -> np.ndarray:
         """Pixels from a decoded latent: plain g_s (``deterministic``) or sampler + g_s."""
-        if deterministic:
-            return self.synthesize(y_hat, q)
         steps = self.sampler_steps if sampler_steps is None else int(sampler_steps)
         if not 0 <= steps <= 16:
             raise DiffcodecError("sampler steps must be in 0..16")
         eta = self.eta if eta is None else float(eta)
         if not 0.0 <= eta <= 1.0:
             raise DiffcodecError("eta must be in [0, 1]")
-        if steps == 0:
+        if deterministic or steps == 0:
             return self.synthesize(y_hat, q)
         y0 = self.sample_latent(y_hat, q, steps, eta, rng)
         return self.synthesize(y0, self.clean_level)
