@@ -14,9 +14,9 @@ from diffcodec.networks import UNetConfig
 from diffcodec.train import PRESETS
 
 
-def make_tiny(codec: str = "uqdm", seed: int = 0, random_weights: bool = True, **kwargs):
+def make_tiny(codec: str = "uqdm", seed: int = 0, random_weights: bool = True, net: dict | None = None, **kwargs):
     """A tiny model of any codec (random weights: zero-initialised output layers would give trivial
-    outputs and hide bugs)."""
+    outputs and hide bugs); ``net`` overrides UNet config fields of uqdm/diffc (e.g. ``patch``)."""
     torch.manual_seed(seed)
     if codec == "rvgc":
         m = RVGC.from_config({**RVGC.preset_config("tiny"), **kwargs})
@@ -26,9 +26,9 @@ def make_tiny(codec: str = "uqdm", seed: int = 0, random_weights: bool = True, *
                     p.add_(0.05 * torch.randn_like(p))
         return m
     if codec == "uqdm":
-        m = UQDM(UNetConfig(**PRESETS["tiny"]), **kwargs)
+        m = UQDM(UNetConfig(**{**PRESETS["tiny"], **(net or {})}), **kwargs)
     else:
-        m = DiffC(UNetConfig(**PRESETS["tiny"], out_channels=3), **kwargs)
+        m = DiffC(UNetConfig(**{**PRESETS["tiny"], **(net or {})}, out_channels=3), **kwargs)
     if random_weights:
         with torch.no_grad():
             for p in m.net.parameters():

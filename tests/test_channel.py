@@ -142,6 +142,15 @@ def test_encoding_is_deterministic_and_keyed():
     assert not np.array_equal(a.x, c.x)
 
 
+def test_search_threads_do_not_change_the_choice():
+    m = _m_with_kl(3000, 0.3, seed=3)
+    layout = ch.choose_layout(m, seed=7, step=2, c_max=8)
+    assert layout.n_chunks > 3
+    one = ch.select_indices(m, layout, 7, 2, workers=1)
+    for w in (2, 3, layout.n_chunks + 5):
+        assert np.array_equal(ch.select_indices(m, layout, 7, 2, workers=w), one)
+
+
 def test_zero_kl_costs_nothing():
     n = 5000
     for m in (np.zeros(n), _m_with_kl(n, 1e-6)):

@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -487,8 +489,24 @@ def _search_chunk(m_c: np.ndarray, seed: int, step: int, chunk: int, num: int) -
     return best_j
 
 
-def select_indices(m: np.ndarray, layout: StepLayout, seed: int, step: int) -> np.ndarray:
-    """The sender's PFR choice j* for every chunk of ``layout`` (int64 array of n_chunks)."""
+def default_workers() -> int:
+    """Threads for the sender's search: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def select_indices(
+    m: np.ndarray, layout: StepLayout, seed: int, step: int, workers: int | None = None
+) -> np.ndarray:
+    """The sender's PFR choice j* for every chunk of ``layout`` (int64 array of n_chunks).
+
+    Chunks are searched independently, so ``workers`` threads (default :func:`default_workers`)
+    split them into contiguous ranges; numpy's Philox and ufuncs release the GIL.  Every chunk's
+    result depends only on (m, seed, step, chunk), never on the thread count.
+    """
     _check_key(seed, step)
     m = np.asarray(m, dtype=np.float64).reshape(-1)
     k = layout.n_chunks
@@ -498,8 +516,19 @@ def select_indices(m: np.ndarray, layout: StepLayout, seed: int, step: int) -> n
     bounds = chunk_bounds(m.size, k)
     num = layout.num_candidates
     out = np.empty(k, dtype=np.int64)
-    for c in range(k):
-        out[c] = _search_chunk(m_perm[bounds[c] : bounds[c + 1]], seed, step, c, num)
+
+    def search(lo: int, hi: int) -> None:
+        for c in range(lo, hi):
+            out[c] = _search_chunk(m_perm[bounds[c] : bounds[c + 1]], seed, step, c, num)
+
+    workers = min(k, workers or default_workers())
+    if workers <= 1:
+        search(0, k)
+        return out
+    cuts = [k * i // workers for i in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(search, cuts[i], cuts[i + 1]) for i in range(workers)]:
+            f.result()
     return out
 
 
@@ -662,6 +691,7 @@ def encode_step(
     pad: float = 2.0,
     min_kl_bits: float = DEFAULT_MIN_KL_BITS,
     max_growth: float = 1.0,
+    workers: int | None = None,
 ) -> EncodedStep:
     """Send a sample of N(m, I) against the shared proposal N(0, I).
 
@@ -672,7 +702,7 @@ def encode_step(
     """
     m = np.asarray(m, dtype=np.float64)
     layout = choose_layout(m, seed, step, c_max=c_max, pad=pad, min_kl_bits=min_kl_bits, max_growth=max_growth)
-    indices = select_indices(m, layout, seed, step)
+    indices = select_indices(m, layout, seed, step, workers)
     payload, ideal = encode_indices(indices, layout)
     x = sample(indices, layout, m.shape, seed, step)
     return EncodedStep(x, payload, layout, ideal, float(kl_bits_per_dim(m).sum()))

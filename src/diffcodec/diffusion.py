@@ -32,7 +32,9 @@ RECONSTRUCTION_METHODS = ("denoise", "ancestral", "flow")
 KIND_STEP, KIND_FINAL = 0, 1  # section kinds of the progressive codecs
 
 # Tiled evaluation (multiples of every supported network's downscale factor).  A halo of 32
-# pixels covers the effective receptive field of the small denoisers well.
+# pixels covers the effective receptive field of the full-resolution denoisers well; networks
+# with a pixel-unshuffle stem of factor p use p times both (same memory per tile, same halo in
+# feature cells).  Changing these changes decoded bits: they are part of the format.
 TILE = 384
 HALO = 32
 
@@ -121,6 +123,25 @@ class DiffusionModel(nn.Module):
         logits = -0.5 * torch.exp(-gamma0) * (z0[..., None] / alpha0 - levels) ** 2
         return torch.log_softmax(logits, dim=-1)
 
+    TRAIN_DATA_WINDOW = 16
+    """Training computes p(x | z_0)'s normaliser over the levels within this many of x only: the
+    full 256-way softmax was 2/3 of a training step.  The levels left out sit >= 16 - |noise|
+    levels from z_0 / alpha_0; the error is < 1e-9 nats per pixel at gamma_0 = -12 (where the
+    schedules start and stay) and ~1e-4 at -8 (tests/test_networks.py).  Validation (eval mode)
+    and coding always use all 256 levels."""
+
+    def data_nll(self, z0: torch.Tensor, gamma0: torch.Tensor, x_int: torch.Tensor) -> torch.Tensor:
+        """-log p(x | z_0) per element (nats) for integer pixels ``x_int`` (same shape as z0)."""
+        if not self.training:
+            return -torch.gather(self.data_log_probs(z0, gamma0), -1, x_int[..., None])[..., 0]
+        w = self.TRAIN_DATA_WINDOW
+        alpha0, _ = alpha_sigma(gamma0)
+        k = x_int[..., None] + torch.arange(-w, w + 1, device=z0.device)
+        levels = pixel_to_unit(k.to(z0.dtype))
+        logits = -0.5 * torch.exp(-gamma0) * (z0[..., None] / alpha0 - levels) ** 2
+        logits = logits.masked_fill((k < 0) | (k > 255), float("-inf"))
+        return torch.logsumexp(logits, dim=-1) - logits[..., w]
+
     # ------------------------------------------------------------------ float64 (coding)
     @torch.no_grad()
     def eval_f64(self, z: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -135,17 +156,18 @@ class DiffusionModel(nn.Module):
             net.double()
         g = torch.tensor([gamma], dtype=torch.float64)
         _, _, H, W = z.shape
-        if H <= TILE + 2 * HALO and W <= TILE + 2 * HALO:
+        tile, halo = TILE * net.config.patch, HALO * net.config.patch
+        if H <= tile + 2 * halo and W <= tile + 2 * halo:
             out = net(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64)), g).numpy()
         else:
             out = np.empty((z.shape[0], net.config.out_channels, H, W), dtype=np.float64)
-            for y0 in range(0, H, TILE):
-                for x0 in range(0, W, TILE):
-                    y1, x1 = min(H, y0 + TILE), min(W, x0 + TILE)
-                    ya, xa = max(0, y0 - HALO), max(0, x0 - HALO)
-                    yb, xb = min(H, y1 + HALO), min(W, x1 + HALO)
-                    tile = torch.from_numpy(np.ascontiguousarray(z[:, :, ya:yb, xa:xb], dtype=np.float64))
-                    o = net(tile, g).numpy()
+            for y0 in range(0, H, tile):
+                for x0 in range(0, W, tile):
+                    y1, x1 = min(H, y0 + tile), min(W, x0 + tile)
+                    ya, xa = max(0, y0 - halo), max(0, x0 - halo)
+                    yb, xb = min(H, y1 + halo), min(W, x1 + halo)
+                    part = torch.from_numpy(np.ascontiguousarray(z[:, :, ya:yb, xa:xb], dtype=np.float64))
+                    o = net(part, g).numpy()
                     out[:, :, y0:y1, x0:x1] = o[:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa]
         c = self.channels
         return quantize_to_grid(out[:, :c], EPS_GRID_BITS), quantize_to_grid(out[:, c : 2 * c], AUX_GRID_BITS)

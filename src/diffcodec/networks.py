@@ -34,6 +34,7 @@ class UNetConfig:
     num_res_blocks: int = 2
     emb_dim: int = 128
     gamma_range: tuple[float, float] = (-14.0, 8.0)  # for normalising the gamma embedding input
+    patch: int = 1  # pixel-unshuffle factor of the stem (1 = blocks at full resolution)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +102,8 @@ class DenoiserUNet(nn.Module):
         self.emb_mlp = nn.Sequential(
             nn.Linear(cfg.emb_dim, cfg.emb_dim * 2), nn.SiLU(), nn.Linear(cfg.emb_dim * 2, cfg.emb_dim)
         )
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        p2 = cfg.patch * cfg.patch
+        self.conv_in = nn.Conv2d(cfg.in_channels * p2, ch, 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skips = [ch]
@@ -128,14 +130,14 @@ class DenoiserUNet(nn.Module):
             if level > 0:
                 self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
         self.norm_out = ChannelNorm(cur)
-        self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(cur, cfg.out_channels * p2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     @property
     def downscale(self) -> int:
         """Input sizes must be multiples of this (the codecs pad to it)."""
-        return 2 ** (len(self.config.channel_mult) - 1)
+        return self.config.patch * 2 ** (len(self.config.channel_mult) - 1)
 
     def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         lo, hi = self.config.gamma_range
@@ -143,7 +145,8 @@ class DenoiserUNet(nn.Module):
         if g.numel() == 1 and z.shape[0] > 1:
             g = g.expand(z.shape[0])
         emb = self.emb_mlp(sinusoidal_embedding(g, self.config.emb_dim))
-        h = self.conv_in(z)
+        p = self.config.patch
+        h = self.conv_in(F.pixel_unshuffle(z, p) if p > 1 else z)
         hs = [h]
         for level, blocks in enumerate(self.down):
             for block in blocks:
@@ -160,5 +163,6 @@ class DenoiserUNet(nn.Module):
             if i < len(self.upsample):
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
                 h = self.upsample[i](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, p) if p > 1 else out
 

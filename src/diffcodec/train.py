@@ -37,7 +37,11 @@ PRESETS = {
     "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, emb_dim=16),
     "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128),
     "base": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128),
+    # A 4x4 pixel-unshuffle stem puts every block at 1/4 resolution or below: ~13x cheaper per
+    # pixel than "small" at 3.6x its parameters (benchmarks/speed.py; the default since v0.3).
+    "medium": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128, patch=4),
 }
+DEFAULT_PRESET = {"uqdm": "medium", "diffc": "medium", "rvgc": "small"}
 
 
 DEFAULT_STEPS = {"uqdm": 4, "diffc": 16}
@@ -46,6 +50,8 @@ CODEC_DEFAULTS = {  # batch and crop when not given: what the bundled models wer
     "diffc": {"batch": 32, "crop": 32},
     "rvgc": {"batch": 8, "crop": 128},
 }
+# presets whose down-sampling needs larger crops (same pixels per batch as 32 x 32x32)
+PRESET_DEFAULTS = {"medium": {"batch": 16, "crop": 64}}
 
 
 @dataclass
@@ -53,7 +59,7 @@ class TrainConfig:
     codec: str = "uqdm"
     data: str = ""
     out: str = "run"
-    preset: str = "small"
+    preset: str = ""  # "" = the codec's default (DEFAULT_PRESET)
     num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
@@ -75,11 +81,17 @@ class TrainConfig:
 
 def model_config(cfg: TrainConfig) -> dict:
     """Model config for a codec: UQDM's network also predicts a per-pixel log-scale (2C outputs)."""
+    preset = cfg.preset or DEFAULT_PRESET.get(cfg.codec, "small")
     if cfg.codec == "rvgc":
+        from .codecs.rvgc import PRESETS as RVGC_PRESETS
         from .codecs.rvgc import RVGC
 
-        return RVGC.preset_config(cfg.preset)
-    unet = UNetConfig(**PRESETS[cfg.preset], out_channels=6 if cfg.codec == "uqdm" else 3)
+        if preset not in RVGC_PRESETS:
+            raise DiffcodecError(f"rvgc has no preset {preset!r} (choose from {', '.join(RVGC_PRESETS)})")
+        return RVGC.preset_config(preset)
+    if preset not in PRESETS:
+        raise DiffcodecError(f"{cfg.codec} has no preset {preset!r} (choose from {', '.join(PRESETS)})")
+    unet = UNetConfig(**PRESETS[preset], out_channels=6 if cfg.codec == "uqdm" else 3)
     out = {"codec": cfg.codec, "unet": unet.to_dict(), "num_steps": cfg.num_steps or DEFAULT_STEPS[cfg.codec]}
     if cfg.codec == "diffc":
         out["c_max"] = cfg.c_max
@@ -164,7 +176,10 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
-    defaults = CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"])
+    cfg = replace(cfg, preset=cfg.preset or DEFAULT_PRESET.get(cfg.codec, "small"))
+    defaults = PRESET_DEFAULTS.get(cfg.preset, CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"]))
+    if cfg.codec == "rvgc":
+        defaults = CODEC_DEFAULTS["rvgc"]
     cfg = replace(cfg, batch=cfg.batch or defaults["batch"], crop=cfg.crop or defaults["crop"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

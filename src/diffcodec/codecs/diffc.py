@@ -79,7 +79,7 @@ class DiffC(DiffusionModel):
         a0, s0 = alpha_sigma(g0)
         z0 = a0 * x + s0 * torch.randn_like(x)
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
-        recon = -torch.gather(self.data_log_probs(z0, g0), -1, x_int[..., None]).flatten(1).sum(1)
+        recon = self.data_nll(z0, g0, x_int).flatten(1).sum(1)
         norm = dims * LOG2
         return {"bpd": (prior + diff + recon) / norm, "diffusion_bpd": diff / norm, "data_bpd": recon / norm,
                 "prior_bpd": prior / norm, "gamma_min": g0.detach()}

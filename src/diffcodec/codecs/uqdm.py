@@ -117,8 +117,7 @@ class UQDM(DiffusionModel):
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             step_nats = step_nats + nll.flatten(1).sum(1)
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
-        logp = self.data_log_probs(chain[0], gam[0])
-        data_nats = -torch.gather(logp, -1, x_int[..., None]).flatten(1).sum(1)
+        data_nats = self.data_nll(chain[0], gam[0], x_int).flatten(1).sum(1)
         total = weight * step_nats + data_nats
         norm = dims * LOG2
         return {
