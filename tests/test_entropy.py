@@ -24,6 +24,21 @@ def test_roundtrip_and_near_ideal_rate(monkeypatch):
     assert np.array_equal(out, sym)
 
 
+def test_table_threads_change_no_bit(monkeypatch):
+    """Tables built ahead in 1 or 3 threads, in blocks of any size: the same stream and symbols."""
+    n, k = 6000, 7
+    probs = _tables(n, k, seed=3)
+    sym = np.random.default_rng(4).integers(0, k, n)
+    streams = set()
+    for workers, entries in [(1, 1 << 22), (1, 700), (3, 700), (3, 7)]:
+        monkeypatch.setattr(entropy, "TABLE_WORKERS", workers)
+        monkeypatch.setattr(entropy, "MAX_TABLE_ENTRIES", entries)
+        payload, _ = entropy.encode_categorical(sym, k, lambda sl: probs[sl])
+        streams.add(payload)
+        assert np.array_equal(entropy.decode_categorical(payload, n, k, lambda sl: probs[sl]), sym)
+    assert len(streams) == 1
+
+
 def test_improbable_symbols_still_code():
     probs = np.zeros((10, 5))
     probs[:, 0] = 1.0

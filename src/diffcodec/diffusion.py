@@ -143,7 +143,7 @@ class DiffusionModel(nn.Module):
         return torch.logsumexp(logits, dim=-1) - logits[..., w]
 
     # ------------------------------------------------------------------ float64 (coding)
-    @torch.no_grad()
+    @torch.inference_mode()
     def eval_f64(self, z: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
         """Network outputs (eps_hat, aux) at (z, gamma), float64, rounded to fixed grids.
 

@@ -9,7 +9,9 @@ Why tables are built the way they are:
   reductions whose order could depend on threads.  ``constriction`` then turns the float64 table
   into fixed-point probabilities deterministically.
 * Tables are built vectorised in blocks of at most ``MAX_TABLE_ENTRIES`` so that memory stays
-  bounded on large images; blocks are coded in order into one range-coder stream.
+  bounded on large images; blocks are coded in order into one range-coder stream.  Worker threads
+  build the next blocks' tables while the coder consumes the current one (numpy releases the GIL);
+  a table is a pure element-wise function of its block, so the thread count changes no bit.
 * ``constriction``'s ``Categorical`` gives every symbol in the alphabet a non-zero probability,
   so any symbol can be coded even when the model is badly wrong (it just costs many bits).
 
@@ -19,8 +21,11 @@ The ideal code length reported to users is computed from the same float64 tables
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import constriction
 import numpy as np
@@ -64,6 +69,43 @@ def blocks(n: int, alphabet: int) -> Iterator[slice]:
 TableFn = Callable[[slice], np.ndarray]
 """Returns the (n, K) float64 probability table for the elements in a slice."""
 
+TABLE_WORKERS: int | None = None
+"""Threads building tables ahead of the coder (None: the CPUs this process may use, at most 4)."""
+
+
+def _table_workers() -> int:
+    if TABLE_WORKERS is not None:
+        return max(1, TABLE_WORKERS)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def table_blocks(n: int, alphabet: int, table: TableFn) -> Iterator[tuple[slice, np.ndarray]]:
+    """(slice, float64 table) of every block in order; up to ``workers`` blocks are built ahead
+    in threads, so at most workers + 1 tables are alive at once (memory stays bounded)."""
+    slices = list(blocks(n, alphabet))
+    workers = min(_table_workers(), len(slices))
+    if workers <= 1:
+        for sl in slices:
+            yield sl, np.ascontiguousarray(table(sl), dtype=np.float64)
+        return
+
+    def build(sl: slice) -> np.ndarray:
+        return np.ascontiguousarray(table(sl), dtype=np.float64)
+
+    with ThreadPoolExecutor(workers) as pool:
+        todo = iter(slices)
+        pending = deque((sl, pool.submit(build, sl)) for sl in [next(todo) for _ in range(workers)])
+        while pending:
+            sl, fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(build, nxt)))
+            yield sl, fut.result()
+
 
 def _categorical() -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(perfect=False)
@@ -80,12 +122,11 @@ def encode_categorical(symbols: np.ndarray, alphabet: int, table: TableFn) -> tu
     enc = constriction.stream.queue.RangeEncoder()
     model = _categorical()
     ideal = 0.0
-    for sl in blocks(symbols.size, alphabet):
-        probs = table(sl)
+    for sl, probs in table_blocks(symbols.size, alphabet, table):
         sym = symbols[sl]
         p = probs[np.arange(sym.size), sym] / probs.sum(axis=1)
         ideal += float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
-        enc.encode(sym, model, np.ascontiguousarray(probs, dtype=np.float64))
+        enc.encode(sym, model, probs)
     return enc.get_compressed().astype("<u4").tobytes(), ideal
 
 
@@ -100,8 +141,7 @@ def decode_categorical(payload: bytes, n: int, alphabet: int, table: TableFn) ->
         raise DecodeError(f"corrupt entropy-coded data: {e}") from None
     model = _categorical()
     out = np.empty(n, dtype=np.int32)
-    for sl in blocks(n, alphabet):
-        probs = np.ascontiguousarray(table(sl), dtype=np.float64)
+    for sl, probs in table_blocks(n, alphabet, table):
         try:
             out[sl] = dec.decode(model, probs)
         except Exception as e:

@@ -295,7 +295,7 @@ class RVGC(nn.Module):
     def _emb(self, q: float) -> torch.Tensor:
         return self.embed(torch.tensor([math.log(q)], dtype=torch.float64))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def analyse(self, pixels: np.ndarray) -> np.ndarray:
         """y = g_a(x) for uint8 (C, H, W) pixels (H, W multiples of 16); float64 (1, M, H/16, W/16)."""
         from ..schedule import pixel_to_unit
@@ -304,12 +304,12 @@ class RVGC(nn.Module):
         x = pixel_to_unit(pixels.astype(np.float64))[None]
         return tiled(lambda t: self.g_a(torch.from_numpy(t)).numpy(), x, self.M, 1.0 / 16, ANALYSIS_TILE, 64)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _z_prior_f64(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         zp = self.z_prior(emb).numpy()[0]
         return quantize_to_grid(zp[: self.Nz], MU_GRID_BITS), quantize_to_grid(zp[self.Nz :], LOGS_GRID_BITS)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _y_params_f64(self, z_hat: np.ndarray, q: float, hw: tuple[int, int]):
         """(mu, scale index) of every latent element, exactly reproducible from integers z_hat and q."""
         mu, log_sigma = self.hyper_synthesis(torch.from_numpy(z_hat), self._emb(q), hw)
@@ -324,7 +324,7 @@ class RVGC(nn.Module):
         ls_flat = np.repeat(zlogs, per)
         return mu_flat, ls_flat
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_latent(self, y: np.ndarray, q: float) -> tuple[list[Section], np.ndarray]:
         """Code latent y at step q; returns (sections, y_hat as the decoder will see it)."""
         self._f64()
@@ -350,7 +350,7 @@ class RVGC(nn.Module):
         sec_y = Section(KIND_LATENT, 2, struct.pack("<H", ry), payload, symbols_crc(k.reshape(-1)), ideal)
         return [sec_z, sec_y], mu + k * q
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_latent_rvgc(self, sections: list[Section], q: float, y_shape: tuple[int, ...]) -> np.ndarray:
         """y_hat from the sections; with only the hyper-latent section, the prior mean (a preview)."""
         self._f64()
@@ -392,7 +392,7 @@ class RVGC(nn.Module):
         return r
 
     # ------------------------------------------------------------------ reconstruction
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_latent(self, y_hat: np.ndarray, q: float, steps: int, eta: float, rng) -> np.ndarray:
         """Reverse the rate diffusion from level q to 0 in ``steps`` network evaluations.
 
@@ -420,7 +420,7 @@ class RVGC(nn.Module):
             y = torch.from_numpy(quantize_to_grid(y.numpy(), EPS_GRID_BITS))
         return y.numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def synthesize(self, y: np.ndarray, q_cond: float) -> np.ndarray:
         """uint8 pixels (1, C, H, W) = g_s(y) conditioned on the noise level q_cond."""
         self._f64()
