@@ -11,9 +11,10 @@ from diffcodec.networks import DenoiserUNet, UNetConfig
 from diffcodec.train import PRESETS, TrainConfig, model_config
 
 
-@pytest.mark.parametrize("patch", [1, 2, 4])
-def test_patch_stem_shapes_and_downscale(patch):
-    net = DenoiserUNet(UNetConfig(**{**PRESETS["tiny"], "patch": patch}, out_channels=6)).double()
+@pytest.mark.parametrize("patch, head", [(1, 0), (2, 0), (4, 0), (2, 8), (4, 8)])
+def test_patch_stem_shapes_and_downscale(patch, head):
+    cfg = {**PRESETS["tiny"], "patch": patch, "head_channels": head, "input_skip": bool(head)}
+    net = DenoiserUNet(UNetConfig(**cfg, out_channels=6)).double()
     assert net.downscale == 2 * patch
     d = net.downscale
     z = torch.randn(2, 3, 3 * d, 5 * d, dtype=torch.float64)
@@ -30,11 +31,23 @@ def test_patch_stem_output_is_per_pixel():
     assert not torch.allclose(out[..., 0, 0], out[..., 0, 1])
 
 
+def test_input_skip_preconditions_eps():
+    """With zero output weights the eps channels are exactly sigma(gamma) * z, the aux ones zero."""
+    net = DenoiserUNet(UNetConfig(**{**PRESETS["tiny"], "patch": 2, "head_channels": 8, "input_skip": True}))
+    z = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gamma = torch.tensor([-5.0, 3.0], dtype=torch.float64)
+    out = net.double()(z, gamma)
+    sigma = torch.sigmoid(gamma).sqrt()[:, None, None, None]
+    assert torch.equal(out[:, :3], sigma * z) and torch.equal(out[:, 3:], torch.zeros_like(out[:, 3:]))
+
+
 def test_legacy_configs_have_no_patch():
     """Weights saved before the stem existed carry no ``patch`` key: they must build unchanged."""
     d = UNetConfig(**PRESETS["small"]).to_dict()
-    del d["patch"]
-    assert UNetConfig.from_dict(d).patch == 1
+    for k in ("patch", "head_channels", "input_skip"):
+        del d[k]
+    legacy = UNetConfig.from_dict(d)
+    assert (legacy.patch, legacy.head_channels, legacy.input_skip) == (1, 0, False)
     assert model_config(TrainConfig(codec="uqdm"))["unet"]["patch"] == 4  # the new default preset
     assert model_config(TrainConfig(codec="diffc", preset="small"))["unet"]["patch"] == 1
 
@@ -64,7 +77,7 @@ def test_patch_model_round_trips_through_files(codec, tmp_path):
 
     kw = {"num_steps": 3} if codec == "uqdm" else {"num_steps": 4, "c_max": 8}
     path = tmp_path / f"p2-{codec}.safetensors"
-    save_model(make_tiny(codec, net={"patch": 2}, **kw), path)
+    save_model(make_tiny(codec, net={"patch": 2, "head_channels": 8, "input_skip": True}, **kw), path)
     model = load_model(str(path))
     assert model.downscale == 4
     img = synthetic_image(13, 22)

@@ -287,9 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--c-max", dest="c_max", type=int, help="diffc: reverse channel coding chunk cap (bits)")
     t.add_argument("--iters", type=int)
     t.add_argument("--batch", type=int,
-                   help="crops per step and process (default: uqdm/diffc 16 with medium, 32 otherwise; rvgc 8)")
+                   help="crops per step and process (default: uqdm/diffc 32, rvgc 8)")
     t.add_argument("--crop", type=int,
-                   help="crop size in pixels (default: uqdm/diffc 64 with medium, 32 otherwise; rvgc 128)")
+                   help="crop size in pixels (default: uqdm/diffc 32, rvgc 128)")
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup", type=int)
     t.add_argument("--ema", type=float)

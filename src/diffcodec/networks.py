@@ -35,6 +35,8 @@ class UNetConfig:
     emb_dim: int = 128
     gamma_range: tuple[float, float] = (-14.0, 8.0)  # for normalising the gamma embedding input
     patch: int = 1  # pixel-unshuffle factor of the stem (1 = blocks at full resolution)
+    head_channels: int = 0  # with patch > 1: width of the full-resolution per-pixel head (0 = none)
+    input_skip: bool = False  # add sigma(gamma) * z to the first in_channels outputs (eps preconditioning)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +132,18 @@ class DenoiserUNet(nn.Module):
             if level > 0:
                 self.upsample.append(nn.Conv2d(cur, cur, 3, padding=1))
         self.norm_out = ChannelNorm(cur)
-        self.conv_out = nn.Conv2d(cur, cfg.out_channels * p2, 3, padding=1)
+        hc = cfg.head_channels if cfg.patch > 1 else 0
+        if hc:
+            # per-pixel head: the features of each pixel (1x1 conv, then pixel-shuffled) and the pixel's
+            # own input go through a small MLP at full resolution -- cheap (1x1 convs only), and it
+            # gives every pixel its own non-linear map of its noisy value
+            self.head_in = nn.Conv2d(cur, hc * p2, 1)
+            self.head = nn.Sequential(
+                nn.Conv2d(hc + cfg.in_channels, hc, 1), nn.SiLU(), nn.Conv2d(hc, hc, 1), nn.SiLU()
+            )
+            self.conv_out = nn.Conv2d(hc, cfg.out_channels, 1)
+        else:
+            self.conv_out = nn.Conv2d(cur, cfg.out_channels * p2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -163,6 +176,20 @@ class DenoiserUNet(nn.Module):
             if i < len(self.upsample):
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
                 h = self.upsample[i](h)
-        out = self.conv_out(F.silu(self.norm_out(h)))
-        return F.pixel_shuffle(out, p) if p > 1 else out
+        h = F.silu(self.norm_out(h))
+        if hasattr(self, "head"):
+            h = F.pixel_shuffle(self.head_in(h), p)
+            out = self.conv_out(self.head(torch.cat([h, z], dim=1)))
+        else:
+            out = self.conv_out(h)
+            out = F.pixel_shuffle(out, p) if p > 1 else out
+        if self.config.input_skip:
+            # E[eps | z] = sigma z for unit-variance data: the network only learns the residual
+            # (without it a patch stem must rebuild the identity z -> eps of the noisy steps)
+            c = self.config.in_channels
+            sigma = torch.sigmoid(gamma.reshape(-1).to(z.dtype)).sqrt()
+            if sigma.numel() == 1:
+                sigma = sigma.expand(z.shape[0])
+            out = torch.cat([out[:, :c] + sigma[:, None, None, None] * z, out[:, c:]], dim=1)
+        return out
 

@@ -37,9 +37,13 @@ PRESETS = {
     "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, emb_dim=16),
     "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128),
     "base": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128),
-    # A 4x4 pixel-unshuffle stem puts every block at 1/4 resolution or below: ~13x cheaper per
-    # pixel than "small" at 3.6x its parameters (benchmarks/speed.py; the default since v0.3).
-    "medium": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128, patch=4),
+    # "medium": a 4x4 pixel-unshuffle stem puts every 3x3 block at 1/4 resolution or below, a
+    # per-pixel head (1x1 convs) works at full resolution, and eps is preconditioned by sigma * z.
+    # Without the skip such a network learned several times slower per iteration than "small"
+    # (its full-resolution blocks carry z to the output for free).  Cost per pixel: see
+    # benchmarks/speed.py and the model cards.
+    "medium": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128, patch=4,
+                   head_channels=32, input_skip=True),
 }
 DEFAULT_PRESET = {"uqdm": "medium", "diffc": "medium", "rvgc": "small"}
 
@@ -50,8 +54,6 @@ CODEC_DEFAULTS = {  # batch and crop when not given: what the bundled models wer
     "diffc": {"batch": 32, "crop": 32},
     "rvgc": {"batch": 8, "crop": 128},
 }
-# presets whose down-sampling needs larger crops (same pixels per batch as 32 x 32x32)
-PRESET_DEFAULTS = {"medium": {"batch": 16, "crop": 64}}
 
 
 @dataclass
@@ -177,9 +179,7 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
     cfg = replace(cfg, preset=cfg.preset or DEFAULT_PRESET.get(cfg.codec, "small"))
-    defaults = PRESET_DEFAULTS.get(cfg.preset, CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"]))
-    if cfg.codec == "rvgc":
-        defaults = CODEC_DEFAULTS["rvgc"]
+    defaults = CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"])
     cfg = replace(cfg, batch=cfg.batch or defaults["batch"], crop=cfg.crop or defaults["crop"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
