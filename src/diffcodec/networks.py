@@ -13,6 +13,15 @@
   variance each step costs >= 1/3 bit/dim more.
 * No attention: on this CPU attention on large feature maps is prohibitively slow, and a
   convolution-only network runs on any image size.
+* **Optional pixel-unshuffle stem** (``patch``): blocks then run at 1/patch resolution and below,
+  which on a CPU is the difference between a usable and an unusable codec (every coded step costs
+  a float64 evaluation of the whole image).  Two additions make such a network train well:
+  a per-pixel head (``head_channels``: pixel-shuffled features and the pixel's own noisy value
+  through 1x1 convolutions at full resolution), and eps preconditioning (``input_skip``: the
+  network predicts eps - sigma * z, the residual over the optimal linear estimate for unit-variance
+  data), without which it must rebuild the identity z -> eps of the noisy steps through its
+  bottleneck and learned several times slower per iteration than a full-resolution network.
+  Older configs lack these keys and build exactly as before.
 """
 
 from __future__ import annotations
