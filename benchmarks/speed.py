@@ -79,6 +79,10 @@ def run_case(codec: str, size: str, image: str, threads: int) -> dict:
         total = time.perf_counter() - t0
         out[phase] = {"seconds": total, "network_s": stats["network_s"], "coding_s": total - stats["network_s"],
                       "coding_share": (total - stats["network_s"]) / total, "nfe": stats["nfe"]}
+        if phase == "encode" and codec == "diffc":  # per coded step: channel coding vs the network
+            steps = len(res.sections)
+            out[phase]["coding_s_per_step"] = out[phase]["coding_s"] / steps
+            out[phase]["network_s_per_step"] = stats["network_s"] / steps
     out["bpp"] = 8.0 * len(data) / (img.shape[0] * img.shape[1])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
@@ -112,7 +116,10 @@ def main() -> None:
                   + "  ".join(f"{ph} {x[ph]['seconds']:7.2f} s (network {x[ph]['network_s']:6.2f}, coding "
                               f"{100 * x[ph]['coding_share']:4.1f}%, NFE {x[ph]['nfe']})"
                               for ph in ("encode", "decode"))
-                  + f"  peak {x['peak_rss_mb']:.0f} MB", flush=True)
+                  + f"  peak {x['peak_rss_mb']:.0f} MB"
+                  + (f"  per step: coding {x['encode']['coding_s_per_step']:.2f} s, network "
+                     f"{x['encode']['network_s_per_step']:.2f} s" if "coding_s_per_step" in x["encode"] else ""),
+                  flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"threads": a.threads, "image": Path(a.image).name, "rows": rows,
