@@ -13,7 +13,8 @@ from diffcodec.train import PRESETS, TrainConfig, model_config
 
 @pytest.mark.parametrize("patch, head", [(1, 0), (2, 0), (4, 0), (2, 8), (4, 8)])
 def test_patch_stem_shapes_and_downscale(patch, head):
-    cfg = {**PRESETS["tiny"], "patch": patch, "head_channels": head, "input_skip": bool(head)}
+    cfg = {**PRESETS["tiny"], "patch": patch, "head_channels": head, "input_skip": bool(head),
+           "fourier_features": (7, 8) if head else ()}
     net = DenoiserUNet(UNetConfig(**cfg, out_channels=6)).double()
     assert net.downscale == 2 * patch
     d = net.downscale
@@ -31,6 +32,11 @@ def test_patch_stem_output_is_per_pixel():
     assert not torch.allclose(out[..., 0, 0], out[..., 0, 1])
 
 
+def test_fourier_features_need_the_head():
+    with pytest.raises(ValueError, match="head"):
+        DenoiserUNet(UNetConfig(**{**PRESETS["tiny"], "fourier_features": (8,)}))
+
+
 def test_input_skip_preconditions_eps():
     """With zero output weights the eps channels are exactly sigma(gamma) * z, the aux ones zero."""
     net = DenoiserUNet(UNetConfig(**{**PRESETS["tiny"], "patch": 2, "head_channels": 8, "input_skip": True}))
@@ -44,10 +50,10 @@ def test_input_skip_preconditions_eps():
 def test_legacy_configs_have_no_patch():
     """Weights saved before the stem existed carry no ``patch`` key: they must build unchanged."""
     d = UNetConfig(**PRESETS["small"]).to_dict()
-    for k in ("patch", "head_channels", "input_skip"):
+    for k in ("patch", "head_channels", "input_skip", "fourier_features"):
         del d[k]
     legacy = UNetConfig.from_dict(d)
-    assert (legacy.patch, legacy.head_channels, legacy.input_skip) == (1, 0, False)
+    assert (legacy.patch, legacy.head_channels, legacy.input_skip, legacy.fourier_features) == (1, 0, False, ())
     assert model_config(TrainConfig(codec="uqdm"))["unet"]["patch"] == 4  # the new default preset
     assert model_config(TrainConfig(codec="diffc", preset="small"))["unet"]["patch"] == 1
 
@@ -77,7 +83,8 @@ def test_patch_model_round_trips_through_files(codec, tmp_path):
 
     kw = {"num_steps": 3} if codec == "uqdm" else {"num_steps": 4, "c_max": 8}
     path = tmp_path / f"p2-{codec}.safetensors"
-    save_model(make_tiny(codec, net={"patch": 2, "head_channels": 8, "input_skip": True}, **kw), path)
+    net = {"patch": 2, "head_channels": 8, "input_skip": True, "fourier_features": (8,)}
+    save_model(make_tiny(codec, net=net, **kw), path)
     model = load_model(str(path))
     assert model.downscale == 4
     img = synthetic_image(13, 22)

@@ -17,7 +17,8 @@
   which on a CPU is the difference between a usable and an unusable codec (every coded step costs
   a float64 evaluation of the whole image).  Two additions make such a network train well:
   a per-pixel head (``head_channels``: pixel-shuffled features and the pixel's own noisy value
-  through 1x1 convolutions at full resolution), and eps preconditioning (``input_skip``: the
+  through 1x1 convolutions at full resolution, with Fourier features of that value as in VDM),
+  and eps preconditioning (``input_skip``: the
   network predicts eps - sigma * z, the residual over the optimal linear estimate for unit-variance
   data), without which it must rebuild the identity z -> eps of the noisy steps through its
   bottleneck and learned several times slower per iteration than a full-resolution network.
@@ -46,6 +47,7 @@ class UNetConfig:
     patch: int = 1  # pixel-unshuffle factor of the stem (1 = blocks at full resolution)
     head_channels: int = 0  # with patch > 1: width of the full-resolution per-pixel head (0 = none)
     input_skip: bool = False  # add sigma(gamma) * z to the first in_channels outputs (eps preconditioning)
+    fourier_features: tuple[int, ...] = ()  # head inputs sin/cos(2^k pi z) for these k (needs the head)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +55,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> UNetConfig:
         d = dict(d)
-        for k in ("channel_mult", "gamma_range"):
+        for k in ("channel_mult", "gamma_range", "fourier_features"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -147,11 +149,12 @@ class DenoiserUNet(nn.Module):
             # own input go through a small MLP at full resolution -- cheap (1x1 convs only), and it
             # gives every pixel its own non-linear map of its noisy value
             self.head_in = nn.Conv2d(cur, hc * p2, 1)
-            self.head = nn.Sequential(
-                nn.Conv2d(hc + cfg.in_channels, hc, 1), nn.SiLU(), nn.Conv2d(hc, hc, 1), nn.SiLU()
-            )
+            n_in = cfg.in_channels * (1 + 2 * len(cfg.fourier_features))
+            self.head = nn.Sequential(nn.Conv2d(hc + n_in, hc, 1), nn.SiLU(), nn.Conv2d(hc, hc, 1), nn.SiLU())
             self.conv_out = nn.Conv2d(hc, cfg.out_channels, 1)
         else:
+            if cfg.fourier_features:
+                raise ValueError("fourier_features need the per-pixel head (patch > 1, head_channels > 0)")
             self.conv_out = nn.Conv2d(cur, cfg.out_channels * p2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -160,6 +163,16 @@ class DenoiserUNet(nn.Module):
     def downscale(self) -> int:
         """Input sizes must be multiples of this (the codecs pad to it)."""
         return self.config.patch * 2 ** (len(self.config.channel_mult) - 1)
+
+    def _pixel_features(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """The head's view of each pixel's own value: z, and sin/cos(2^k pi z) (VDM's Fourier
+        features: at low noise they expose where z sits between the 256 pixel levels, which a
+        small MLP on z alone cannot resolve).  Computed in z's dtype, outside any autocast."""
+        feats = [z]
+        for k in self.config.fourier_features:
+            arg = z * (math.pi * 2.0**k)
+            feats += [torch.sin(arg), torch.cos(arg)]
+        return feats
 
     def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         lo, hi = self.config.gamma_range
@@ -188,7 +201,7 @@ class DenoiserUNet(nn.Module):
         h = F.silu(self.norm_out(h))
         if hasattr(self, "head"):
             h = F.pixel_shuffle(self.head_in(h), p)
-            out = self.conv_out(self.head(torch.cat([h, z], dim=1)))
+            out = self.conv_out(self.head(torch.cat([h, *self._pixel_features(z)], dim=1)))
         else:
             out = self.conv_out(h)
             out = F.pixel_shuffle(out, p) if p > 1 else out
