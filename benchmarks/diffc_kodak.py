@@ -149,16 +149,21 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-a", action="store_true")
+    ap.add_argument("--b-c-max", type=int, help="part B at this c_max instead of the model's default")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
+    default_c_max = model.c_max
+    if a.b_c_max:
+        model.c_max = a.b_c_max
     T = model.num_steps
     points = [int(p) for p in a.points.split(",")] if a.points else sorted({max(1, T * j // 8) for j in range(1, 9)})
     images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
     result = {"model": model.model_id, "model_hash": model.model_hash, "images": len(images),
-              "size": f"{images[0][1].shape[1]}x{images[0][1].shape[0]}", "default_c_max": model.c_max}
+              "size": f"{images[0][1].shape[1]}x{images[0][1].shape[0]}", "default_c_max": default_c_max,
+              "part_b_c_max": model.c_max}
     if not a.skip_a:
         result["rate_by_c_max"] = part_a(model, images, [int(c) for c in a.c_max.split(",")])
     result["rd"] = part_b(model, images, points, a.nfe)

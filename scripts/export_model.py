@@ -172,7 +172,8 @@ def diffc_lines(b: dict, model) -> list[str]:
         lines.append(f"| {c_max} | {r['ratio_file']:.4f} | {r['ratio_payload']:.4f} | "
                      f"{r['network_s_per_step']:.2f} | {r['channel_s_per_step']:.2f} |")
     rd = b["rd"]
-    lines += ["", f"Progressive RD at c_max {b['default_c_max']} (PSNR dB; ideal = exact Gaussian samples at a rate "
+    c_b = b.get("part_b_c_max", b["default_c_max"])
+    lines += ["", f"Progressive RD at c_max {c_b} (PSNR dB; ideal = exact Gaussian samples at a rate "
               "of exactly the KL, i.e. a perfect channel):", "",
               "| steps | bpp | denoise | flow | ancestral | ideal bpp | ideal flow |", "|---|---|---|---|---|---|---|"]
     for k, r in rd["real"].items():
