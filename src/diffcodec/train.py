@@ -43,7 +43,7 @@ PRESETS = {
     # (its full-resolution blocks carry z to the output for free).  Cost per pixel: see
     # benchmarks/speed.py and the model cards.
     "medium": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128, patch=4,
-                   head_channels=32, input_skip=True, fourier_features=(6, 7, 8)),
+                   head_channels=32, input_skip=True, fourier_features=(6, 7, 8), head_local=16),
 }
 DEFAULT_PRESET = {"uqdm": "medium", "diffc": "medium", "rvgc": "small"}
 
