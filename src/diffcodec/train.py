@@ -37,11 +37,10 @@ PRESETS = {
     "tiny": dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, emb_dim=16),
     "small": dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128),
     "base": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128),
-    # "medium": a 4x4 pixel-unshuffle stem puts every 3x3 block at 1/4 resolution or below, a
-    # per-pixel head (1x1 convs) works at full resolution, and eps is preconditioned by sigma * z.
-    # Without the skip such a network learned several times slower per iteration than "small"
-    # (its full-resolution blocks carry z to the output for free).  Cost per pixel: see
-    # benchmarks/speed.py and the model cards.
+    # "medium": a 4x4 pixel-unshuffle stem puts the U-Net at 1/4 resolution and below; a small
+    # full-resolution head (two 3x3 convs on z, Fourier features, 1x1 layers with a noise-level
+    # gain) handles what only full resolution can see, and eps is preconditioned by sigma * z
+    # (networks.py says why each part is needed).  Cost per pixel: benchmarks/speed.py.
     "medium": dict(base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, emb_dim=128, patch=4,
                    head_channels=32, input_skip=True, fourier_features=(6, 7, 8), head_local=16),
 }
