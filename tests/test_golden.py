@@ -14,6 +14,7 @@ import diffcodec
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = {
     "uqdm-small": dict(codec="uqdm", lossless=True),
+    "uqdm-medium": dict(codec="uqdm", lossless=True),
     "diffc-small": dict(codec="diffc", steps=6),
     "rvgc-small": dict(codec="rvgc", q=2.0),
 }

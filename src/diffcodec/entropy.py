@@ -26,6 +26,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import constriction
 import numpy as np
@@ -83,19 +84,15 @@ def _table_workers() -> int:
     return max(1, min(4, cpus))
 
 
-def table_blocks(n: int, alphabet: int, table: TableFn) -> Iterator[tuple[slice, np.ndarray]]:
-    """(slice, float64 table) of every block in order; up to ``workers`` blocks are built ahead
-    in threads, so at most workers + 1 tables are alive at once (memory stays bounded)."""
+def table_blocks(n: int, alphabet: int, build: Callable[[slice], Any]) -> Iterator[tuple[slice, Any]]:
+    """(slice, build(slice)) for every block in order; up to ``workers`` blocks are built ahead in
+    threads, so at most workers + 1 results are alive at once (memory stays bounded)."""
     slices = list(blocks(n, alphabet))
     workers = min(_table_workers(), len(slices))
     if workers <= 1:
         for sl in slices:
-            yield sl, np.ascontiguousarray(table(sl), dtype=np.float64)
+            yield sl, build(sl)
         return
-
-    def build(sl: slice) -> np.ndarray:
-        return np.ascontiguousarray(table(sl), dtype=np.float64)
-
     with ThreadPoolExecutor(workers) as pool:
         todo = iter(slices)
         pending = deque((sl, pool.submit(build, sl)) for sl in [next(todo) for _ in range(workers)])
@@ -122,11 +119,16 @@ def encode_categorical(symbols: np.ndarray, alphabet: int, table: TableFn) -> tu
     enc = constriction.stream.queue.RangeEncoder()
     model = _categorical()
     ideal = 0.0
-    for sl, probs in table_blocks(symbols.size, alphabet, table):
+
+    def build(sl: slice) -> tuple[np.ndarray, float]:  # in a worker: the table and its ideal bits
+        probs = np.ascontiguousarray(table(sl), dtype=np.float64)
         sym = symbols[sl]
         p = probs[np.arange(sym.size), sym] / probs.sum(axis=1)
-        ideal += float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
-        enc.encode(sym, model, probs)
+        return probs, float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
+
+    for sl, (probs, bits) in table_blocks(symbols.size, alphabet, build):
+        ideal += bits
+        enc.encode(symbols[sl], model, probs)
     return enc.get_compressed().astype("<u4").tobytes(), ideal
 
 
@@ -141,7 +143,7 @@ def decode_categorical(payload: bytes, n: int, alphabet: int, table: TableFn) ->
         raise DecodeError(f"corrupt entropy-coded data: {e}") from None
     model = _categorical()
     out = np.empty(n, dtype=np.int32)
-    for sl, probs in table_blocks(n, alphabet, table):
+    for sl, probs in table_blocks(n, alphabet, lambda sl: np.ascontiguousarray(table(sl), dtype=np.float64)):
         try:
             out[sl] = dec.decode(model, probs)
         except Exception as e:
