@@ -51,7 +51,7 @@ def export(run: Path, name: str, default_steps: int | None, c_max: int | None = 
     if eta is not None:  # rvgc: the sampler's default randomness (a decoder default, not in the hash)
         model.eta = eta
     new_card = {
-        "summary": f"{model.codec_id} default model, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params",
+        "summary": f"{model.codec_id} model, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params",
         **({"default_q": default_q or 4.0} if model.codec_id == "rvgc" else
            {"default_steps": default_steps or card.get("default_steps") or max(1, model.num_steps // 2)}),
         "data": f"{Path(tcfg['data']).name}/ ({len(list_images(tcfg['data']))} photos, held-out every 20th)",
