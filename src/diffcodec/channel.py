@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from typing import NamedTuple
 import constriction
 import numpy as np
 
+from .entropy import available_cpus
 from .errors import DecodeError
 from .rng import CANDIDATES, CounterStream
 from .varint import put_varint
@@ -491,11 +491,7 @@ def _search_chunk(m_c: np.ndarray, seed: int, step: int, chunk: int, num: int) -
 
 def default_workers() -> int:
     """Threads for the sender's search: the CPUs this process may use, at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, available_cpus()))
 
 
 def select_indices(

@@ -74,14 +74,16 @@ TABLE_WORKERS: int | None = None
 """Threads building tables ahead of the coder (None: the CPUs this process may use, at most 4)."""
 
 
-def _table_workers() -> int:
-    if TABLE_WORKERS is not None:
-        return max(1, TABLE_WORKERS)
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+        return os.cpu_count() or 1
+
+
+def _table_workers() -> int:
+    return max(1, TABLE_WORKERS) if TABLE_WORKERS is not None else max(1, min(4, available_cpus()))
 
 
 def table_blocks(n: int, alphabet: int, build: Callable[[slice], Any]) -> Iterator[tuple[slice, Any]]:

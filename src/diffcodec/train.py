@@ -80,9 +80,13 @@ class TrainConfig:
     resume: bool = False
 
 
+def _preset(cfg: TrainConfig) -> str:
+    return cfg.preset or DEFAULT_PRESET.get(cfg.codec, "small")
+
+
 def model_config(cfg: TrainConfig) -> dict:
     """Model config for a codec: UQDM's network also predicts a per-pixel log-scale (2C outputs)."""
-    preset = cfg.preset or DEFAULT_PRESET.get(cfg.codec, "small")
+    preset = _preset(cfg)
     if cfg.codec == "rvgc":
         from .codecs.rvgc import PRESETS as RVGC_PRESETS
         from .codecs.rvgc import RVGC
@@ -177,7 +181,7 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
-    cfg = replace(cfg, preset=cfg.preset or DEFAULT_PRESET.get(cfg.codec, "small"))
+    cfg = replace(cfg, preset=_preset(cfg))
     defaults = CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"])
     cfg = replace(cfg, batch=cfg.batch or defaults["batch"], crop=cfg.crop or defaults["crop"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
