@@ -66,6 +66,13 @@ def export(run: Path, name: str, default_steps: int | None, c_max: int | None = 
     print(json.dumps({"name": name, "hash": h, **{k: v for k, v in new_card.items() if k != "train"}}, indent=1))
 
 
+def _training_line(c: dict) -> str:
+    t = c["train"]
+    return (f"* training: {c['iterations']} iterations of batch {t['batch']} random {t['crop']}x{t['crop']} crops, "
+            f"Adam lr {t['lr']} (warm-up {t['warmup']}, cosine), EMA {t['ema']}, preset `{t['preset']}`, "
+            f"{c['wallclock_s'] / 3600:.2f} h wall-clock on a 2-core CPU")
+
+
 def card(name: str, bench: Path, note: str | None = None) -> None:
     path = WEIGHTS / f"{name}.safetensors"
     with safe_open(str(path), framework="pt") as f:
@@ -79,7 +86,6 @@ def card(name: str, bench: Path, note: str | None = None) -> None:
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     model = load_model(str(path))
-    t = c["train"]
     if model.codec_id == "rvgc":
         lines = rvgc_lines(name, c, b, model, path, note)
         (WEIGHTS / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -91,9 +97,7 @@ def card(name: str, bench: Path, note: str | None = None) -> None:
         f"* {c['summary']}; weights stored as {c['stored_dtype']} "
         f"({path.stat().st_size / 1e6:.2f} MB); default quality: {c['default_steps']} steps",
         f"* data: {c['data']} — never Kodak",
-        f"* training: {c['iterations']} iterations of batch {t['batch']} random {t['crop']}x{t['crop']} crops, "
-        f"Adam lr {t['lr']} (warm-up {t['warmup']}, cosine), EMA {t['ema']}, preset `{t['preset']}`, "
-        f"{c['wallclock_s'] / 3600:.2f} h wall-clock on a 2-core CPU",
+        _training_line(c),
         f"* held-out validation code length ({'exact, all steps' if model.codec_id == 'uqdm' else 'VDM NELBO'}): "
         f"{c['val_bpd_stored']} bits/dim (fp32 weights: {c['val_bpd_fp32']})", "",
     ]
@@ -126,7 +130,6 @@ def card(name: str, bench: Path, note: str | None = None) -> None:
 
 def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None) -> list[str]:
     """Model card of an RVGC model from ``benchmarks/rvgc_kodak.py --json``."""
-    t = c["train"]
     lo, hi = model.q_range
     lines = [
         f"# Model card: {name}", "",
@@ -134,9 +137,7 @@ def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None)
         f"* {c['summary']}; weights stored as {c['stored_dtype']} ({path.stat().st_size / 1e6:.2f} MB); "
         f"default q {c['default_q']:g}; decoder: {model.sampler_steps}-step latent sampler (eta {model.eta:g})",
         f"* data: {c['data']} — never Kodak",
-        f"* training: {c['iterations']} iterations of batch {t['batch']} random {t['crop']}x{t['crop']} crops, "
-        f"Adam lr {t['lr']} (warm-up {t['warmup']}, cosine), EMA {t['ema']}, preset `{t['preset']}`, "
-        f"{c['wallclock_s'] / 3600:.2f} h wall-clock on a 2-core CPU; one loss: bpp + lambda(q) MSE + latent "
+        _training_line(c) + "; one loss: bpp + lambda(q) MSE + latent "
         f"denoising, lambda from {model.lambda_range[0]:g} (q_min) to {model.lambda_range[1]:g} (q_max)",
         f"* held-out validation loss (q drawn with a fixed seed): {c['val_bpd_stored']:.4f} "
         f"(fp32 weights: {c['val_bpd_fp32']:.4f})", "",

@@ -59,6 +59,23 @@ def tiny_model(tiny_model_path):
     return load_model(str(tiny_model_path))
 
 
+def make_image_folder(root, size: int = 24, n: int = 3):
+    """A folder of ``n`` synthetic size x size training images under ``root``."""
+    from PIL import Image
+
+    data = root / "data"
+    data.mkdir()
+    for i in range(n):
+        Image.fromarray(synthetic_image(size, size, seed=i)).save(data / f"{i}.png")
+    return data
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Three small training images."""
+    return make_image_folder(tmp_path)
+
+
 def synthetic_image(h: int = 20, w: int = 28, c: int = 3, seed: int = 0) -> np.ndarray:
     """A smooth gradient plus texture: compressible but not trivial."""
     rng = np.random.default_rng(seed)

@@ -126,16 +126,6 @@ def test_unknown_model_and_usage(png):
     assert code == 2  # argparse usage error
 
 
-@pytest.fixture
-def image_folder(tmp_path):
-    """Three small training images."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        Image.fromarray(synthetic_image(24, 24, seed=i)).save(data / f"{i}.png")
-    return data
-
-
 def test_train_and_resume(tmp_path, image_folder):
     data = image_folder
     out = tmp_path / "run"

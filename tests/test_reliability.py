@@ -507,11 +507,8 @@ def _check_run_dir(out) -> int:
     return step
 
 
-def test_training_survives_sigkill_at_any_moment(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        Image.fromarray(synthetic_image(24, 24, seed=i)).save(data / f"{i}.png")
+def test_training_survives_sigkill_at_any_moment(tmp_path, image_folder):
+    data = image_folder
     out = tmp_path / "run"
     iters = 16
     cmd = [sys.executable, "-m", "diffcodec.cli", "--threads", "1", "train", "--data", str(data), "--out", str(out),

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import make_image_folder, make_tiny, synthetic_image
 from diffcodec import container
 from diffcodec.cli import main
 from diffcodec.codecs.rvgc import RVGC
@@ -180,10 +180,7 @@ def test_cross_process_thread_count_determinism(rvgc_path, rvgc, tmp_path):
 
 
 def test_train_command(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        Image.fromarray(synthetic_image(40, 40, seed=i)).save(data / f"{i}.png")
+    data = make_image_folder(tmp_path, size=40)
     out = tmp_path / "run"
     assert main(["train", "--codec", "rvgc", "--data", str(data), "--out", str(out), "--preset", "tiny",
                  "--batch", "2", "--crop", "32", "--iters", "2", "--val-batch", "2", "-q"]) == 0

@@ -178,7 +178,8 @@ class DenoiserUNet(nn.Module):
     def _pixel_features(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The head's view of each pixel's own value: z, and sin/cos(2^k pi z) (VDM's Fourier
         features: at low noise they expose where z sits between the 256 pixel levels, which a
-        small MLP on z alone cannot resolve).  Computed in z's dtype, outside any autocast."""
+        small MLP on z alone cannot resolve).  Computed in z's dtype: autocast leaves these element-wise
+        ops alone, so training's bf16 autocast does not round z before the sin/cos."""
         feats = [z]
         for k in self.config.fourier_features:
             arg = z * (math.pi * 2.0**k)
