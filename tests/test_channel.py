@@ -9,7 +9,7 @@ import pytest
 
 from diffcodec import channel as ch
 from diffcodec.errors import DecodeError
-from diffcodec.rng import CANDIDATES, CounterStream, SeededStream
+from diffcodec.rng import CANDIDATES, CounterStream, LaneReader, SeededStream
 
 
 def _m_with_kl(n: int, kl_bits_per_dim: float, seed: int = 0, kind: str = "gauss") -> np.ndarray:
@@ -31,6 +31,22 @@ def test_counter_stream_extends_seeded_stream_without_changing_it():
     assert not np.array_equal(CounterStream(5, CANDIDATES, 7, 3, lane=1).raw_at(0, 40), ref)
     with pytest.raises(ValueError):
         CounterStream(5, CANDIDATES, lane=2**64)
+
+
+def test_lane_reader_reads_the_counter_stream_words():
+    """One re-seated generator gives every lane's words exactly (random positions, huge lanes)."""
+    reader = LaneReader(5, CANDIDATES, 7, 3)
+    rng = np.random.default_rng(0)
+    cases = [(0, 0, 40), (2**64 - 1, 2**62 + 3, 9), (1, 7, 0)]
+    cases += [(int(rng.integers(0, 2**63)), int(rng.integers(0, 5000)), int(rng.integers(0, 30))) for _ in range(200)]
+    for lane, start, count in cases:
+        ref = CounterStream(5, CANDIDATES, 7, 3, lane=lane).raw_at(start, count)
+        got = reader.raw_at(lane, start, count)
+        assert got.dtype == np.uint64 and np.array_equal(got, ref), (lane, start, count)
+    with pytest.raises(ValueError):
+        reader.raw_at(2**64, 0, 1)
+    with pytest.raises(ValueError):
+        reader.raw_at(0, -1, 1)
 
 
 def test_candidate_j_is_generated_without_its_predecessors():
@@ -149,6 +165,27 @@ def test_search_threads_do_not_change_the_choice():
     one = ch.select_indices(m, layout, 7, 2, workers=1)
     for w in (2, 3, layout.n_chunks + 5):
         assert np.array_equal(ch.select_indices(m, layout, 7, 2, workers=w), one)
+
+
+@pytest.mark.parametrize("d,num", [(1, 64), (2, 256), (5, 256), (9, 1024), (40, 512)])
+def test_batched_search_equals_the_per_chunk_search(d, num):
+    """Small chunks searched together pick exactly the per-chunk choices (same float32 scores)."""
+    rng = np.random.default_rng(d)
+    m = rng.standard_normal((13, d)) * rng.gamma(1.0, 1.0, (13, 1))
+    batched = ch._search_small_chunks(m, 20, num, ch._readers(3, 6))
+    assert np.array_equal(batched, [ch._search_chunk(m[i], 3, 6, 20 + i, num) for i in range(13)])
+
+
+def test_batch_size_does_not_change_the_choice(monkeypatch):
+    """Mixed chunk sizes, batches split anywhere, a chunk bigger than a search block: same result."""
+    m = _m_with_kl(4001, 0.5, seed=4)
+    layout = ch.choose_layout(m, seed=3, step=1, c_max=8)
+    assert 4001 % layout.n_chunks and layout.n_chunks > 100
+    ref = ch.select_indices(m, layout, 3, 1, workers=1)
+    for batch, block in ((1, 1 << 15), (3000, 1 << 15), (1 << 17, 64)):
+        monkeypatch.setattr(ch, "_BATCH_WORDS", batch)
+        monkeypatch.setattr(ch, "_BLOCK_WORDS", block)
+        assert np.array_equal(ch.select_indices(m, layout, 3, 1, workers=2), ref)
 
 
 def test_zero_kl_costs_nothing():

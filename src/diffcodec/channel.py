@@ -63,7 +63,7 @@ import numpy as np
 
 from .entropy import available_cpus
 from .errors import DecodeError
-from .rng import CANDIDATES, CounterStream
+from .rng import CANDIDATES, CounterStream, LaneReader
 from .varint import put_varint
 
 KL_UNITS_PER_BIT = 16
@@ -90,6 +90,7 @@ _MAX_STEP = 2**32
 _MAX_CHUNKS = 2**40
 _MAX_KL_UNITS = 2**56
 _BLOCK_WORDS = 1 << 15  # Philox words per search block (~1 MiB of temporaries): fastest measured
+_BATCH_WORDS = 1 << 17  # words per batch of small chunks searched together
 _SHORTEN_TAIL_BYTES = 12  # the range coder's flush adds at most two 32-bit words past the data
 
 _F32_2_POW_M24 = np.float32(2.0**-24)
@@ -361,14 +362,15 @@ def sample(indices: np.ndarray, layout: StepLayout, n: int | tuple[int, ...], se
     bounds = chunk_bounds(size, k)
     sizes = np.diff(bounds)
     x_perm = np.empty(size, dtype=np.float64)
+    reader = LaneReader(seed, CANDIDATES, step, _SUB_CANDIDATES)
     # chunks of one size are contiguous in permuted order: gather their words, convert in one call
     for d in np.unique(sizes):
         d = int(d)
         p = (d + 1) // 2
         members = np.flatnonzero(sizes == d)
         words = np.empty((members.size, p), dtype=np.uint64)
-        for row, c in enumerate(members):
-            words[row] = _candidate_stream(seed, step, int(c)).raw_at(int(indices[c]) * p, p)
+        for row, (c, j) in enumerate(zip(members.tolist(), indices[members].tolist())):
+            words[row] = reader.raw_at(c, j * p, p)
         lo = int(bounds[members[0]])
         x_perm[lo : lo + members.size * d] = _normals(words, d).reshape(-1)
     x = np.empty(size, dtype=np.float64)
@@ -456,29 +458,51 @@ def chunk_kl_bits(m: np.ndarray, layout: StepLayout, seed: int, step: int) -> np
     return cum[b[1:]] - cum[b[:-1]]
 
 
-def _search_chunk(m_c: np.ndarray, seed: int, step: int, chunk: int, num: int) -> int:
+def _pairs_polar(m: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Polar form (rho, phi) as float32 of the dim pairs of chunks: m is (..., d) float64."""
+    p = (d + 1) // 2
+    pairs = np.zeros(m.shape[:-1] + (2 * p,), dtype=np.float64)
+    pairs[..., :d] = m
+    pairs = pairs.reshape(m.shape[:-1] + (p, 2))
+    rho = np.hypot(pairs[..., 0], pairs[..., 1]).astype(np.float32)
+    phi = np.arctan2(pairs[..., 1], pairs[..., 0]).astype(np.float32)
+    return rho, phi
+
+
+def _log_arrival_times(raw: np.ndarray) -> np.ndarray:
+    """log T_j of the sender's arrival times T_j = E_0 + ... + E_j (along the last axis), E ~ Exp(1)
+    from uniforms in (0, 1]."""
+    u = ((raw >> _SHIFT11).astype(np.int64) + 1).astype(np.float64) * 2.0**-53
+    return np.log(np.cumsum(-np.log(u), axis=-1))
+
+
+class _Readers(NamedTuple):
+    candidates: LaneReader
+    sender: LaneReader
+
+
+def _readers(seed: int, step: int) -> _Readers:
+    return _Readers(LaneReader(seed, CANDIDATES, step, _SUB_CANDIDATES),
+                    LaneReader(seed, CANDIDATES, step, _SUB_SENDER))
+
+
+def _search_chunk(m_c: np.ndarray, seed: int, step: int, chunk: int, num: int,
+                  readers: _Readers | None = None) -> int:
     """Truncated PFR: argmin_j log T_j - m.X_j over the first ``num`` candidates of a chunk.
 
     (-|m|^2/2 of the log density ratio is the same for every j and dropped.)  Strict ``<`` across
     blocks keeps the first of equal scores, as a single argmin would.
     """
+    readers = readers or _readers(seed, step)
     d = m_c.size
     p = (d + 1) // 2
-    pairs = np.zeros(2 * p, dtype=np.float64)
-    pairs[:d] = m_c
-    pairs = pairs.reshape(p, 2)
-    rho = np.hypot(pairs[:, 0], pairs[:, 1]).astype(np.float32)
-    phi = np.arctan2(pairs[:, 1], pairs[:, 0]).astype(np.float32)
-    # sender-private arrival times: T_j = E_0 + ... + E_j, E ~ Exp(1) from uniforms in (0, 1]
-    raw = CounterStream(seed, CANDIDATES, step, _SUB_SENDER, lane=chunk).raw_at(0, num)
-    u = ((raw >> _SHIFT11).astype(np.int64) + 1).astype(np.float64) * 2.0**-53
-    log_t = np.log(np.cumsum(-np.log(u)))
-    stream = _candidate_stream(seed, step, chunk)
+    rho, phi = _pairs_polar(m_c, d)
+    log_t = _log_arrival_times(readers.sender.raw_at(chunk, 0, num))
     block = max(1, _BLOCK_WORDS // p)
     best_score, best_j = math.inf, 0
     for j0 in range(0, num, block):
         b = min(block, num - j0)
-        r, theta = _search_radius_angle(stream.raw_at(j0 * p, b * p).reshape(b, p))
+        r, theta = _search_radius_angle(readers.candidates.raw_at(chunk, j0 * p, b * p).reshape(b, p))
         theta -= phi
         np.cos(theta, out=theta)
         theta *= r
@@ -487,6 +511,32 @@ def _search_chunk(m_c: np.ndarray, seed: int, step: int, chunk: int, num: int) -
         if score[i] < best_score:
             best_score, best_j = float(score[i]), j0 + i
     return best_j
+
+
+def _search_small_chunks(m: np.ndarray, first: int, num: int, readers: _Readers) -> np.ndarray:
+    """:func:`_search_chunk` for consecutive chunks ``first, first+1, ...`` of equal size whose
+    ``num`` candidates fit in one search block, vectorised across chunks.
+
+    m is (chunks, d).  Why: with small chunks (high-KL-per-dim steps, large images) the per-chunk
+    numpy calls cost far more than the candidates.  Every operation is elementwise except the
+    projections ``theta @ rho``: numpy's stacked matmul runs the same BLAS kernel on each chunk's
+    (num, p) slice as :func:`_search_chunk`'s single call, so both return the same indices bit for
+    bit (``tests/test_channel.py`` compares them).
+    """
+    g, d = m.shape
+    p = (d + 1) // 2
+    rho, phi = _pairs_polar(m, d)
+    cand = np.empty((g, num * p), dtype=np.uint64)
+    sender = np.empty((g, num), dtype=np.uint64)
+    for i in range(g):
+        cand[i] = readers.candidates.raw_at(first + i, 0, num * p)
+        sender[i] = readers.sender.raw_at(first + i, 0, num)
+    r, theta = _search_radius_angle(cand.reshape(g, num, p))
+    theta -= phi[:, None, :]
+    np.cos(theta, out=theta)
+    theta *= r
+    proj = np.matmul(theta, rho[:, :, None])[:, :, 0]
+    return np.argmin(_log_arrival_times(sender) - proj, axis=1)
 
 
 def default_workers() -> int:
@@ -501,7 +551,9 @@ def select_indices(
 
     Chunks are searched independently, so ``workers`` threads (default :func:`default_workers`)
     split them into contiguous ranges; numpy's Philox and ufuncs release the GIL.  Every chunk's
-    result depends only on (m, seed, step, chunk), never on the thread count.
+    result depends only on (m, seed, step, chunk), never on the thread count or on how chunks are
+    batched: small chunks go through :func:`_search_small_chunks` in batches of about
+    ``_BATCH_WORDS`` candidate words, large ones through :func:`_search_chunk`.
     """
     _check_key(seed, step)
     m = np.asarray(m, dtype=np.float64).reshape(-1)
@@ -512,10 +564,22 @@ def select_indices(
     bounds = chunk_bounds(m.size, k)
     num = layout.num_candidates
     out = np.empty(k, dtype=np.int64)
+    big = m.size % k  # chunks 0..big-1 have one dim more than the others (chunk_bounds)
 
     def search(lo: int, hi: int) -> None:
-        for c in range(lo, hi):
-            out[c] = _search_chunk(m_perm[bounds[c] : bounds[c + 1]], seed, step, c, num)
+        readers = _readers(seed, step)
+        c = lo
+        while c < hi:
+            d = int(bounds[c + 1] - bounds[c])
+            p = (d + 1) // 2
+            if num * p > _BLOCK_WORDS:
+                out[c] = _search_chunk(m_perm[bounds[c] : bounds[c + 1]], seed, step, c, num, readers)
+                c += 1
+                continue
+            end = min(hi, big if c < big else k, c + max(1, _BATCH_WORDS // (num * (p + 1))))
+            rows = m_perm[bounds[c] : bounds[end]].reshape(end - c, d)
+            out[c:end] = _search_small_chunks(rows, c, num, readers)
+            c = end
 
     workers = min(k, workers or default_workers())
     if workers <= 1:
