@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import DecodeError
 
-MAX_TABLE_ENTRIES = 1 << 22  # float64 entries per block (32 MiB)
+MAX_TABLE_ENTRIES = 1 << 20  # float64 entries per block (8 MiB): enough blocks for every table thread
 PROB_FLOOR = 1e-12
 
 
@@ -234,6 +234,7 @@ def decode_gaussian(payload: bytes, scale_idx: np.ndarray, half_width: int) -> n
 def logistic_tables(mu: np.ndarray, log_s: np.ndarray, half_width: int) -> np.ndarray:
     """(n, 2R+1) tables of a discretised logistic(mu, exp(log_s)) on integer bins k = -R..R."""
     ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
-    inv = np.exp(-np.asarray(log_s, dtype=np.float64))[:, None]
-    centre = ks[None, :] - np.asarray(mu, dtype=np.float64)[:, None]
-    return np.exp(log_logistic_bin((centre - 0.5) * inv, (centre + 0.5) * inv))
+    inv = np.exp(-np.asarray(log_s, dtype=np.float64))[None, :]
+    centre = ks[:, None] - np.asarray(mu, dtype=np.float64)[None, :]
+    # computed as (K, n), returned as an (n, K) view: long contiguous rows, same values (element-wise)
+    return np.exp(log_logistic_bin((centre - 0.5) * inv, (centre + 0.5) * inv)).T

@@ -143,10 +143,16 @@ class UQDM(DiffusionModel):
         delta = st.delta
 
         def table(sl: slice) -> np.ndarray:
-            centre = (ks[None, :] - u[sl, None]) * delta  # y_k - mu_P
-            s = scale[sl, None]
-            logp = log_logistic_bin((centre - 0.5 * delta) / s, (centre + 0.5 * delta) / s)
-            return np.exp(logp)
+            # Built as (K, n) and returned transposed: with K = 2R+1 often 3-5, an (n, K) layout makes
+            # numpy loop per row of K (2-3x slower).  Every operation is element-wise, so the values
+            # are those of the (n, K) formula bit for bit.
+            lo = (ks[:, None] - u[None, sl]) * delta  # y_k - mu_P
+            hi = lo + 0.5 * delta
+            lo -= 0.5 * delta
+            s = scale[None, sl]
+            lo /= s
+            hi /= s
+            return np.exp(log_logistic_bin(lo, hi)).T
 
         return table
 
