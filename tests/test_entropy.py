@@ -71,3 +71,16 @@ def test_quantize_to_grid():
     x = np.array([0.1, -0.3, 1 / 3])
     q = entropy.quantize_to_grid(x, 8)
     assert np.all(q * 256 == np.round(q * 256)) and np.max(np.abs(q - x)) <= 2**-9
+
+
+@pytest.mark.parametrize("half_width", [1, 2, 7])
+def test_logistic_tables_equal_the_row_per_element_formula(half_width):
+    """The (K, n)-layout tables hold exactly the values of the plain (n, K) broadcast formula."""
+    rng = np.random.default_rng(half_width)
+    mu, log_s = rng.normal(0, 2, 5000), rng.normal(0, 1.5, 5000)
+    ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
+    inv = np.exp(-log_s)[:, None]
+    centre = ks[None, :] - mu[:, None]
+    ref = np.exp(entropy.log_logistic_bin((centre - 0.5) * inv, (centre + 0.5) * inv))
+    got = entropy.logistic_tables(mu, log_s, half_width)
+    assert got.shape == ref.shape and np.array_equal(got.view(np.uint64), ref.view(np.uint64))
