@@ -26,7 +26,7 @@ from pathlib import Path
 def _instrument(model) -> dict:
     """Wrap the forward of every top-level network module; returns the live counters.
 
-    NFE counts whole-image evaluations of the main network: ``eval_f64`` calls for the diffusion
+    NFE counts whole-image evaluations of the main network: ``evaluate_network`` calls for the diffusion
     codecs (one evaluation may run several tiles), the latent denoiser's calls for rvgc.
     """
     stats = {"network_s": 0.0, "nfe": 0}
@@ -44,14 +44,14 @@ def _instrument(model) -> dict:
                 stats["nfe"] += int(_main)
 
         mod.forward = timed
-    if hasattr(model, "eval_f64"):
-        orig_eval = model.eval_f64
+    if hasattr(model, "evaluate_network"):
+        orig_eval = model.evaluate_network
 
         def counted(*args, **kw):
             stats["nfe"] += 1
             return orig_eval(*args, **kw)
 
-        model.eval_f64 = counted
+        model.evaluate_network = counted
     return stats
 
 

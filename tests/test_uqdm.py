@@ -197,6 +197,34 @@ def test_decode_steps_equals_cut_files(tiny_model):
     assert [k for k, _ in diffcodec.decode_steps(res.data, model=tiny_model, at={2})] == [2]
 
 
+def test_decode_steps_reuses_the_evaluation_it_shows(tiny_model, monkeypatch):
+    """x_hat(z_k) and step k+1's prior share one network evaluation; outputs are unchanged."""
+    img = synthetic_image(20, 24, seed=8)
+    data = diffcodec.compress(img, model=tiny_model, steps=4).data
+    calls = []
+    real = tiny_model.evaluate_network
+    monkeypatch.setattr(tiny_model, "evaluate_network", lambda z, g: calls.append(g) or real(z, g))
+    got = {k: recs["denoise"] for k, recs in diffcodec.decode_steps(data, model=tiny_model)}
+    assert len(calls) == 4  # priors at z_4..z_1; x_hat(z_3..z_1) reused them; z_0 needs no network
+    assert tiny_model._eval_memo is None  # the memo lives only inside decode_steps
+    for k, y in got.items():
+        assert np.array_equal(y, diffcodec.decompress(data, model=tiny_model, steps=k))
+
+
+def test_fewer_steps_encode_the_same_prefix(tiny_model):
+    """A k-step file is the T-step file cut after step k but for the header's section count (what the
+    evaluation harness relies on when it encodes only the steps it measures)."""
+    img = synthetic_image(20, 24, seed=9)
+    full = diffcodec.compress(img, model=tiny_model, steps=4).data
+    for k in (1, 3):
+        part = diffcodec.compress(img, model=tiny_model, steps=k).data
+        end = [s["offset"] + s["bytes"] for s in diffcodec.info(full)["sections"]][k - 1]
+        assert len(part) == end
+        secs = diffcodec.info(part)["sections"]
+        start = secs[0]["offset"]
+        assert part[start:] == full[start:end] and secs == diffcodec.info(full)["sections"][:k]
+
+
 def test_grayscale_lossless_codes_one_channel(tiny_model):
     gray = synthetic_image(16, 16, c=1)
     rgb = np.repeat(gray, 3, axis=2)

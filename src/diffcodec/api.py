@@ -343,9 +343,10 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     hd, m, step_secs, _, shape = _open(data, model, None, max_pixels)
     if hd.codec == "rvgc":
         raise DiffcodecError("rvgc files are not progressive; use decompress")
-    for k, (z, gamma, remaining) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
-        if at is None or k in at:
-            yield k, {method: _to_image(m, hd, z, gamma, remaining, method, nfe) for method in methods}
+    with m.reuse_evaluations():  # x_hat(z_k) and step k+1's prior evaluate the network at the same z_k
+        for k, (z, gamma, remaining) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+            if at is None or k in at:
+                yield k, {method: _to_image(m, hd, z, gamma, remaining, method, nfe) for method in methods}
 
 
 def info(data: bytes, max_pixels: int | None = None) -> dict:

@@ -567,9 +567,12 @@ def _load_model(model: str | None, codec: str | None):
 
 
 class ProgressiveAdapter(CodecAdapter):
-    """uqdm / diffc: one file per image with all T steps (not lossless); point k = the file cut after step k.
+    """uqdm / diffc: one file per image with T steps (not lossless); point k = the file cut after step k.
 
-    ``steps`` restricts which prefixes are reconstructed (default: every step 1..T; all are still encoded).
+    ``steps`` restricts which prefixes are reconstructed (default: every step 1..T).  Only the steps up
+    to the largest one needed are encoded: a section never depends on later ones, so those prefixes are
+    byte for byte the prefixes of the T-step file but for the header's section count (same size while
+    T < 128; a test checks this).
     Times: encoding_time of point k is the time until section k was coded, decoding_time is the time to
     decode sections 1..k plus that method's reconstruction (both measured inside the one encode/decode).
     """
@@ -624,7 +627,7 @@ class ProgressiveAdapter(CodecAdapter):
         want = {k for _, k in need}
         marks: list[float] = []
         t0 = time.perf_counter()
-        res = compress(img, model=m, codec=self.codec, steps=self.num_steps, seed=self.seed,
+        res = compress(img, model=m, codec=self.codec, steps=max(want), seed=self.seed,
                        progress=lambda n: marks.append(time.perf_counter() - t0))
         t_enc = time.perf_counter() - t0
         ends = {s["step"]: s["offset"] + s["bytes"] for s in info(res.data)["sections"] if s["kind"] == "step"}
