@@ -133,6 +133,28 @@ def test_progressive_points_are_cut_files(tiny_model_path, tiny_model):
     assert [(p.curve, p.setting) for p in part] == [("tiny-uqdm-flow", 2)]
 
 
+def test_progressive_decode_time_counts_every_network_evaluation(tiny_model_path, monkeypatch):
+    """decode_steps reuses x_hat(z_k)'s evaluation for step k+1, but point k's decoding time is still
+    what decoding that prefix alone costs: k evaluations for its sections + 1 for x_hat(z_k)."""
+    import time
+
+    from diffcodec.diffusion import DiffusionModel
+
+    real = DiffusionModel.evaluate_network
+
+    def slow(self, z, gamma):
+        time.sleep(0.05)
+        return real(self, z, gamma)
+
+    monkeypatch.setattr(DiffusionModel, "evaluate_network", slow)
+    ad = ProgressiveAdapter("uqdm", str(tiny_model_path), ("denoise",), steps=[1, 2, 3])
+    (group, pts), = ad.groups()
+    points = ad.run(synthetic_image(24, 32, seed=4), group, pts)
+    assert [p.setting for p in points] == [1, 2, 3]
+    for p in points:
+        assert (p.setting + 1) * 0.05 <= p.dec_s < (p.setting + 1) * 0.05 + 0.5
+
+
 def test_bd_table_identity_and_known_rate_factor():
     base = {"name": "anchor", "results": {"bpp": [0.2, 0.4, 0.8, 1.6], "psnr-rgb": [27.0, 30.0, 33.5, 37.0],
                                           "ms-ssim-rgb": [0.93, 0.96, 0.98, 0.99]}}

@@ -533,18 +533,18 @@ class CodecAdapter:
 class _CallTimer:
     """Times every call of ``obj.<name>()`` while active (an instance attribute shadows the method)."""
 
-    def __init__(self, obj: Any, name: str):
-        self.obj, self.name, self.times = obj, name, []
+    def __init__(self, obj: Any, name: str, clock: Callable[[], float] = time.perf_counter):
+        self.obj, self.name, self.times, self.clock = obj, name, [], clock
 
     def __enter__(self) -> _CallTimer:
         fn = getattr(self.obj, self.name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.times.append(time.perf_counter() - t0)
+                self.times.append(self.clock() - t0)
 
         setattr(self.obj, self.name, timed)
         return self
@@ -555,6 +555,46 @@ class _CallTimer:
     def take(self) -> list[float]:
         out, self.times = self.times, []
         return out
+
+
+class _StandaloneClock:
+    """A clock that runs as if every network evaluation were computed afresh.
+
+    ``decode_steps`` reuses the evaluation behind x_hat(z_k) for step k+1's prior
+    (``DiffusionModel.reuse_evaluations``), but the decoding time reported for prefix k must be what
+    decoding that prefix alone costs: every memo hit advances this clock by the time the reused
+    evaluation took (the memo holds the last computed one).
+    """
+
+    def __init__(self, model: Any):
+        self.model, self.extra, self.last, self.computed = model, 0.0, 0.0, False
+
+    def __enter__(self) -> _StandaloneClock:
+        m = self.model
+        evaluate, network = m.eval_f64, m.evaluate_network
+
+        def timed_network(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return network(*args, **kwargs)
+            finally:
+                self.last, self.computed = time.perf_counter() - t0, True
+
+        def charged_evaluate(*args: Any, **kwargs: Any) -> Any:
+            self.computed = False
+            out = evaluate(*args, **kwargs)
+            if not self.computed:
+                self.extra += self.last
+            return out
+
+        m.evaluate_network, m.eval_f64 = timed_network, charged_evaluate
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.model.evaluate_network, self.model.eval_f64
+
+    def __call__(self) -> float:
+        return time.perf_counter() + self.extra
 
 
 def _load_model(model: str | None, codec: str | None):
@@ -633,10 +673,10 @@ class ProgressiveAdapter(CodecAdapter):
         ends = {s["step"]: s["offset"] + s["bytes"] for s in info(res.data)["sections"] if s["kind"] == "step"}
         points: list[Point] = []
         latent = 0.0  # seconds spent decoding sections so far (reconstructions excluded)
-        with _CallTimer(m, "reconstruct") as timer:
-            t_prev = time.perf_counter()
+        with _StandaloneClock(m) as clock, _CallTimer(m, "reconstruct", clock) as timer:
+            t_prev = clock()
             for k, images in decode_steps(res.data, model=m, methods=methods, nfe=self.nfe, at=want):
-                spent = time.perf_counter() - t_prev
+                spent = clock() - t_prev
                 recon = timer.take()
                 if len(recon) != len(methods):  # not one reconstruct() per method: charge the whole interval
                     recon = [0.0] * len(methods)
@@ -648,7 +688,7 @@ class ProgressiveAdapter(CodecAdapter):
                                             marks[k - 1] if len(marks) >= k else t_enc, latent + dt))
                 if k >= max(want):
                     break
-                t_prev = time.perf_counter()
+                t_prev = clock()
         return points
 
 
