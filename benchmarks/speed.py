@@ -1,10 +1,11 @@
 """Encode/decode speed of every codec's default model: network vs everything else, NFE, peak memory.
 
     python benchmarks/speed.py [--image ../shared/data/kodak/kodim01.png] [--sizes full,small]
-                               [--codecs uqdm,diffc,rvgc] [--threads 2] [--json out.json]
+                               [--codecs uqdm,diffc,rvgc] [--model NAME_OR_PATH] [--threads 2] [--json out.json]
 
 For each codec and image size (``full`` = the Kodak image as is, 768x512; ``small`` = downscaled 4x
-to 192x128) one case runs in a fresh subprocess (so peak memory is that case's own): compress with
+to 192x128) one case runs in a fresh subprocess (``--model``: another model than the codec's default,
+with one codec) (so peak memory is that case's own): compress with
 the model's default quality, then decompress with the default decoder.  Every network module's
 ``forward`` is timed; "coding" is all the rest (probability tables, entropy and channel coding,
 random streams, container, image conversion).  NFE counts the main network's evaluations (the
@@ -55,7 +56,7 @@ def _instrument(model) -> dict:
     return stats
 
 
-def run_case(codec: str, size: str, image: str, threads: int) -> dict:
+def run_case(codec: str, size: str, image: str, threads: int, model_name: str | None = None) -> dict:
     import torch
 
     import diffcodec
@@ -65,7 +66,7 @@ def run_case(codec: str, size: str, image: str, threads: int) -> dict:
     folder = Path(image).parent
     imgs = load_images(folder, scale=1 if size == "full" else 4, pattern=Path(image).name)
     img = next(iter(imgs.values()))
-    model = diffcodec.get_model(None, codec)
+    model = diffcodec.get_model(model_name, codec)
     stats = _instrument(model)
     out = {"codec": codec, "model": model.model_id, "size": f"{img.shape[1]}x{img.shape[0]}", "threads": threads}
     for phase in ("encode", "decode"):
@@ -94,19 +95,23 @@ def main() -> None:
     p.add_argument("--image", default=str(here.parent.parent / "shared" / "data" / "kodak" / "kodim01.png"))
     p.add_argument("--sizes", default="small,full")
     p.add_argument("--codecs", default="uqdm,diffc,rvgc")
+    p.add_argument("--model", help="a model name or .safetensors path instead of the default (one codec only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: CODEC:SIZE, run in a subprocess
     a = p.parse_args()
     if a.case:
         codec, size = a.case.split(":")
-        print(json.dumps(run_case(codec, size, a.image, a.threads)))
+        print(json.dumps(run_case(codec, size, a.image, a.threads, a.model)))
         return
+    if a.model and "," in a.codecs:
+        p.error("--model needs a single codec (--codecs)")
     rows = []
     for size in a.sizes.split(","):
         for codec in a.codecs.split(","):
             r = subprocess.run([sys.executable, __file__, "--case", f"{codec}:{size}", "--image", a.image,
-                                "--threads", str(a.threads)], capture_output=True, text=True)
+                                "--threads", str(a.threads)] + (["--model", a.model] if a.model else []),
+                               capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr, file=sys.stderr)
                 raise SystemExit(f"case {codec}:{size} failed")
