@@ -1030,7 +1030,8 @@ def _aggregate_curve(adapter: CodecAdapter, curve: str, imgs: Mapping[str, np.nd
         res["psnr-rgb"].append(_mean([r["psnr"] for r in recs], none_is=math.inf))
         res["ms-ssim-rgb"].append(_mean([r["ms-ssim"] for r in recs]))
         res["encoding_time"].append(float(np.mean([r["enc_s"] for r in recs])))
-        res["decoding_time"].append(float(np.mean([r["dec_s"] for r in recs])))
+        dec = [r["dec_s"] for r in recs]  # null in a record: not measured
+        res["decoding_time"].append(None if None in dec else float(np.mean(dec)))
         res["quality"].append(_jsonable(s))
         set_key = _short_hash(curve, adapter.config, s, [(n, shas[n]) for n in imgs])
         if swd:
