@@ -30,13 +30,24 @@ def test_table_threads_change_no_bit(monkeypatch):
     probs = _tables(n, k, seed=3)
     sym = np.random.default_rng(4).integers(0, k, n)
     streams = set()
-    for workers, entries in [(1, 1 << 22), (1, 700), (3, 700), (3, 7)]:
+    for workers, entries, split in [(1, 1 << 22, 1 << 15), (1, 700, 1 << 15), (3, 700, 1 << 15), (3, 7, 1 << 15),
+                                    (2, 1 << 22, 1000), (3, 1 << 22, 1000)]:
         monkeypatch.setattr(entropy, "TABLE_WORKERS", workers)
         monkeypatch.setattr(entropy, "MAX_TABLE_ENTRIES", entries)
+        monkeypatch.setattr(entropy, "MIN_SPLIT_ENTRIES", split)
         payload, _ = entropy.encode_categorical(sym, k, lambda sl: probs[sl])
         streams.add(payload)
         assert np.array_equal(entropy.decode_categorical(payload, n, k, lambda sl: probs[sl]), sym)
     assert len(streams) == 1
+
+
+def test_blocks_cover_the_range_and_feed_every_thread():
+    for n, alphabet, parts in [(73728, 5, 2), (1000, 5, 2), (1179648, 3, 2), (5, 7, 4), (0, 3, 2)]:
+        sl = list(entropy.blocks(n, alphabet, parts))
+        assert [s.start for s in sl] == [0] + [s.stop for s in sl[:-1]] and sl[-1].stop == n if n else sl == []
+        assert all((s.stop - s.start) * alphabet <= max(alphabet, entropy.MAX_TABLE_ENTRIES) for s in sl)
+        if n * alphabet >= parts * entropy.MIN_SPLIT_ENTRIES:
+            assert len(sl) >= parts
 
 
 def test_improbable_symbols_still_code():

@@ -34,6 +34,7 @@ import numpy as np
 from .errors import DecodeError
 
 MAX_TABLE_ENTRIES = 1 << 20  # float64 entries per block (8 MiB): enough blocks for every table thread
+MIN_SPLIT_ENTRIES = 1 << 15  # below this a block is not split further for the threads (~3 ms of work)
 PROB_FLOOR = 1e-12
 
 
@@ -60,9 +61,13 @@ def log_logistic_bin(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return log_sigmoid(hi) + log_sigmoid(-lo) + np.log(-np.expm1(lo - hi))
 
 
-def blocks(n: int, alphabet: int) -> Iterator[slice]:
-    """Slices of at most MAX_TABLE_ENTRIES // alphabet elements covering range(n)."""
-    step = max(1, MAX_TABLE_ENTRIES // max(1, alphabet))
+def blocks(n: int, alphabet: int, parts: int = 1) -> Iterator[slice]:
+    """Slices covering range(n), of at most MAX_TABLE_ENTRIES // alphabet elements each, and at least
+    ``parts`` of them when every part still gets MIN_SPLIT_ENTRIES table entries (so that small images
+    also keep every table thread busy)."""
+    alphabet = max(1, alphabet)
+    even = -(-n // max(1, parts))
+    step = max(1, min(MAX_TABLE_ENTRIES // alphabet, max(even, MIN_SPLIT_ENTRIES // alphabet)))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -89,8 +94,9 @@ def _table_workers() -> int:
 def table_blocks(n: int, alphabet: int, build: Callable[[slice], Any]) -> Iterator[tuple[slice, Any]]:
     """(slice, build(slice)) for every block in order; up to ``workers`` blocks are built ahead in
     threads, so at most workers + 1 results are alive at once (memory stays bounded)."""
-    slices = list(blocks(n, alphabet))
-    workers = min(_table_workers(), len(slices))
+    workers = _table_workers()
+    slices = list(blocks(n, alphabet, parts=workers))
+    workers = min(workers, len(slices))
     if workers <= 1:
         for sl in slices:
             yield sl, build(sl)
