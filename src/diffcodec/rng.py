@@ -88,9 +88,9 @@ class CounterStream:
 class LaneReader:
     """Reads :class:`CounterStream` words of *many* lanes of one key through a single generator.
 
-    Why: constructing ``np.random.Philox`` costs ~20 us (it draws OS entropy for a seed sequence it
-    then ignores), which dominated reverse channel coding with many small chunks (one lane each).
-    Re-seating one generator's counter through its ``state`` setter costs a few microseconds and
+    Why: constructing ``np.random.Philox`` is slow (it draws OS entropy for a seed sequence it then
+    ignores), which dominated reverse channel coding with many small chunks (one lane each).
+    Re-seating one generator's counter through its ``state`` setter is several times cheaper and
     yields the same words: ``LaneReader(key).raw_at(lane, s, n) == CounterStream(key, lane).raw_at(s, n)``
     (a test pins this).  Not thread-safe: use one reader per thread.
     """
@@ -98,7 +98,7 @@ class LaneReader:
     def __init__(self, seed: int, purpose: int, index: int = 0, sub: int = 0):
         key = _philox_key(seed, purpose, index, sub)
         self._bg = np.random.Philox(key=key)
-        # plain lists: the state setter reads them element by element, ~2x faster than from arrays
+        # plain lists: the state setter reads them element by element, faster from lists than arrays
         self._counter = [0, 0, 0, 0]
         self._state = {"bit_generator": "Philox", "state": {"counter": self._counter, "key": [int(k) for k in key]},
                        "buffer": [0, 0, 0, 0], "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}

@@ -144,8 +144,8 @@ class UQDM(DiffusionModel):
 
         def table(sl: slice) -> np.ndarray:
             # Built as (K, n) and returned transposed: with K = 2R+1 often 3-5, an (n, K) layout makes
-            # numpy loop per row of K (2-3x slower).  Every operation is element-wise, so the values
-            # are those of the (n, K) formula bit for bit.
+            # numpy loop per row of K.  Every operation is element-wise, so the values are those of
+            # the (n, K) formula bit for bit.
             lo = (ks[:, None] - u[None, sl]) * delta  # y_k - mu_P
             hi = lo + 0.5 * delta
             lo -= 0.5 * delta
