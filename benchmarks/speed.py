@@ -4,9 +4,9 @@
                                [--codecs uqdm,diffc,rvgc] [--model NAME_OR_PATH] [--threads 2] [--json out.json]
 
 For each codec and image size (``full`` = the Kodak image as is, 768x512; ``small`` = downscaled 4x
-to 192x128) one case runs in a fresh subprocess (``--model``: another model than the codec's default,
-with one codec) (so peak memory is that case's own): compress with
-the model's default quality, then decompress with the default decoder.  Every network module's
+to 192x128) one case runs in a fresh subprocess (so peak memory is that case's own): compress with
+the model's default quality, then decompress with the default decoder.  The model is the codec's
+default unless ``--model`` names another (with a single codec).  Every network module's
 ``forward`` is timed; "coding" is all the rest (probability tables, entropy and channel coding,
 random streams, container, image conversion).  NFE counts the main network's evaluations (the
 denoiser U-Net; for rvgc also the transforms' calls are timed but not counted as NFE).  Peak memory

@@ -34,7 +34,7 @@ import numpy as np
 from .errors import DecodeError
 
 MAX_TABLE_ENTRIES = 1 << 20  # float64 entries per block (8 MiB): enough blocks for every table thread
-MIN_SPLIT_ENTRIES = 1 << 15  # below this a block is not split further for the threads (~3 ms of work)
+MIN_SPLIT_ENTRIES = 1 << 15  # a block is not split for the threads below this many entries
 PROB_FLOOR = 1e-12
 
 
