@@ -189,6 +189,24 @@ def test_baseline_point_roundtrips_through_its_codec(tmp_path):
         BaselineAdapter("jpeg", qualities=[0])
 
 
+def test_a_decoding_time_recorded_as_null_is_reported_as_not_measured(tmp_path):
+    import json
+
+    img = synthetic_image(24, 32, seed=6)
+    ad = BaselineAdapter("jpeg", qualities=[30, 80])
+    run_eval({"a": img}, [ad], tmp_path, swd=False, progress=False, log=None, plots=False)
+    records = tmp_path / "cache" / "records.jsonl"
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+    for r in recs:
+        r["dec_s"] = None if r["setting"] == 80.0 else r["dec_s"]
+    records.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report = run_eval({"a": img}, [ad], tmp_path, swd=False, progress=False, log=None, plots=False)
+    assert report["jobs_run"] == 0
+    dec = report["curves"][0]["results"]["decoding_time"]
+    assert dec[0] is not None and dec[1] is None
+    assert json.loads((tmp_path / "jpeg.json").read_text())["results"]["decoding_time"][1] is None
+
+
 def test_results_do_not_depend_on_worker_count(images_dir, tiny_model_path, tmp_path):
     from diffcodec.evaluate import load_images
 
