@@ -567,31 +567,26 @@ class _StandaloneClock:
     """
 
     def __init__(self, model: Any):
-        self.model, self.extra, self.last, self.computed = model, 0.0, 0.0, False
+        self.model, self.extra = model, 0.0
+        self.network = _CallTimer(model, "evaluate_network")  # durations of the computed evaluations
 
     def __enter__(self) -> _StandaloneClock:
-        m = self.model
-        evaluate, network = m.eval_f64, m.evaluate_network
-
-        def timed_network(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return network(*args, **kwargs)
-            finally:
-                self.last, self.computed = time.perf_counter() - t0, True
+        self.network.__enter__()
+        evaluate, times = self.model.eval_f64, self.network.times
 
         def charged_evaluate(*args: Any, **kwargs: Any) -> Any:
-            self.computed = False
+            computed = len(times)
             out = evaluate(*args, **kwargs)
-            if not self.computed:
-                self.extra += self.last
+            if len(times) == computed and times:  # a memo hit: the last computed evaluation again
+                self.extra += times[-1]
             return out
 
-        m.evaluate_network, m.eval_f64 = timed_network, charged_evaluate
+        self.model.eval_f64 = charged_evaluate
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        del self.model.evaluate_network, self.model.eval_f64
+        del self.model.eval_f64
+        self.network.__exit__(*exc)
 
     def __call__(self) -> float:
         return time.perf_counter() + self.extra
