@@ -118,7 +118,52 @@ def _tables(threads: int, model: UQDM, z: np.ndarray):
     torch.set_num_threads(threads)
     st, eps, aux = model._step(z, -4.0, 1.0)
     u = np.linspace(-0.5, 0.5, z.size, endpoint=False)
-    return eps, aux, model._table(st, u, 8)(slice(0, z.size))
+    return eps, aux, model._table(st.scale, st.delta, u, 8)(slice(0, z.size))
+
+
+@pytest.mark.parametrize("half_width", [1, 3])
+def test_step_table_equals_the_row_per_element_formula(half_width):
+    """The step table (built (K, n), in place) holds exactly the values of the plain formula
+    P(k) = sigmoid((y_k + D/2 - mu_P)/s) - sigmoid((y_k - D/2 - mu_P)/s), y_k = mu_P + (k - u) D."""
+    from diffcodec.entropy import log_logistic_bin
+
+    rng = np.random.default_rng(half_width)
+    n, delta = 4000, 0.37
+    scale, u = np.exp(rng.normal(-2, 1, n)), rng.uniform(-0.5, 0.5, n)
+    ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
+    y = (ks[None, :] - u[:, None]) * delta
+    ref = np.exp(log_logistic_bin((y - 0.5 * delta) / scale[:, None], (y + 0.5 * delta) / scale[:, None]))
+    got = UQDM._table(scale, delta, u, half_width)(slice(0, n))
+    assert got.shape == ref.shape and np.array_equal(got.view(np.uint64), ref.view(np.uint64))
+
+
+def test_pipelined_encoding_writes_the_same_sections(tiny_model, monkeypatch):
+    """Entropy coding overlapped with the next step's network (the default) or in step: same sections,
+    and progress is reported once per section."""
+    from diffcodec import diffusion
+
+    img = synthetic_image(24, 20, seed=2)
+    pix = np.ascontiguousarray(img.transpose(2, 0, 1))
+    calls: list[int] = []
+    a = tiny_model.encode(pix, 3, 4, lossless=True, progress=calls.append)
+    assert len(calls) == 4 and len(a) == 5
+    monkeypatch.setattr(diffusion, "PIPELINE_MAX_ELEMENTS", 0)
+    b = tiny_model.encode(pix, 3, 4, lossless=True)
+    assert [(s.kind, s.index, s.params, s.payload, s.symbols_crc) for s in a] == \
+        [(s.kind, s.index, s.params, s.payload, s.symbols_crc) for s in b]
+
+
+def test_pipelined_encoding_error_is_raised(tiny_model, monkeypatch):
+    """A failure in the coder thread reaches the caller."""
+    from diffcodec.codecs import uqdm
+
+    def broken(*args, **kw):
+        raise RuntimeError("coder failed")
+
+    monkeypatch.setattr(uqdm, "encode_categorical", broken)
+    pix = np.ascontiguousarray(synthetic_image(16, 16, seed=1).transpose(2, 0, 1))
+    with pytest.raises(RuntimeError, match="coder failed"):
+        tiny_model.encode(pix, 0, 2, lossless=False)
 
 
 def test_tables_identical_under_1_and_2_threads(tiny_model):

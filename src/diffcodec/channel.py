@@ -53,7 +53,7 @@ from __future__ import annotations
 import bisect
 import math
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -61,9 +61,9 @@ from typing import NamedTuple
 import constriction
 import numpy as np
 
-from .entropy import available_cpus
 from .errors import DecodeError
 from .rng import CANDIDATES, CounterStream, LaneReader
+from .threads import available_cpus, pool
 from .varint import put_varint
 
 KL_UNITS_PER_BIT = 16
@@ -586,9 +586,11 @@ def select_indices(
         search(0, k)
         return out
     cuts = [k * i // workers for i in range(workers + 1)]
-    with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(search, cuts[i], cuts[i + 1]) for i in range(workers)]:
-            f.result()
+    searchers = pool("channel", workers)
+    futures = [searchers.submit(search, cuts[i], cuts[i + 1]) for i in range(workers)]
+    wait(futures)  # every range done (or failed) before ``out`` is used or an error is raised
+    for f in futures:
+        f.result()
     return out
 
 

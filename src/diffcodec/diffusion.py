@@ -27,6 +27,7 @@ from .errors import DecodeError, FormatError
 from .networks import DenoiserUNet, UNetConfig
 from .rng import Z_T, SeededStream
 from .schedule import LinearGammaSchedule, alpha_sigma, pixel_to_unit, unit_to_pixel
+from .threads import pool
 
 EPS_GRID_BITS = 12  # eps_hat is O(1): 2^-12 grid keeps x_hat exact enough and rounding robust
 AUX_GRID_BITS = 8  # raw log-scale outputs
@@ -41,6 +42,11 @@ KIND_STEP, KIND_FINAL = 0, 1  # section kinds of the progressive codecs
 # feature cells).  Changing these changes decoded bits: they are part of the format.
 TILE = 384
 HALO = 32
+
+# Latents up to this many elements have a step's entropy coding overlapped with the next network
+# evaluation (DiffusionModel.encode); larger ones code in step, so that the pending step's coding
+# inputs (three latent-sized arrays for UQDM) never sit beside the next evaluation's memory.
+PIPELINE_MAX_ELEMENTS = 1 << 23
 
 
 class DiffusionModel(nn.Module):
@@ -293,9 +299,15 @@ class DiffusionModel(nn.Module):
         """
         raise NotImplementedError
 
-    def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
-        """Inverse of :meth:`encode_step`: the same z_s, bit for bit."""
-        raise NotImplementedError
+    def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
+        """Like :meth:`encode_step`, but returns (z_s, finish) where ``finish()`` returns the Section.
+
+        A codec whose z_s does not depend on the coded bits (UQDM: z_s follows from the symbols, the
+        range coder only writes them) leaves the entropy coding to ``finish``, so :meth:`encode`
+        can run it while the network evaluates the next step.  The default finishes at once.
+        """
+        z_s, sec = self.encode_step(z, x, i, gam, seed, **options)
+        return z_s, lambda: sec
 
     def initial_latent(self, shape: tuple[int, ...], seed: int) -> np.ndarray:
         """z_T ~ N(0, I) from the shared seed: costs 0 bits."""
@@ -307,10 +319,17 @@ class DiffusionModel(nn.Module):
 
         ``stop(sections)``, if given, is asked after every step whether to stop early (rate
         control: once the file is over budget the finer, costlier steps need not be coded).
+        ``progress(1)`` is called as each section is complete (from the coder thread, see below).
 
         ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale`` (gray images
         repeated to the model's channels); ``region`` is the (channels, height, width) of the real
         image: the lossless section codes only those pixels.
+
+        Pipelining: a step's ``finish`` (its entropy coding) runs in a coder thread while the main
+        thread evaluates the network for the next step; at most one step is pending, so the extra
+        memory is one step's coding inputs, and only for latents up to ``PIPELINE_MAX_ELEMENTS``.
+        Rate control (``stop``) needs every section's size at once, so it codes in step.  The
+        sections, and so the file, are the same either way (tested).
         """
         T = self.num_steps
         if lossless:
@@ -320,19 +339,43 @@ class DiffusionModel(nn.Module):
         x = pixel_to_unit(pixels.astype(np.float64))[None]
         gam = self.gamma_grid(T)
         z = self.initial_latent(x.shape, seed)
-        sections: list[Section] = []
-        for i in range(T, T - num_steps, -1):
-            z, sec = self.encode_step(z, x, i, gam, seed, **options)
-            sections.append(sec)
+        pipelined = (stop is None or lossless) and x.size <= PIPELINE_MAX_ELEMENTS
+
+        def finished(finish):
+            sec = finish()
             if progress:
                 progress(1)
-            if stop is not None and not lossless and stop(sections):
-                break
-        if lossless:
-            c, h, w = region or pixels.shape
-            sym = pixels[:c, :h, :w].reshape(-1).astype(np.int64)
-            payload, ideal = encode_categorical(sym, 256, self._data_table(z[0, :c, :h, :w], float(gam[0])))
-            sections.append(Section(KIND_FINAL, T + 1, b"", payload, symbols_crc(sym), ideal))
+            return sec
+
+        sections: list[Section] = []
+        pending = None
+        coder = pool("coder", 1)
+        try:
+            for i in range(T, T - num_steps, -1):
+                z, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
+                if pending is not None:
+                    sections.append(pending.result())
+                    pending = None
+                if pipelined:
+                    pending = coder.submit(finished, finish)
+                    continue
+                sections.append(finished(finish))
+                if stop is not None and not lossless and stop(sections):
+                    break
+            final = None
+            if lossless:  # coded here while the last step finishes in the coder thread
+                c, h, w = region or pixels.shape
+                sym = pixels[:c, :h, :w].reshape(-1).astype(np.int64)
+                payload, ideal = encode_categorical(sym, 256, self._data_table(z[0, :c, :h, :w], float(gam[0])))
+                final = Section(KIND_FINAL, T + 1, b"", payload, symbols_crc(sym), ideal)
+            if pending is not None:
+                sections.append(pending.result())
+                pending = None
+        finally:
+            if pending is not None and not pending.cancel():  # an error in the main thread:
+                pending.exception()  # let the coder finish before unwinding
+        if final is not None:
+            sections.append(final)
         return sections
 
     def _data_table(self, z0: np.ndarray, gamma0: float):

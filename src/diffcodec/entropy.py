@@ -21,17 +21,16 @@ The ideal code length reported to users is computed from the same float64 tables
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import constriction
 import numpy as np
 
 from .errors import DecodeError
+from .threads import available_cpus, pool
 
 MAX_TABLE_ENTRIES = 1 << 20  # float64 entries per block (8 MiB): enough blocks for every table thread
 MIN_SPLIT_ENTRIES = 1 << 15  # a block is not split for the threads below this many entries
@@ -61,6 +60,28 @@ def log_logistic_bin(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return log_sigmoid(hi) + log_sigmoid(-lo) + np.log(-np.expm1(lo - hi))
 
 
+def logistic_bin_probs(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``exp(log_logistic_bin(lo, hi))``, the same float64 values bit for bit, overwriting ``lo``.
+
+    Why: tables are rebuilt for every coded step, and at a few symbols per element the time goes to
+    allocating and filling the temporaries of the formula.  The same ufuncs run on the same
+    operands in the same order (negation and sign-flipped arguments are exact), only into reused
+    buffers; a test compares both on random and extreme inputs.
+    """
+    c = np.subtract(lo, hi)
+    np.expm1(c, out=c)
+    np.negative(c, out=c)
+    np.log(c, out=c)  # log(-expm1(lo - hi))
+    a = np.negative(hi)
+    np.logaddexp(0.0, a, out=a)
+    np.negative(a, out=a)  # log_sigmoid(hi)
+    np.logaddexp(0.0, lo, out=lo)  # -log_sigmoid(-lo): -(-lo) is lo exactly
+    np.negative(lo, out=lo)
+    a += lo
+    a += c
+    return np.exp(a, out=lo)
+
+
 def blocks(n: int, alphabet: int, parts: int = 1) -> Iterator[slice]:
     """Slices covering range(n), of at most MAX_TABLE_ENTRIES // alphabet elements each, and at least
     ``parts`` of them when every part still gets MIN_SPLIT_ENTRIES table entries (so that small images
@@ -79,14 +100,6 @@ TABLE_WORKERS: int | None = None
 """Threads building tables ahead of the coder (None: the CPUs this process may use, at most 4)."""
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
-
-
 def _table_workers() -> int:
     return max(1, TABLE_WORKERS) if TABLE_WORKERS is not None else max(1, min(4, available_cpus()))
 
@@ -101,15 +114,19 @@ def table_blocks(n: int, alphabet: int, build: Callable[[slice], Any]) -> Iterat
         for sl in slices:
             yield sl, build(sl)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        todo = iter(slices)
-        pending = deque((sl, pool.submit(build, sl)) for sl in [next(todo) for _ in range(workers)])
+    workers_pool = pool("tables", workers)
+    todo = iter(slices)
+    pending = deque((sl, workers_pool.submit(build, sl)) for sl in [next(todo) for _ in range(workers)])
+    try:
         while pending:
             sl, fut = pending.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(build, nxt)))
+                pending.append((nxt, workers_pool.submit(build, nxt)))
             yield sl, fut.result()
+    finally:  # an abandoned or failed iteration: queued blocks are not built for nothing
+        for _, fut in pending:
+            fut.cancel()
 
 
 def _categorical() -> constriction.stream.model.Categorical:
@@ -243,4 +260,4 @@ def logistic_tables(mu: np.ndarray, log_s: np.ndarray, half_width: int) -> np.nd
     inv = np.exp(-np.asarray(log_s, dtype=np.float64))[None, :]
     centre = ks[:, None] - np.asarray(mu, dtype=np.float64)[None, :]
     # computed as (K, n), returned as an (n, K) view: long contiguous rows, same values (element-wise)
-    return np.exp(log_logistic_bin((centre - 0.5) * inv, (centre + 0.5) * inv)).T
+    return logistic_bin_probs((centre - 0.5) * inv, (centre + 0.5) * inv).T

@@ -26,7 +26,7 @@ import torch
 
 from .. import rng as rngmod
 from ..diffusion import KIND_STEP, DiffusionModel
-from ..entropy import decode_categorical, encode_categorical, log_logistic_bin, symbols_crc
+from ..entropy import decode_categorical, encode_categorical, logistic_bin_probs, symbols_crc
 from ..errors import DecodeError
 from ..networks import UNetConfig
 from ..schedule import LOG2, posterior_coefficients
@@ -136,11 +136,11 @@ class UQDM(DiffusionModel):
         return _Step(a * z + b * x_hat, scale, SQRT12 * beta, a, b), eps, aux
 
     @staticmethod
-    def _table(st: _Step, u: np.ndarray, half_width: int):
-        """Table function for k in [-R, R] given dither u (flat arrays), P(k) logistic * uniform."""
+    def _table(scale: np.ndarray, delta: float, u: np.ndarray, half_width: int):
+        """Table function for k in [-R, R] given a step's scale and D and the dither u (flat arrays),
+        P(k) logistic * uniform."""
         ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
-        scale = st.scale.reshape(-1)
-        delta = st.delta
+        scale = scale.reshape(-1)
 
         def table(sl: slice) -> np.ndarray:
             # Built as (K, n) and returned transposed: with K = 2R+1 often 3-5, an (n, K) layout makes
@@ -152,7 +152,7 @@ class UQDM(DiffusionModel):
             s = scale[None, sl]
             lo /= s
             hi /= s
-            return np.exp(log_logistic_bin(lo, hi)).T
+            return logistic_bin_probs(lo, hi).T
 
         return table
 
@@ -175,6 +175,11 @@ class UQDM(DiffusionModel):
 
     def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Universal quantization of step t_i -> t_{i-1}; returns (z_s, section)."""
+        z_s, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
+        return z_s, finish()
+
+    def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
+        """The symbols and z_s now; their entropy coding in ``finish`` (may run in another thread)."""
         if options:
             raise ValueError(f"uqdm has no encoder options {sorted(options)}")
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
@@ -185,11 +190,15 @@ class UQDM(DiffusionModel):
         if half_width > min(MAX_HALF_WIDTH, self._max_half_width(st)):
             raise ValueError("step symbol out of range (model unsuited to this image)")
         k = k.astype(np.int64)
-        payload, ideal = encode_categorical(k + half_width, 2 * half_width + 1, self._table(st, u, half_width))
         z_s = st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
-        sec = Section(KIND_STEP, self.num_steps - i + 1, struct.pack("<H", half_width), payload,
-                      symbols_crc(k), ideal)
-        return z_s, sec
+        table = self._table(st.scale, st.delta, u, half_width)  # holds neither mu_p nor z: freed now
+
+        def finish() -> Section:
+            payload, ideal = encode_categorical(k + half_width, 2 * half_width + 1, table)
+            return Section(KIND_STEP, self.num_steps - i + 1, struct.pack("<H", half_width), payload,
+                           symbols_crc(k), ideal)
+
+        return z_s, finish
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
         if len(sec.params) != 2:
@@ -199,7 +208,8 @@ class UQDM(DiffusionModel):
         if not 1 <= half_width <= self._max_half_width(st):  # a forged width would only cost time
             raise DecodeError(f"corrupt parameters in section {sec.index} (symbol range {half_width})")
         u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
-        sym = decode_categorical(sec.payload, z.size, 2 * half_width + 1, self._table(st, u, half_width))
+        table = self._table(st.scale, st.delta, u, half_width)
+        sym = decode_categorical(sec.payload, z.size, 2 * half_width + 1, table)
         k = sym.astype(np.int64) - half_width
         if symbols_crc(k) != sec.symbols_crc:
             raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
