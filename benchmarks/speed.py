@@ -1,7 +1,8 @@
 """Encode/decode speed of every codec's default model: network vs everything else, NFE, peak memory.
 
     python benchmarks/speed.py [--image ../shared/data/kodak/kodim01.png] [--sizes full,small]
-                               [--codecs uqdm,diffc,rvgc] [--model NAME_OR_PATH] [--threads 2] [--json out.json]
+                               [--codecs uqdm,diffc,rvgc] [--model NAME_OR_PATH] [--threads 2] [--repeat 1]
+                               [--json out.json]
 
 For each codec and image size (``full`` = the Kodak image as is, 768x512; ``small`` = downscaled 4x
 to 192x128) one case runs in a fresh subprocess (so peak memory is that case's own): compress with
@@ -11,6 +12,10 @@ default unless ``--model`` names another (with a single codec).  Every network m
 random streams, container, image conversion).  NFE counts the main network's evaluations (the
 denoiser U-Net; for rvgc also the transforms' calls are timed but not counted as NFE).  Peak memory
 is the subprocess's maximum resident set size.
+
+``--repeat N`` runs every case N times, each in a fresh subprocess, and reports for each phase the
+run with the median seconds (its network and coding split, NFE), the seconds of every run, and the
+largest peak memory: sub-second cases vary by several percent from one cold run to the next.
 """
 
 from __future__ import annotations
@@ -89,6 +94,17 @@ def run_case(codec: str, size: str, image: str, threads: int, model_name: str | 
     return out
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One row from repeated runs of a case: per phase the run with the median seconds (the lower
+    middle one for an even count), every run's seconds under ``runs_s``, the largest peak memory."""
+    out = dict(runs[0])
+    for phase in ("encode", "decode"):
+        ordered = sorted(runs, key=lambda r: r[phase]["seconds"])
+        out[phase] = dict(ordered[(len(runs) - 1) // 2][phase], runs_s=[r[phase]["seconds"] for r in runs])
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return out
+
+
 def main() -> None:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,6 +113,7 @@ def main() -> None:
     p.add_argument("--codecs", default="uqdm,diffc,rvgc")
     p.add_argument("--model", help="a model name or .safetensors path instead of the default (one codec only)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, help="runs per case (fresh processes); medians reported")
     p.add_argument("--json")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: CODEC:SIZE, run in a subprocess
     a = p.parse_args()
@@ -109,13 +126,16 @@ def main() -> None:
     rows = []
     for size in a.sizes.split(","):
         for codec in a.codecs.split(","):
-            r = subprocess.run([sys.executable, __file__, "--case", f"{codec}:{size}", "--image", a.image,
-                                "--threads", str(a.threads)] + (["--model", a.model] if a.model else []),
-                               capture_output=True, text=True)
-            if r.returncode:
-                print(r.stderr, file=sys.stderr)
-                raise SystemExit(f"case {codec}:{size} failed")
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            runs = []
+            for _ in range(max(1, a.repeat)):
+                r = subprocess.run([sys.executable, __file__, "--case", f"{codec}:{size}", "--image", a.image,
+                                    "--threads", str(a.threads)] + (["--model", a.model] if a.model else []),
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    print(r.stderr, file=sys.stderr)
+                    raise SystemExit(f"case {codec}:{size} failed")
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            rows.append(median_run(runs))
             x = rows[-1]
             print(f"{x['codec']:<6} {x['size']:>8}  bpp {x['bpp']:.3f}  "
                   + "  ".join(f"{ph} {x[ph]['seconds']:7.2f} s (network {x[ph]['network_s']:6.2f}, coding "
@@ -123,12 +143,15 @@ def main() -> None:
                               for ph in ("encode", "decode"))
                   + f"  peak {x['peak_rss_mb']:.0f} MB"
                   + (f"  per step: coding {x['encode']['coding_s_per_step']:.2f} s, network "
-                     f"{x['encode']['network_s_per_step']:.2f} s" if "coding_s_per_step" in x["encode"] else ""),
+                     f"{x['encode']['network_s_per_step']:.2f} s" if "coding_s_per_step" in x["encode"] else "")
+                  + (f"  ({len(runs)} runs)" if len(runs) > 1 else ""),
                   flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        note = ("single run per case" if a.repeat <= 1 else
+                f"{a.repeat} runs per case, each in a fresh process; per phase the run with the median seconds")
         Path(a.json).write_text(json.dumps({"threads": a.threads, "image": Path(a.image).name, "rows": rows,
-                                            "median_note": "single run per case"}, indent=1))
+                                            "median_note": note}, indent=1))
 
 
 if __name__ == "__main__":
