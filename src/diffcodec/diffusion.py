@@ -299,6 +299,10 @@ class DiffusionModel(nn.Module):
         """
         raise NotImplementedError
 
+    def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
+        """Inverse of :meth:`encode_step`: the same z_s, bit for bit."""
+        raise NotImplementedError
+
     def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Like :meth:`encode_step`, but returns (z_s, finish) where ``finish()`` returns the Section.
 
