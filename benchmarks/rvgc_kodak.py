@@ -1,8 +1,8 @@
 """RVGC on Kodak: rate across q, fidelity and realism of the sampler vs the deterministic decoder, speed.
 
     python benchmarks/rvgc_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
-                                    [--model rvgc-small] [--q 0.5,1,2,4,8,16] [--sampler-steps 1,2,4]
-                                    [--eta 1.0] [--json out.json]
+                                    [--model rvgc-small2] [--q 0.5,1,2,4,8,16] [--sampler-steps 1,2,4]
+                                    [--eta 1.0] [--heldout TRAIN_DIR] [--json out.json]
 
 For every q: each image is compressed once (whole-file bpp); the *same file* is decoded with
 ``deterministic=True`` (the plain synthesis g_s(y_hat)) and with the stochastic latent sampler at
@@ -16,6 +16,7 @@ every image.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import time
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 import diffcodec
+from diffcodec.data import list_images, split_files
 from diffcodec.evaluate import load_images
 from diffcodec.metrics import ms_ssim, psnr, sliced_wasserstein
 
@@ -90,9 +92,11 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kodak", default=str(here.parent.parent / "shared" / "data" / "kodak"))
+    p.add_argument("--heldout", metavar="TRAIN_DIR", help="instead of Kodak: the photos the trainer holds out of "
+                   "TRAIN_DIR (every 20th), for choosing decoder defaults without looking at the test set")
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--limit", type=int)
-    p.add_argument("--model", default="rvgc-small")
+    p.add_argument("--model", default="rvgc-small2")
     p.add_argument("--q", help="comma list of q values (default: 6 log-spaced over the model's range)")
     p.add_argument("--sampler-steps", default="1,2,4")
     p.add_argument("--eta", type=float)
@@ -106,10 +110,16 @@ def main() -> None:
     else:
         lo, hi = (math.log(v) for v in model.q_range)
         qs = [round(math.exp(lo + (hi - lo) * i / 5), 6) for i in range(6)]
-    images = load_images(a.kodak, scale=a.scale, limit=a.limit)
+    if a.heldout:
+        images = {}
+        for f in split_files(list_images(a.heldout))[1][: a.limit]:
+            images.update(load_images(f.parent, scale=a.scale, pattern=glob.escape(f.name)))
+    else:
+        images = load_images(a.kodak, scale=a.scale, limit=a.limit)
     t0 = time.perf_counter()
     out = run(model, images, qs, [int(v) for v in a.sampler_steps.split(",")], a.eta)
     out.update(model=model.model_id, model_hash=model.model_hash, images=len(images), scale=a.scale,
+               image_set="held-out training photos" if a.heldout else "kodak",
                threads=a.threads, wall_s=round(time.perf_counter() - t0, 1))
     out["compressai"] = to_compressai(model.model_id, out)
     print(f"rate monotone in q on every image: {out['rate_monotone_in_q']}; {out['wall_s']} s")

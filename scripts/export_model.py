@@ -32,7 +32,8 @@ def _val_bpd(model, data: str, crop: int) -> float:
 
 
 def export(run: Path, name: str, default_steps: int | None, c_max: int | None = None,
-           default_q: float | None = None, eta: float | None = None) -> None:
+           default_q: float | None = None, eta: float | None = None, sampler_steps: int | None = None,
+           sampler_max_q: float | None = None) -> None:
     src = run / "model.safetensors"
     meta = read_metadata(src)
     card = meta["card"]
@@ -50,6 +51,10 @@ def export(run: Path, name: str, default_steps: int | None, c_max: int | None = 
         model.c_max = c_max
     if eta is not None:  # rvgc: the sampler's default randomness (a decoder default, not in the hash)
         model.eta = eta
+    if sampler_steps is not None:  # rvgc decoder defaults, like eta
+        model.sampler_steps = sampler_steps
+    if sampler_max_q is not None:
+        model.sampler_max_q = sampler_max_q
     new_card = {
         "summary": f"{model.codec_id} model, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params",
         **({"default_q": default_q or 4.0} if model.codec_id == "rvgc" else
@@ -135,7 +140,8 @@ def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None)
         f"# Model card: {name}", "",
         f"* codec: `rvgc`, q range [{lo:g}, {hi:g}], model hash `{model.model_hash}`",
         f"* {c['summary']}; weights stored as {c['stored_dtype']} ({path.stat().st_size / 1e6:.2f} MB); "
-        f"default q {c['default_q']:g}; decoder: {model.sampler_steps}-step latent sampler (eta {model.eta:g})",
+        f"default q {c['default_q']:g}; decoder: {model.sampler_steps}-step latent sampler (eta {model.eta:g})"
+        + (f" up to q {model.sampler_max_q:g}, plain synthesis above" if model.sampler_max_q is not None else ""),
         f"* data: {c['data']} — never Kodak",
         _training_line(c) + "; one loss: bpp + lambda(q) MSE + latent "
         f"denoising, lambda from {model.lambda_range[0]:g} (q_min) to {model.lambda_range[1]:g} (q_max)",
@@ -201,6 +207,8 @@ def main() -> None:
     e.add_argument("--c-max", type=int, help="diffc: default chunk cap of the channel coder")
     e.add_argument("--default-q", type=float, help="rvgc: default quantisation step")
     e.add_argument("--eta", type=float, help="rvgc: default randomness of the latent sampler")
+    e.add_argument("--sampler-steps", type=int, help="rvgc: default steps of the latent sampler")
+    e.add_argument("--sampler-max-q", type=float, help="rvgc: above this q the default decoder is the plain synthesis")
     c = sub.add_parser("card")
     c.add_argument("name")
     c.add_argument("--bench", type=Path, required=True)
@@ -208,7 +216,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.cmd == "export":
-        export(a.run, a.name, a.default_steps, a.c_max, a.default_q, a.eta)
+        export(a.run, a.name, a.default_steps, a.c_max, a.default_q, a.eta, a.sampler_steps, a.sampler_max_q)
     else:
         card(a.name, a.bench, a.note)
 

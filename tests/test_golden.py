@@ -17,6 +17,7 @@ CASES = {
     "uqdm-medium": dict(codec="uqdm", lossless=True),
     "diffc-small": dict(codec="diffc", steps=6),
     "rvgc-small": dict(codec="rvgc", q=2.0),
+    "rvgc-small2": dict(codec="rvgc", q=2.0),
 }
 
 

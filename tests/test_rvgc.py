@@ -74,6 +74,25 @@ def test_round_trip_and_rate_monotone_in_q(rvgc):
     assert all(a > b for a, b in zip(bits, bits[1:])), bits
 
 
+def test_sampler_max_q_decodes_plainly_above_it(tmp_path):
+    """A model's sampler_max_q: above it the default decoder is the plain synthesis; an explicit
+    sampler_steps is still honoured; the setting survives saving (and is absent when unset)."""
+    m = make_tiny_rvgc()
+    m.sampler_max_q = 3.0
+    path = tmp_path / "m.safetensors"
+    save_model(m, path)
+    m = load_model(str(path))
+    assert m.sampler_max_q == 3.0 and "sampler_max_q" not in make_tiny_rvgc().config_dict()
+    img = synthetic_image(32, 48, seed=3)
+    for q, plain in ((2.0, False), (4.0, True)):
+        data = diffcodec.compress(img, model=m, q=q).data
+        default = diffcodec.decompress(data, model=m)
+        det = diffcodec.decompress(data, model=m, deterministic=True)
+        sampled = diffcodec.decompress(data, model=m, sampler_steps=m.sampler_steps)
+        assert np.array_equal(default, det) == plain and np.array_equal(default, sampled) != plain
+        assert not np.array_equal(sampled, det)
+
+
 def test_decoded_latent_matches_encoder(rvgc):
     px = synthetic_image(32, 48, seed=2).transpose(2, 0, 1).copy()
     y = rvgc.analyse(px)

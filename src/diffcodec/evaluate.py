@@ -741,8 +741,8 @@ class QSweepAdapter(CodecAdapter):
             if (curve, group) not in set(needed):
                 continue
             kw: dict[str, Any] = {"deterministic": method == "deterministic"}
-            if method == "sampler" and self.sampler_steps is not None:
-                kw["sampler_steps"] = self.sampler_steps
+            if method == "sampler":  # the sampler at every q, also above a model's sampler_max_q
+                kw["sampler_steps"] = self.sampler_steps if self.sampler_steps is not None else m.sampler_steps
             t0 = time.perf_counter()
             dec = decompress(data, model=m, **kw)
             points.append(Point(curve, group, len(data), dec, t_enc, time.perf_counter() - t0))

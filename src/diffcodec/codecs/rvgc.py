@@ -119,7 +119,8 @@ class RVGC(nn.Module):
 
     def __init__(self, N: int = 64, M: int = 64, Nz: int = 32, emb_dim: int = 64, den: dict | None = None,
                  q_range: tuple[float, float] = (0.5, 16.0), lambda_range: tuple[float, float] = (0.03, 0.001),
-                 in_channels: int = 3, sampler_steps: int = 2, eta: float = 1.0, clean_weight: float = 0.0):
+                 in_channels: int = 3, sampler_steps: int = 2, eta: float = 1.0, clean_weight: float = 0.0,
+                 sampler_max_q: float | None = None):
         super().__init__()
         if not 0 < q_range[0] < q_range[1]:
             raise ValueError("q_range must be 0 < q_min < q_max")
@@ -129,6 +130,9 @@ class RVGC(nn.Module):
         self.in_channels = in_channels
         self.sampler_steps = int(sampler_steps)
         self.eta = float(eta)
+        # decoder default: above this q the plain synthesis is used (where a model's sampler measured
+        # less realistic than g_s on held-out photos); None: the sampler at every q
+        self.sampler_max_q = None if sampler_max_q is None else float(sampler_max_q)
         self.clean_weight = float(clean_weight)
         log_lo = math.log(self.q_range[0] * DEN_LEVEL_FLOOR)
         log_hi = math.log(self.q_range[1])
@@ -150,7 +154,7 @@ class RVGC(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> RVGC:
         keys = ("N", "M", "Nz", "emb_dim", "den", "q_range", "lambda_range", "in_channels", "sampler_steps", "eta",
-                "clean_weight")
+                "clean_weight", "sampler_max_q")
         kw = {k: cfg[k] for k in keys if k in cfg}
         for k in ("q_range", "lambda_range"):
             if k in kw:
@@ -167,7 +171,8 @@ class RVGC(nn.Module):
                 "den": {k: den[k] for k in ("base_channels", "channel_mult", "num_res_blocks", "emb_dim")},
                 "q_range": list(self.q_range), "lambda_range": list(self.lambda_range),
                 "in_channels": self.in_channels, "sampler_steps": self.sampler_steps, "eta": self.eta,
-                "clean_weight": self.clean_weight}
+                "clean_weight": self.clean_weight,
+                **({"sampler_max_q": self.sampler_max_q} if self.sampler_max_q is not None else {})}
 
     @property
     def channels(self) -> int:
@@ -431,8 +436,16 @@ class RVGC(nn.Module):
 
     def reconstruct_rvgc(self, y_hat: np.ndarray, q: float, deterministic: bool = False,
                          sampler_steps: int | None = None, eta: float | None = None, rng=None) -> np.ndarray:
-        """Pixels from a decoded latent: plain g_s (``deterministic``) or sampler + g_s."""
-        steps = self.sampler_steps if sampler_steps is None else int(sampler_steps)
+        """Pixels from a decoded latent: plain g_s (``deterministic``) or sampler + g_s.
+
+        By default the model's ``sampler_steps``, or none above its ``sampler_max_q``; an explicit
+        ``sampler_steps`` is always honoured.
+        """
+        if sampler_steps is None:
+            above = self.sampler_max_q is not None and q > self.sampler_max_q
+            steps = 0 if above else self.sampler_steps
+        else:
+            steps = int(sampler_steps)
         if not 0 <= steps <= 16:
             raise DiffcodecError("sampler steps must be in 0..16")
         eta = self.eta if eta is None else float(eta)
