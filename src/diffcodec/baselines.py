@@ -115,7 +115,7 @@ def _imagecodecs(flag: str):
 
 
 def _make_jpeg() -> Baseline:
-    grid = (10.0, 20.0, 30.0, 40.0, 50.0, 65.0, 80.0, 90.0)
+    grid = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 65.0, 80.0, 90.0)
     try:
         ic = _imagecodecs("JPEG8")
     except (ImportError, RuntimeError):
@@ -146,7 +146,7 @@ def _make_jpeg2000() -> Baseline:
 
     # OpenJPEG honours the dB target in ~0.2-0.4 dB steps: treat it as continuous.
     return Baseline("jpeg2000", "JPEG 2000 (OpenJPEG via imagecodecs), JP2 file, 9/7 wavelet, fixed-quality dB target",
-                    enc, ic.jpeg2k_decode, (24.0, 26.0, 28.0, 30.0, 32.0, 34.0, 36.0, 39.0), (15.0, 60.0),
+                    enc, ic.jpeg2k_decode, (18.0, 20.0, 22.0, 24.0, 26.0, 28.0, 30.0, 32.0, 34.0, 36.0, 39.0), (15.0, 60.0),
                     integer_quality=False)
 
 
@@ -157,7 +157,7 @@ def _make_webp() -> Baseline:
         return ic.webp_encode(img, level=int(q), lossless=False)  # lossless=False: see module docstring
 
     return Baseline("webp", "WebP lossy (libwebp via imagecodecs)", enc, ic.webp_decode,
-                    (5.0, 15.0, 30.0, 50.0, 70.0, 85.0, 95.0), (0, 100))
+                    (0.0, 2.0, 5.0, 15.0, 30.0, 50.0, 70.0, 85.0, 95.0), (0, 100))
 
 
 def _make_avif() -> Baseline:
@@ -167,7 +167,7 @@ def _make_avif() -> Baseline:
         return ic.avif_encode(img, level=int(q), speed=6)
 
     return Baseline("avif", "AVIF (libavif via imagecodecs), speed 6", enc, ic.avif_decode,
-                    (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0), (0, 100))
+                    (0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0), (0, 100))
 
 
 def _make_jpegxl() -> Baseline:
@@ -177,7 +177,7 @@ def _make_jpegxl() -> Baseline:
         return ic.jpegxl_encode(img, level=q)
 
     return Baseline("jpegxl", "JPEG XL (libjxl via imagecodecs), default effort", enc, ic.jpegxl_decode,
-                    (10.0, 25.0, 40.0, 55.0, 70.0, 80.0, 90.0), (0.0, 99.0), integer_quality=False)
+                    (0.0, 10.0, 25.0, 40.0, 55.0, 70.0, 80.0, 90.0), (0.0, 99.0), integer_quality=False)
 
 
 def _make_heic() -> Baseline:
@@ -204,7 +204,7 @@ def _make_heic() -> Baseline:
         return np.asarray(heif)
 
     return Baseline("heic", "HEVC-intra in HEIF (x265 via pillow-heif), 4:2:0", enc, dec,
-                    (5.0, 12.0, 20.0, 27.0, 35.0, 42.0, 50.0, 60.0), (0, 100))
+                    (1.0, 5.0, 12.0, 20.0, 27.0, 35.0, 42.0, 50.0, 60.0), (0, 100))
 
 
 _FACTORIES: dict[str, Callable[[], Baseline]] = {
