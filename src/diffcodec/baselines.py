@@ -146,8 +146,8 @@ def _make_jpeg2000() -> Baseline:
 
     # OpenJPEG honours the dB target in ~0.2-0.4 dB steps: treat it as continuous.
     return Baseline("jpeg2000", "JPEG 2000 (OpenJPEG via imagecodecs), JP2 file, 9/7 wavelet, fixed-quality dB target",
-                    enc, ic.jpeg2k_decode, (18.0, 20.0, 22.0, 24.0, 26.0, 28.0, 30.0, 32.0, 34.0, 36.0, 39.0), (15.0, 60.0),
-                    integer_quality=False)
+                    enc, ic.jpeg2k_decode, (18.0, 20.0, 22.0, 24.0, 26.0, 28.0, 30.0, 32.0, 34.0, 36.0, 39.0),
+                    (15.0, 60.0), integer_quality=False)
 
 
 def _make_webp() -> Baseline:

@@ -10,6 +10,7 @@ Python's ``hash()`` (salted per process) is never involved.
 from __future__ import annotations
 
 import numpy as np
+from numpy.random import Philox  # numpy >= 2 loads numpy.random lazily: at import, not in the first encode
 
 # purposes: distinct streams for distinct uses of randomness
 Z_T = 1
@@ -28,7 +29,7 @@ class SeededStream:
         if not (0 <= seed < 2**64 and 0 <= purpose < 2**16 and 0 <= index < 2**32 and 0 <= sub < 2**16):
             raise ValueError("random stream key out of range")
         key = np.array([seed, (purpose << 48) | (sub << 32) | index], dtype=np.uint64)
-        self._bg = np.random.Philox(key=key)
+        self._bg = Philox(key=key)
 
     def raw(self, n: int) -> np.ndarray:
         return self._bg.random_raw(n).astype(np.uint64)
@@ -80,7 +81,7 @@ class CounterStream:
         """``count`` raw 64-bit words starting at word ``start`` of this lane (uint64 array)."""
         block, skip = _position(start, count)
         counter = np.array([block, 0, 0, self._lane], dtype=np.uint64)
-        bg = np.random.Philox(key=self._key, counter=counter)
+        bg = Philox(key=self._key, counter=counter)
         out = bg.random_raw(int(count) + skip).astype(np.uint64, copy=False)
         return out[skip:] if skip else out
 
@@ -97,7 +98,7 @@ class LaneReader:
 
     def __init__(self, seed: int, purpose: int, index: int = 0, sub: int = 0):
         key = _philox_key(seed, purpose, index, sub)
-        self._bg = np.random.Philox(key=key)
+        self._bg = Philox(key=key)
         # plain lists: the state setter reads them element by element, faster from lists than arrays
         self._counter = [0, 0, 0, 0]
         self._state = {"bit_generator": "Philox", "state": {"counter": self._counter, "key": [int(k) for k in key]},
