@@ -159,7 +159,10 @@ def test_cli_round_trip_json_and_errors(rvgc_path, tmp_path, capsys):
     assert np.asarray(Image.open(out)).shape == (48, 40, 3)
     assert main(["decompress", str(dfc), "-o", str(tmp_path / "d.png"), "--model", str(rvgc_path),
                  "--deterministic"]) == 0
-    capsys.readouterr()
+    assert main(["decompress", str(dfc), "-o", str(tmp_path / "e.png"), "--model", str(rvgc_path)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[-3].endswith("sampler, 2 steps") and said[-2].endswith("plain synthesis")
+    assert said[-1].endswith("the model's default decoder")
     assert main(["info", str(dfc)]) == 0
     text = capsys.readouterr().out
     assert "q = 3" in text and "hyper-latent" in text and "latent" in text

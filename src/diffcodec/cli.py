@@ -76,8 +76,12 @@ def cmd_decompress(a) -> int:
         print(f"diffcodec: note: file truncated: decoded {used} of {meta['sections_encoded']} sections",
               file=sys.stderr)
     if not a.quiet:
-        how = (("deterministic" if a.deterministic else "sampler") if meta["codec"] == "rvgc"
-               else f"method {a.method}")
+        if meta["codec"] != "rvgc":
+            how = f"method {a.method}"
+        elif a.deterministic or a.sampler_steps == 0:
+            how = "plain synthesis"
+        else:  # the model's default may be the plain synthesis at this q (its sampler_max_q)
+            how = f"sampler, {a.sampler_steps} steps" if a.sampler_steps is not None else "the model's default decoder"
         print(f"{a.input} -> {out}: {img.shape[1]}x{img.shape[0]}, {how}")
     return 0
 

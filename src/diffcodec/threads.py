@@ -1,7 +1,7 @@
 """Worker threads shared by the coding paths (probability tables, channel search, pipelined coding).
 
 Why persistent pools: a codec step builds its tables or searches its chunks in a few threads for a
-few milliseconds.  Starting fresh threads for every step costs as much as the work itself on a small,
+few milliseconds.  Starting fresh threads for every step can cost as much as the work itself on a small,
 busy machine (each start waits for the scheduler), so every purpose keeps one pool for the process.
 Pools are per purpose because a task of one pool may wait on another pool's tasks (the pipelined
 coder builds tables), and a pool must never wait on its own tasks.  After ``fork`` the child starts
