@@ -88,9 +88,12 @@ def test_eval_end_to_end_schema_and_resume(images_dir, tiny_model_path, tmp_path
     records = (out / "cache" / "records.jsonl").read_text()
     before = {p.name: p.read_text() for p in out.glob("*.json")}
     capsys.readouterr()
-    assert main(eval_args(images_dir, out, tiny_model_path, "--methods", "denoise,uqdm:flow")) == 0
+    assert main(eval_args(images_dir, out, tiny_model_path, "--methods", "denoise,uqdm:flow",
+                          "--swd-max-bpp", "1000")) == 0
     log = capsys.readouterr().out
     assert "0 jobs to run" in log and "0 points computed" in log
+    swd_table = (out / "swd_rate.txt").read_text()  # every point: SWD next to JPEG's at the same bpp
+    assert "tiny-uqdm-flow" in swd_table and "lower (*) at: jpeg" in swd_table and "swd_rate.txt" in log
     assert (out / "cache" / "records.jsonl").read_text() == records
     assert {p.name: p.read_text() for p in out.glob("*.json")} == before
 

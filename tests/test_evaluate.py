@@ -27,6 +27,8 @@ from diffcodec.evaluate import (
     msssim_db,
     plot_rd,
     save_results,
+    swd_at_rate,
+    swd_rate_table,
 )
 from diffcodec.metrics import ms_ssim, msssim_scales, psnr, sliced_wasserstein
 
@@ -171,6 +173,33 @@ def test_bd_edge_cases():
     # non-finite points (a lossless PSNR) are dropped, not propagated
     assert bd_rate(RATES + [9.0], PSNRS + [None], RATES, PSNRS) == pytest.approx(0.0, abs=1e-9)
     assert msssim_db(0.99) == pytest.approx(20.0) and msssim_db(None) is None
+
+
+def _curve(name, bpp, swd, quality=None):
+    return {"name": name, "results": {"bpp": bpp, "swd": swd, "quality": quality or list(range(len(bpp)))}}
+
+
+def test_swd_at_rate_interpolates_in_log_bpp_and_never_extrapolates():
+    anchor = _curve("jpeg", [0.1, 0.4, 1.6], [80.0, 40.0, 20.0])
+    test = _curve("codec", [0.05, 0.2, 0.4, 0.8], [90.0, 50.0, 45.0, 10.0], quality=[16, 8, 4, 2])
+    pts = swd_at_rate(anchor, test, max_bpp=0.5)
+    assert [p["quality"] for p in pts] == [16, 8, 4]  # 0.8 bpp is above max_bpp
+    assert pts[0]["anchor_swd"] is None and pts[0]["delta"] is None  # below the anchor's lowest rate
+    assert pts[1]["anchor_swd"] == pytest.approx(60.0)  # 0.2 is half-way from 0.1 to 0.4 in log bpp
+    assert pts[1]["delta"] == pytest.approx(-10.0)
+    assert pts[2]["anchor_swd"] == pytest.approx(40.0) and pts[2]["delta"] == pytest.approx(5.0)
+    assert len(swd_at_rate(anchor, test, max_bpp=None)) == 4
+    assert swd_at_rate(_curve("x", [0.1, 0.2], [1.0, 2.0]) | {"results": {"bpp": [0.1]}}, test) == []
+
+
+def test_swd_rate_table_marks_and_counts_wins():
+    anchors = [_curve("jpeg", [0.1, 0.4], [80.0, 40.0]), _curve("avif", [0.1, 0.4], [55.0, 35.0])]
+    test = _curve("codec", [0.2, 0.3], [58.0, 30.0])
+    rows, text = swd_rate_table([test], anchors)
+    assert [r["bpp"] for r in rows] == [0.2, 0.3]
+    assert rows[0]["swd-jpeg"] == pytest.approx(60.0) and rows[0]["swd-avif"] == pytest.approx(45.0)
+    assert "lower (*) at: jpeg 2/2, avif 1/2" in text
+    assert "58.0" in text and "60.0*" in text and "45.0 " in text
 
 
 # ------------------------------------------------------------------------------------------ baselines

@@ -197,10 +197,10 @@ def cmd_eval(a) -> int:
         sizes = sorted({f"{im.shape[1]}x{im.shape[0]}" for im in images.values()})
         log(f"{len(images)} images from {a.images} (downscale {a.downscale}: {', '.join(sizes)})")
     report = run_eval(images, adapters, a.out, workers=a.workers, swd=not a.no_swd, bd_method=a.bd_method,
-                      title=a.title, progress=not a.quiet, log=log)
+                      swd_max_bpp=a.swd_max_bpp, title=a.title, progress=not a.quiet, log=log)
     if log:
-        log(f"\nwrote {len(report['curves'])} curve JSONs, per_image.csv, curves.txt"
-            f"{', bd.txt' if report['table'] else ''} and plots to {a.out}/ "
+        tables = (", bd.txt" if report["table"] else "") + (", swd_rate.txt" if report["swd_rate"] else "")
+        log(f"\nwrote {len(report['curves'])} curve JSONs, per_image.csv, curves.txt{tables} and plots to {a.out}/ "
             f"({report['points'] - report['points_cached']} points computed, {report['points_cached']} reused)")
     return 0
 
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=1, help="parallel processes over images (1 torch thread each)")
     ev.add_argument("--no-swd", dest="no_swd", action="store_true", help="skip SWD (no reconstructions stored)")
     ev.add_argument("--bd-method", dest="bd_method", choices=["pchip", "cubic"], default="pchip")
+    ev.add_argument("--swd-max-bpp", dest="swd_max_bpp", type=float, default=0.5,
+                    help="swd_rate.txt compares SWD at equal bpp up to this rate (default 0.5)")
     ev.add_argument("--title", help="title of the RD plots (default: the image count and sizes)")
     ev.add_argument("-q", "--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)

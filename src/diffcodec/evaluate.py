@@ -67,6 +67,8 @@ __all__ = [
     "plot_rd",
     "run_eval",
     "save_results",
+    "swd_at_rate",
+    "swd_rate_table",
 ]
 
 EncodeDecodeFn = Callable[[np.ndarray, Any], tuple[bytes, np.ndarray]]
@@ -412,6 +414,78 @@ def compare_curves(anchor: Mapping[str, Any], test: Mapping[str, Any], *,
         except (KeyError, ValueError):
             out[key] = math.nan
     return out
+
+
+def swd_at_rate(anchor: Mapping[str, Any], test: Mapping[str, Any], *, max_bpp: float | None = 0.5
+                ) -> list[dict[str, Any]]:
+    """SWD of ``anchor`` at each of ``test``'s rates: realism compared at equal bpp, point by point.
+
+    Realism goals are stated as "lower SWD than codec X at equal bpp", and SWD is not a quality that a
+    Bjontegaard fit handles well (it is not monotone in rate for a generative decoder, and a sampler can
+    trade PSNR for SWD).  So for every ``test`` point with ``bpp <= max_bpp`` the anchor's SWD is
+    interpolated linearly in log(bpp) between its two neighbouring points; a test point outside the
+    anchor's measured rate range gets ``None`` (no extrapolation: a claim needs a measured bracket).
+    Returns one dict per test point: ``bpp``, ``quality``, ``swd``, ``anchor_swd``, ``delta``
+    (test minus anchor; negative = the test curve is more realistic at that rate).
+    """
+    res_t, res_a = test["results"], anchor["results"]
+    if "swd" not in res_t or "swd" not in res_a:
+        return []
+    try:
+        xa, ya = _clean_points([math.log(r) if r and r > 0 else None for r in res_a["bpp"]], list(res_a["swd"]))
+    except ValueError:
+        return []
+    quality = list(res_t.get("quality") or [None] * len(res_t["bpp"]))
+    out = []
+    for b, s, q in sorted(zip(res_t["bpp"], res_t["swd"], quality), key=lambda t: t[0]):
+        if b is None or s is None or b <= 0 or (max_bpp is not None and b > max_bpp):
+            continue
+        lb = math.log(b)
+        ref = float(np.interp(lb, xa, ya)) if xa[0] <= lb <= xa[-1] else None
+        out.append({"bpp": float(b), "quality": q, "swd": float(s), "anchor_swd": ref,
+                    "delta": None if ref is None else float(s) - ref})
+    return out
+
+
+def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]], *,
+                   max_bpp: float | None = 0.5) -> tuple[list[dict[str, Any]], str]:
+    """:func:`swd_at_rate` of every test curve against every anchor, as rows and as a text table.
+
+    Each test point below ``max_bpp`` is a row with its own SWD and each anchor's SWD at the same bpp
+    (``-`` where the anchor has no points on both sides, ``*`` where the curve is lower); a last line per
+    curve counts, for each anchor, the points at which the curve is lower among those the anchor brackets."""
+    rows: list[dict[str, Any]] = []
+    limit = "" if max_bpp is None else f" up to {max_bpp:g} bpp"
+    lines = [f"SWD (x1e3, lower = more realistic) of each curve's points{limit} and of each anchor at the same "
+             "bpp (linear in log bpp between the anchor's points; - = outside its measured range)"]
+    cols = [str(a["name"]) for a in anchors]
+    cw = [max(8, len(c)) for c in cols]
+    for t in tests:
+        per_anchor = {str(a["name"]): swd_at_rate(a, t, max_bpp=max_bpp) for a in anchors}
+        pts = next((v for v in per_anchor.values() if v), [])
+        if not pts:
+            continue
+        lines += ["", f"{t['name']}",
+                  f"  {'quality':>9} {'bpp':>8} {'SWD':>7}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, cw))]
+        wins = dict.fromkeys(cols, 0)
+        bracketed = dict.fromkeys(cols, 0)
+        for i, p in enumerate(pts):
+            refs = {c: per_anchor[c][i]["anchor_swd"] if per_anchor[c] else None for c in cols}
+            rows.append({"curve": t["name"], "quality": p["quality"], "bpp": p["bpp"], "swd": p["swd"],
+                         **{f"swd-{c}": refs[c] for c in cols}})
+            q = p["quality"]
+            qs = "" if q is None else f"{q:g}" if isinstance(q, (int, float)) else str(q)
+            cells = ["-" if refs[c] is None else f"{refs[c]:.1f}" + ("*" if p["swd"] < refs[c] else " ")
+                     for c in cols]
+            lines.append(f"  {qs:>9} {p['bpp']:8.4f} {p['swd']:7.1f}  "
+                         + "  ".join(f"{v:>{w}}" for v, w in zip(cells, cw)))
+            for c in cols:
+                if refs[c] is not None:
+                    bracketed[c] += 1
+                    wins[c] += p["swd"] < refs[c]
+        lines.append("  lower (*) at: " + ", ".join(f"{c} {wins[c]}/{bracketed[c]}" for c in cols)
+                     + " of the points each anchor brackets")
+    return rows, "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1145,6 +1219,7 @@ def run_eval(
     swd: bool = True,
     swd_options: Mapping[str, Any] | None = None,
     bd_method: str = "pchip",
+    swd_max_bpp: float | None = 0.5,
     extra_curves: Sequence[Mapping[str, Any]] = (),
     plots: bool = True,
     title: str | None = None,
@@ -1156,10 +1231,12 @@ def run_eval(
     Writes ``<curve>.json`` (CompressAI schema: name, description, results with bpp, psnr-rgb, ms-ssim-rgb,
     swd, encoding_time, decoding_time, quality per point, plus lpips/fid when their weights are installed),
     ``per_image.csv``, ``curves.txt`` (the points as tables), ``bd.txt`` / ``bd.csv`` (BD-rate on PSNR of each
-    diffcodec and ``extra_curves`` curve against each baseline), and ``rd_psnr.png`` / ``rd_msssim.png`` /
-    ``rd_swd.png``; the per-image records live in ``cache/`` (see :class:`RecordCache`).  Points already
-    recorded for the same pixels and config are not recomputed.  Returns a summary dict (``curves``,
-    ``table``, ``bd``, counts of points run / cached / incomplete settings).
+    diffcodec and ``extra_curves`` curve against each baseline), ``swd_rate.txt`` (each curve's SWD below
+    ``swd_max_bpp`` next to each baseline's SWD at the same bpp, :func:`swd_rate_table`), and
+    ``rd_psnr.png`` / ``rd_msssim.png`` / ``rd_swd.png``; the per-image records live in ``cache/`` (see
+    :class:`RecordCache`).  Points already recorded for the same pixels and config are not recomputed.
+    Returns a summary dict (``curves``, ``table``, ``bd``, ``swd_rate``, counts of points run / cached /
+    incomplete settings).
     """
     from tqdm import tqdm
 
@@ -1244,6 +1321,13 @@ def run_eval(
                                                         for k in ("bd-rate-psnr", "bd-psnr", "bd-rate-ms-ssim")])
         say("")
         say(table)
+    swd_rows: list[dict[str, Any]] = []
+    if swd and baselines and tests:
+        swd_rows, swd_text = swd_rate_table(tests, baselines, max_bpp=swd_max_bpp)
+        if swd_rows:
+            (out / "swd_rate.txt").write_text(swd_text + "\n")
+            say("")
+            say(swd_text)
     if plots and curves:
         every = curves + list(extra_curves)
         max_bpp = 1.25 * max(max(c["results"]["bpp"]) for c in baselines) if baselines else None
@@ -1264,5 +1348,6 @@ def run_eval(
                     pass  # e.g. --no-swd: nothing to plot for that metric
             cache.root.mkdir(parents=True, exist_ok=True)
             stamp_file.write_text(stamp)
-    return {"curves": curves, "families": family, "bd": bd_rows, "table": table, "points": n_points,
+    return {"curves": curves, "families": family, "bd": bd_rows, "table": table, "swd_rate": swd_rows,
+            "points": n_points,
             "points_cached": n_cached, "jobs_run": len(payloads), "incomplete_settings": incomplete, "out": out}
