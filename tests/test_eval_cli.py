@@ -256,3 +256,28 @@ def test_eval_rvgc_sweeps_q_on_the_same_images(images_dir, tmp_path, capsys):
         steps = np.diff(bpp)
         assert len(bpp) == 3 and (np.all(steps <= 0) or np.all(steps >= 0)), bpp  # whole 4-byte words: ties
         assert all(np.isfinite(res["results"]["psnr-rgb"]))
+
+
+def test_eval_rvgc_default_curve_is_the_models_own_decoder(images_dir, tmp_path):
+    """The ``default`` curve is what decompress gives: the plain synthesis above sampler_max_q, the sampler
+    at or below; reusing the other curves' decodes gives the same points as decoding it on its own."""
+    from conftest import make_tiny
+    from diffcodec.models import save_model
+
+    m = make_tiny("rvgc")
+    q_min, q_max = (float(v) for v in m.q_range)
+    m.sampler_max_q = 1.001 * float(np.sqrt(q_max * q_min))  # the middle of 3 log-spaced q's and below: sampler
+    path = tmp_path / "tiny-rvgc.safetensors"
+    save_model(m, path)
+    out, alone = tmp_path / "res", tmp_path / "alone"
+    assert main(["eval", str(images_dir), "--codec", "rvgc", "--model", str(path), "--num-q", "3",
+                 "--baselines", "none", "--out", str(out), "-q", "--no-swd"]) == 0
+    assert main(["eval", str(images_dir), "--codec", "rvgc", "--model", str(path), "--num-q", "3",
+                 "--methods", "default", "--baselines", "none", "--out", str(alone), "-q", "--no-swd"]) == 0
+    res = {k: load_results(out / f"tiny-rvgc-{k}.json")["results"] for k in ("deterministic", "sampler", "default")}
+    assert res["default"]["quality"] == res["sampler"]["quality"] and res["default"]["quality"][0] > m.sampler_max_q
+    for i, q in enumerate(res["default"]["quality"]):
+        ref = res["deterministic"] if q > m.sampler_max_q else res["sampler"]
+        assert res["default"]["psnr-rgb"][i] == ref["psnr-rgb"][i]
+    assert res["deterministic"]["psnr-rgb"][0] != res["sampler"]["psnr-rgb"][0]  # the two decoders differ
+    assert load_results(alone / "tiny-rvgc-default.json")["results"]["psnr-rgb"] == res["default"]["psnr-rgb"]

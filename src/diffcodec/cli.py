@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "file is a point), rvgc (a sweep over q)")
     ev.add_argument("--model", help="comma list, one model per --codec (default: each codec's default model)")
     ev.add_argument("--methods", default="denoise", help="reconstructions, comma list: denoise,flow,ancestral "
-                    "(rvgc: deterministic,sampler); CODEC:METHOD applies to one codec only (default: denoise)")
+                    "(rvgc: deterministic,sampler,default); CODEC:METHOD applies to one codec only (default: denoise)")
     ev.add_argument("--nfe", type=int, help="network evaluations of flow/ancestral (default: remaining steps)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "
                     "beyond a model's T are ignored; every step is still encoded; default: all)")

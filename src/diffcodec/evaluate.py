@@ -764,19 +764,24 @@ class ProgressiveAdapter(CodecAdapter):
 class QSweepAdapter(CodecAdapter):
     """rvgc: not progressive; one file per image and quantisation step q, ``num_q`` values log-spaced over the
     model's ``q_range`` (largest q = fewest bits first).  Methods: ``deterministic`` (plain synthesis of the
-    decoded latent) and ``sampler`` (the few-step stochastic sampler, ``sampler_steps`` evaluations)."""
+    decoded latent), ``sampler`` (the few-step stochastic sampler, ``sampler_steps`` evaluations, at every q)
+    and ``default`` (what ``diffcodec decompress`` gives: the model's own choice per q, e.g. the plain
+    synthesis above its ``sampler_max_q``).  Without ``methods``: all three, or the first two for a model
+    whose default is the sampler at every q (``default`` would repeat the ``sampler`` curve)."""
 
-    METHODS = ("deterministic", "sampler")
+    METHODS = ("deterministic", "sampler", "default")
 
     def __init__(self, codec: str = "rvgc", model: str | None = None, methods: Sequence[str] | None = None, *,
                  num_q: int = 6, qs: Sequence[float] | None = None, sampler_steps: int | None = None, seed: int = 0):
         if codec != "rvgc":
             raise ValueError(f"the q-sweep adapter is for rvgc, not {codec}")
-        methods = tuple(dict.fromkeys(methods or self.METHODS))
-        bad = [x for x in methods if x not in self.METHODS]
+        bad = [x for x in methods or () if x not in self.METHODS]
         if bad:
             raise ValueError(f"methods {bad} invalid for rvgc; choose from {', '.join(self.METHODS)}")
         m = _load_model(model, codec)
+        if not methods:
+            methods = self.METHODS if getattr(m, "sampler_max_q", None) is not None else self.METHODS[:2]
+        methods = tuple(dict.fromkeys(methods))
         q_min, q_max = (float(v) for v in m.q_range)
         if qs is None:
             if num_q < 2:
@@ -810,16 +815,29 @@ class QSweepAdapter(CodecAdapter):
         t0 = time.perf_counter()
         data = compress(img, model=m, codec="rvgc", q=group, seed=self.seed).data
         t_enc = time.perf_counter() - t0
+        wanted = set(needed)
+        decoded: dict[str, tuple[np.ndarray, float]] = {}
+        # the model's default decoder is one of the other two at each q: reuse that decode when it ran here
+        above = getattr(m, "sampler_max_q", None) is not None and group > m.sampler_max_q
+        same_as = "deterministic" if above or m.sampler_steps == 0 else (
+            "sampler" if self.sampler_steps in (None, m.sampler_steps) else None)
         points = []
-        for curve, method in zip(self.curves(), self.methods):
-            if (curve, group) not in set(needed):
+        for curve, method in sorted(zip(self.curves(), self.methods), key=lambda cm: cm[1] == "default"):
+            if (curve, group) not in wanted:
                 continue
-            kw: dict[str, Any] = {"deterministic": method == "deterministic"}
-            if method == "sampler":  # the sampler at every q, also above a model's sampler_max_q
-                kw["sampler_steps"] = self.sampler_steps if self.sampler_steps is not None else m.sampler_steps
-            t0 = time.perf_counter()
-            dec = decompress(data, model=m, **kw)
-            points.append(Point(curve, group, len(data), dec, t_enc, time.perf_counter() - t0))
+            if method == "default" and same_as in decoded:
+                dec, t_dec = decoded[same_as]
+            else:
+                kw: dict[str, Any] = {}
+                if method == "deterministic":
+                    kw["deterministic"] = True
+                elif method == "sampler":  # the sampler at every q, also above a model's sampler_max_q
+                    kw["sampler_steps"] = self.sampler_steps if self.sampler_steps is not None else m.sampler_steps
+                t0 = time.perf_counter()
+                dec = decompress(data, model=m, **kw)
+                t_dec = time.perf_counter() - t0
+                decoded[method] = (dec, t_dec)
+            points.append(Point(curve, group, len(data), dec, t_enc, t_dec))
         return points
 
 
