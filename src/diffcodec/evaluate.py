@@ -780,7 +780,7 @@ class QSweepAdapter(CodecAdapter):
             raise ValueError(f"methods {bad} invalid for rvgc; choose from {', '.join(self.METHODS)}")
         m = _load_model(model, codec)
         if not methods:
-            methods = self.METHODS if getattr(m, "sampler_max_q", None) is not None else self.METHODS[:2]
+            methods = self.METHODS if m.sampler_max_q is not None else self.METHODS[:2]
         methods = tuple(dict.fromkeys(methods))
         q_min, q_max = (float(v) for v in m.q_range)
         if qs is None:
@@ -817,10 +817,11 @@ class QSweepAdapter(CodecAdapter):
         t_enc = time.perf_counter() - t0
         wanted = set(needed)
         decoded: dict[str, tuple[np.ndarray, float]] = {}
+        sampler_steps = self.sampler_steps if self.sampler_steps is not None else m.sampler_steps
         # the model's default decoder is one of the other two at each q: reuse that decode when it ran here
-        above = getattr(m, "sampler_max_q", None) is not None and group > m.sampler_max_q
-        same_as = "deterministic" if above or m.sampler_steps == 0 else (
-            "sampler" if self.sampler_steps in (None, m.sampler_steps) else None)
+        default_steps = m.default_sampler_steps(group)
+        same_as = ("deterministic" if default_steps == 0 else "sampler" if sampler_steps == default_steps
+                   else None)
         points = []
         for curve, method in sorted(zip(self.curves(), self.methods), key=lambda cm: cm[1] == "default"):
             if (curve, group) not in wanted:
@@ -832,7 +833,7 @@ class QSweepAdapter(CodecAdapter):
                 if method == "deterministic":
                     kw["deterministic"] = True
                 elif method == "sampler":  # the sampler at every q, also above a model's sampler_max_q
-                    kw["sampler_steps"] = self.sampler_steps if self.sampler_steps is not None else m.sampler_steps
+                    kw["sampler_steps"] = sampler_steps
                 t0 = time.perf_counter()
                 dec = decompress(data, model=m, **kw)
                 t_dec = time.perf_counter() - t0
@@ -1367,5 +1368,5 @@ def run_eval(
             cache.root.mkdir(parents=True, exist_ok=True)
             stamp_file.write_text(stamp)
     return {"curves": curves, "families": family, "bd": bd_rows, "table": table, "swd_rate": swd_rows,
-            "points": n_points,
-            "points_cached": n_cached, "jobs_run": len(payloads), "incomplete_settings": incomplete, "out": out}
+            "points": n_points, "points_cached": n_cached, "jobs_run": len(payloads),
+            "incomplete_settings": incomplete, "out": out}

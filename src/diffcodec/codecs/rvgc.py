@@ -434,6 +434,12 @@ class RVGC(nn.Module):
                   ANALYSIS_TILE // 16, 4)
         return unit_to_pixel(quantize_to_grid(x, EPS_GRID_BITS))
 
+    def default_sampler_steps(self, q: float) -> int:
+        """Sampler steps of the default decoder at ``q``: the model's ``sampler_steps``, or 0 (the plain
+        synthesis) above its ``sampler_max_q``, where the sampler measured less realistic."""
+        above = self.sampler_max_q is not None and q > self.sampler_max_q
+        return 0 if above else self.sampler_steps
+
     def reconstruct_rvgc(self, y_hat: np.ndarray, q: float, deterministic: bool = False,
                          sampler_steps: int | None = None, eta: float | None = None, rng=None) -> np.ndarray:
         """Pixels from a decoded latent: plain g_s (``deterministic``) or sampler + g_s.
@@ -441,11 +447,7 @@ class RVGC(nn.Module):
         By default the model's ``sampler_steps``, or none above its ``sampler_max_q``; an explicit
         ``sampler_steps`` is always honoured.
         """
-        if sampler_steps is None:
-            above = self.sampler_max_q is not None and q > self.sampler_max_q
-            steps = 0 if above else self.sampler_steps
-        else:
-            steps = int(sampler_steps)
+        steps = self.default_sampler_steps(q) if sampler_steps is None else int(sampler_steps)
         if not 0 <= steps <= 16:
             raise DiffcodecError("sampler steps must be in 0..16")
         eta = self.eta if eta is None else float(eta)
