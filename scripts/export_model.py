@@ -180,19 +180,23 @@ def diffc_lines(b: dict, model) -> list[str]:
                      f"{r['network_s_per_step']:.2f} | {r['channel_s_per_step']:.2f} |")
     rd = b["rd"]
     c_b = b.get("part_b_c_max", b["default_c_max"])
+    ideal_anc = "ideal_flow_minus_ancestral_db" in rd  # benchmarks before the ideal chain had ancestral
     lines += ["", f"Progressive RD at c_max {c_b} (PSNR dB; ideal = exact Gaussian samples at a rate "
               "of exactly the KL, i.e. a perfect channel):", "",
-              "| steps | bpp | denoise | flow | ancestral | ideal bpp | ideal flow |", "|---|---|---|---|---|---|---|"]
+              "| steps | bpp | denoise | flow | ancestral | ideal bpp | ideal flow"
+              + (" | ideal ancestral |" if ideal_anc else " |"),
+              "|---|---|---|---|---|---|---|" + ("---|" if ideal_anc else "")]
     for k, r in rd["real"].items():
         i = rd["ideal"][k]
         lines.append(f"| {k} | {r['bpp']:.3f} | {r['denoise']:.2f} | {r['flow']:.2f} | {r['ancestral']:.2f} | "
-                     f"{i['bpp']:.3f} | {i['flow']:.2f} |")
+                     f"{i['bpp']:.3f} | {i['flow']:.2f} |" + (f" {i['ancestral']:.2f} |" if ideal_anc else ""))
     gap = rd.get("gap_db_mean")
     lines += ["", "* fidelity lost to channel coding (real flow minus ideal flow at the same bpp): "
               + (f"{gap:+.2f} dB on average; per step: "
                  + ", ".join(f"{g['step']}: {g['gap_db']:+.2f}" for g in rd["gap"]) if gap is not None else "n/a"),
               f"* flow minus ancestral at step {rd['flow_vs_ancestral_step']}: "
-              f"{rd['flow_minus_ancestral_db']:+.2f} dB", "",
+              f"{rd['flow_minus_ancestral_db']:+.2f} dB"
+              + (f" (ideal channel: {rd['ideal_flow_minus_ancestral_db']:+.2f} dB)" if ideal_anc else ""), "",
               "Reproduce: `python benchmarks/diffc_kodak.py --json diffc.json` and `scripts/export_model.py`."]
     return lines
 

@@ -120,3 +120,18 @@ def test_c_max_is_an_encoder_choice(diffc_model):
     assert outs[0] != outs[1]
     with pytest.raises(ValueError):
         diffcodec.compress(img, model=diffc_model, steps=1, c_max=40)
+
+
+def test_pad_is_an_encoder_choice(diffc_model):
+    """The chunk slack changes the file but not the decoder (which checks every step's sample
+    against the encoder's CRC, so a mismatch would raise)."""
+    img = synthetic_image(16, 16, seed=6)
+    sizes = {}
+    for pad in (0.0, 2.0, 5.0):
+        res = diffcodec.compress(img, model=diffc_model, steps=3, c_max=8, pad=pad)
+        assert diffcodec.decompress(res.data, model=diffc_model).shape == img.shape
+        sizes[pad] = res.data
+    assert len({*sizes.values()}) == 3
+    assert diffcodec.compress(img, model=diffc_model, steps=3, c_max=8).data == sizes[2.0]  # the default
+    with pytest.raises(ValueError):
+        diffcodec.compress(img, model=diffc_model, steps=1, c_max=8, pad=8.0)

@@ -115,7 +115,7 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     Quality is chosen by exactly one of ``steps`` (diffusion steps sent, 1..T), ``bpp`` (the
     largest step count whose whole file fits) or ``lossless`` (every step plus the exact final
     section).  With none, the model card's ``default_steps`` is used.  ``options`` are the codec's
-    encoder choices (diffc: ``c_max``); ``None`` values are ignored.
+    encoder choices (diffc: ``c_max``, ``pad``); ``None`` values are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:

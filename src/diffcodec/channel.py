@@ -69,6 +69,10 @@ from .varint import put_varint
 KL_UNITS_PER_BIT = 16
 """The step's total KL is sent in units of 1/16 bit: fine enough for the index model, ~2 bytes."""
 
+DEFAULT_PAD = 2.0
+"""Bits of slack below log2 N per chunk (see :func:`choose_layout`); files made with other values
+decode the same way, the layout is in the file."""
+
 MAX_LOG2_CANDIDATES = 20
 """Hard limit on log2 N accepted from a file (a 2^20 float64 table is 8 MiB)."""
 
@@ -399,7 +403,7 @@ def choose_layout(
     seed: int,
     step: int,
     c_max: int = 12,
-    pad: float = 2.0,
+    pad: float = DEFAULT_PAD,
     min_kl_bits: float = DEFAULT_MIN_KL_BITS,
     max_growth: float = 1.0,
 ) -> StepLayout:
@@ -750,7 +754,7 @@ def encode_step(
     seed: int,
     step: int,
     c_max: int = 12,
-    pad: float = 2.0,
+    pad: float = DEFAULT_PAD,
     min_kl_bits: float = DEFAULT_MIN_KL_BITS,
     max_growth: float = 1.0,
     workers: int | None = None,

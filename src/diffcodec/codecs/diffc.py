@@ -92,14 +92,21 @@ class DiffC(DiffusionModel):
         return a * z + b * x_hat, a, b, beta
 
     def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int,
-                    c_max: int | None = None):
-        """Send a sample of q(z_s | z_t, x); ``c_max`` (bits per chunk) trades speed for fidelity."""
+                    c_max: int | None = None, pad: float | None = None):
+        """Send a sample of q(z_s | z_t, x); ``c_max`` (bits per chunk) trades speed for fidelity.
+
+        ``pad`` (bits of slack between a chunk's KL and log2 of its candidate count, default
+        :data:`channel.DEFAULT_PAD`) trades rate against how exact the sample is; like ``c_max`` it
+        is an encoder choice (the layout is in the file), see ``benchmarks/diffc_pad.py``.
+        """
         c_max = int(c_max or self.c_max)
         if not 4 <= c_max <= 20:
             raise ValueError("c_max must be in 4..20 bits")
+        pad = channel.DEFAULT_PAD if pad is None else float(pad)
         mu_p, a, b, beta = self._prior(z, i, gam)
         m = ((a * z + b * x) - mu_p) / beta
-        X, payload, layout, _index_bits, kl_bits = channel.encode_step(m.reshape(-1), seed, i, c_max=c_max)
+        X, payload, layout, _index_bits, kl_bits = channel.encode_step(m.reshape(-1), seed, i, c_max=c_max,
+                                                                       pad=pad)
         z_s = mu_p + beta * X.reshape(z.shape)
         crc = channel.sample_crc(X)
         # the ideal cost of a DiffC step is its KL: what an exact channel simulation would spend
