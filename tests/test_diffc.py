@@ -135,3 +135,21 @@ def test_pad_is_an_encoder_choice(diffc_model):
     assert diffcodec.compress(img, model=diffc_model, steps=3, c_max=8).data == sizes[2.0]  # the default
     with pytest.raises(ValueError):
         diffcodec.compress(img, model=diffc_model, steps=1, c_max=8, pad=8.0)
+
+
+def test_cli_pad_option(tmp_path, diffc_model):
+    from PIL import Image
+
+    from diffcodec.cli import main
+
+    src = tmp_path / "in.png"
+    Image.fromarray(synthetic_image(16, 16, seed=6)).save(src)
+    model = tmp_path / "m.safetensors"
+    save_model(diffc_model, model)
+    outs = []
+    for pad in ("0", "3"):
+        out = tmp_path / f"p{pad}.dfc"
+        assert main(["compress", str(src), "-o", str(out), "--model", str(model), "--steps", "3", "--pad", pad]) == 0
+        assert main(["decompress", str(out), "-o", str(tmp_path / f"p{pad}.png"), "--model", str(model)]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] != outs[1]

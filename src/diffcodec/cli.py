@@ -45,7 +45,7 @@ def cmd_compress(a) -> int:
     try:
         res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
                        seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max,
-                       q=a.q_step)
+                       pad=a.pad, q=a.q_step)
     finally:
         if bar:
             bar.close()
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="shared-randomness seed stored in the file")
     c.add_argument("--c-max", dest="c_max", type=int, help="diffc: bits per reverse-channel-coding chunk "
                    "(8..16; larger = slower, closer to an exact sample)")
+    c.add_argument("--pad", type=float, help="diffc: bits of slack between a chunk's KL and c_max (default 2; "
+                   "benchmarks/diffc_pad.py measures the trade-off)")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
     c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
