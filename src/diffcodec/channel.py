@@ -420,8 +420,9 @@ def choose_layout(
     ``benchmarks/results/diffc_pad_diffc-small2.json``) the pad hardly matters at c_max 10: BD-rate
     against pad 2 is -0.9% at pad 1 and -0.2% at pad 0 (a lower pad saves bits per step but each
     step moves the latent less, so later steps cost more); c_max 12 saves 2.4% (pad 2) / 3.4%
-    (pad 0) for ~3x the channel-coding time.  On one image (kodim01) pad 4 cost +7.9% and pad 6
-    +19.5%, so more slack is not a free improvement in sample quality.
+    (pad 0) for ~3x the channel-coding time.  More slack costs bits: pad 4 +5.8%, pad 6 +15.5%
+    (``--configs 10:2,10:4,10:6``, ``diffc_pad_diffc-small2_pad4-6.json``), so the better sample is
+    not worth its price.
     """
     if not 1 <= c_max <= MAX_LOG2_CANDIDATES:
         raise ValueError(f"c_max must be in [1, {MAX_LOG2_CANDIDATES}]")
