@@ -64,7 +64,7 @@ def main() -> None:
         pts = curve(model, images, a.steps, c_max, pad)
         result["curves"][f"{c_max}:{pad:g}"] = pts
         print(f"c_max {c_max} pad {pad:g}: " + " ".join(f"{p['bpp']:.3f}/{p['psnr']:.2f}" for p in pts), flush=True)
-    anchor = result["curves"][a.configs.split(",")[0].split(":")[0] + f":{configs[0][1]:g}"]
+    anchor = result["curves"][f"{configs[0][0]}:{configs[0][1]:g}"]
     result["bd_rate_vs_first"] = {}
     for key, pts in result["curves"].items():
         result["bd_rate_vs_first"][key] = bd_rate([p["bpp"] for p in anchor], [p["psnr"] for p in anchor],
