@@ -398,6 +398,12 @@ def _max_chunk_kl(cum: np.ndarray, n: int, k: int) -> float:
     return float(np.max(cum[b[1:]] - cum[b[:-1]]))
 
 
+def check_pad(pad: float, c_max: int) -> None:
+    """The chunk slack must leave a chunk some KL: 0 <= pad < c_max (also rejects nan)."""
+    if not 0.0 <= pad < c_max:
+        raise ValueError(f"pad must be in [0, c_max = {c_max})")
+
+
 def choose_layout(
     m: np.ndarray,
     seed: int,
@@ -426,8 +432,7 @@ def choose_layout(
     """
     if not 1 <= c_max <= MAX_LOG2_CANDIDATES:
         raise ValueError(f"c_max must be in [1, {MAX_LOG2_CANDIDATES}]")
-    if not 0.0 <= pad < c_max:
-        raise ValueError("pad must be in [0, c_max)")
+    check_pad(pad, c_max)
     if not max_growth >= 1.0:
         raise ValueError("max_growth must be >= 1")
     _check_key(seed, step)

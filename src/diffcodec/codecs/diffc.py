@@ -103,8 +103,7 @@ class DiffC(DiffusionModel):
         if not 4 <= c_max <= 20:
             raise ValueError("c_max must be in 4..20 bits")
         pad = channel.DEFAULT_PAD if pad is None else float(pad)
-        if not 0.0 <= pad < c_max:  # checked before the network runs (also rejects nan)
-            raise ValueError(f"pad must be in [0, c_max = {c_max})")
+        channel.check_pad(pad, c_max)  # before the network runs, not only in choose_layout
         mu_p, a, b, beta = self._prior(z, i, gam)
         m = ((a * z + b * x) - mu_p) / beta
         X, payload, layout, _index_bits, kl_bits = channel.encode_step(m.reshape(-1), seed, i, c_max=c_max,
