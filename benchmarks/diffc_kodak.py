@@ -2,6 +2,7 @@
 
     python benchmarks/diffc_kodak.py [--model diffc-small3] [--limit 4] [--c-max 8,10,12]
                                      [--points 2,4,6,8,10,12,14,16] [--nfe 4] [--json out.json]
+                                     [--gap-nfe 4,16,64 [--gap-points 14]]
 
 Part A, for every c_max: encode all T steps of each image and report file bits / sum of step KLs
 (the ideal cost of exact channel simulation) and seconds per step spent in reverse channel coding
@@ -12,6 +13,12 @@ Gaussian samples z_s ~ q(z_s | z_t, x), at a rate of exactly the sum of KLs.  Th
 PSNR of the real flow curve minus the ideal flow curve interpolated at the same bpp (dB,
 negative = channel coding loses fidelity).  Flow vs ancestral is reported at the highest point,
 for the real files and for the ideal chain.
+Part C (``--gap-nfe``, e.g. 4,16,64): flow and ancestral from the prefixes in ``--gap-points``
+(default: the highest point below T) with each number of network evaluations, real files and
+ideal chain.  Why: the model is continuous-time, so ancestral is a sample of the model's reverse
+process only in the limit of fine steps; with few steps each step's posterior mean does much of the
+work and the result lies between denoise and a true sample (Theis et al.'s ~3 dB over ancestral
+is for exact samples).  This shows how the flow-ancestral gap depends on the sampler's resolution.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import torch
 
 import diffcodec
 from diffcodec import channel, container
-from diffcodec.api import _prepare
+from diffcodec.api import _open, _prepare
 from diffcodec.evaluate import load_images
 from diffcodec.metrics import psnr
 from diffcodec.rng import ANCESTRAL, SeededStream
@@ -79,9 +86,9 @@ def part_a(model, images, c_maxes: list[int]) -> dict:
     return out
 
 
-def _ideal_chain(model, img, seed, points, nfe):
-    """Exact samples of q(z_s|z_t,x): cumulative KL bits and denoise/flow/ancestral PSNR at the given
-    prefixes (ancestral with the decoder's own random stream, as ``decode_steps`` draws it)."""
+def _ideal_latents(model, img, seed, points):
+    """Exact samples of q(z_s|z_t,x): yields (k, z, gamma, steps remaining, cumulative KL bpp) at the
+    given prefixes."""
     pixels, h, w, _ = _prepare(img, "error", model)
     x = pixel_to_unit(pixels.astype(np.float64))[None]
     gam = model.gamma_grid(model.num_steps)
@@ -89,20 +96,31 @@ def _ideal_chain(model, img, seed, points, nfe):
     rng = np.random.default_rng(seed + 12345)
     T = model.num_steps
     kl = 0.0
-    out = {}
     for k, i in enumerate(range(T, 0, -1), 1):
         mu_p, a, b, beta = model._prior(z, i, gam)
         mu_q = a * z + b * x
         kl += float(0.5 * np.sum(((mu_q - mu_p) / beta) ** 2) / np.log(2))
         z = mu_q + beta * rng.standard_normal(z.shape)
         if k in points:
-            row = {"bpp": kl / (h * w)}
-            for method in ("denoise", "flow", "ancestral"):
-                y = model.reconstruct(z, float(gam[i - 1]), method=method, nfe=nfe,
-                                      rng=SeededStream(seed, ANCESTRAL), default_steps=max(1, i - 1))
-                row[method] = psnr(img, y[0, :, :h, :w].transpose(1, 2, 0))
-            out[k] = row
+            yield k, z, float(gam[i - 1]), i - 1, kl / (h * w)
+
+
+def _psnrs(model, img, z, gamma, remaining, seed, methods, nfe) -> dict:
+    """PSNR of each reconstruction of latent z (ancestral with the decoder's own random stream, as
+    ``decompress`` draws it)."""
+    h, w, _ = img.shape
+    out = {}
+    for method in methods:
+        y = model.reconstruct(z, gamma, method=method, nfe=nfe, rng=SeededStream(seed, ANCESTRAL),
+                              default_steps=max(1, remaining))
+        out[method] = psnr(img, y[0, :, :h, :w].transpose(1, 2, 0))
     return out
+
+
+def _ideal_chain(model, img, seed, points, nfe):
+    """Cumulative KL bpp and denoise/flow/ancestral PSNR of the ideal chain at the given prefixes."""
+    return {k: {"bpp": bpp, **_psnrs(model, img, z, g, rem, seed, ("denoise", "flow", "ancestral"), nfe)}
+            for k, z, g, rem, bpp in _ideal_latents(model, img, seed, points)}
 
 
 def part_b(model, images, points: list[int], nfe: int) -> dict:
@@ -142,6 +160,37 @@ def part_b(model, images, points: list[int], nfe: int) -> dict:
             "ideal_flow_minus_ancestral_db": i[top]["flow"] - i[top]["ancestral"]}
 
 
+def part_c(model, images, points: list[int], nfes: list[int]) -> dict:
+    """Flow and ancestral PSNR per number of network evaluations, real files and ideal chain."""
+    rows = {src: {k: [] for k in points} for src in ("real", "ideal")}
+    for name, img in images:
+        res = diffcodec.compress(img, model=model, steps=model.num_steps)
+        hd, m, step_secs, _, shape = _open(res.data, model, None, None)
+        real = ((k, z, g, rem) for k, (z, g, rem) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1)
+                if k in points)
+        ideal = ((k, z, g, rem) for k, z, g, rem, _ in _ideal_latents(model, img, hd.seed, points))
+        for src, latents in (("real", real), ("ideal", ideal)):
+            for k, z, g, rem in latents:
+                row = _psnrs(model, img, z, g, rem, hd.seed, ("denoise",), None)
+                for n in nfes:
+                    row.update({f"{mt}_{n}": v for mt, v in
+                                _psnrs(model, img, z, g, rem, hd.seed, ("flow", "ancestral"), n).items()})
+                rows[src][k].append(row)
+                print(f"{name} {src} k{k}: denoise {row['denoise']:.2f} " + " ".join(
+                    f"nfe {n}: flow {row[f'flow_{n}']:.2f} anc {row[f'ancestral_{n}']:.2f}" for n in nfes),
+                    flush=True)
+    out = {"nfe": nfes, "points": points}
+    for src, by_k in rows.items():
+        out[src] = {}
+        for k, rs in by_k.items():
+            mean = {key: float(np.mean([r[key] for r in rs])) for key in rs[0]}
+            out[src][k] = {"denoise": mean["denoise"],
+                           "flow": {n: mean[f"flow_{n}"] for n in nfes},
+                           "ancestral": {n: mean[f"ancestral_{n}"] for n in nfes},
+                           "flow_minus_ancestral_db": {n: mean[f"flow_{n}"] - mean[f"ancestral_{n}"] for n in nfes}}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kodak", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/kodak"))
@@ -151,6 +200,8 @@ def main() -> None:
     ap.add_argument("--c-max", default="8,10,12")
     ap.add_argument("--points", default="")
     ap.add_argument("--nfe", type=int, default=4)
+    ap.add_argument("--gap-nfe", default="", help="part C: numbers of network evaluations, e.g. 4,16,64")
+    ap.add_argument("--gap-points", default="", help="part C prefixes (default: the highest point below T)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--b-c-max", type=int, help="part B at this c_max instead of the model's default")
@@ -171,6 +222,10 @@ def main() -> None:
     if not a.skip_a:
         result["rate_by_c_max"] = part_a(model, images, [int(c) for c in a.c_max.split(",")])
     result["rd"] = part_b(model, images, points, a.nfe)
+    if a.gap_nfe:
+        gap_points = ([int(p) for p in a.gap_points.split(",")] if a.gap_points
+                      else [max((k for k in points if k < T), default=points[-1])])
+        result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")])
     print(json.dumps(result, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))

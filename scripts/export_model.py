@@ -198,6 +198,18 @@ def diffc_lines(b: dict, model) -> list[str]:
               f"{rd['flow_minus_ancestral_db']:+.2f} dB"
               + (f" (ideal channel: {rd['ideal_flow_minus_ancestral_db']:+.2f} dB)" if ideal_anc else ""), "",
               "Reproduce: `python benchmarks/diffc_kodak.py --json diffc.json` and `scripts/export_model.py`."]
+    if "gap_by_nfe" in b:
+        g = b["gap_by_nfe"]
+        lines += ["", "Flow vs ancestral by the number of network evaluations (NFE) of the reconstruction "
+                  "(`--gap-nfe`; ancestral approaches a true sample of the continuous-time model only "
+                  "with fine steps):", "",
+                  "| step | chain | denoise | " + " | ".join(f"flow / ancestral, NFE {n}" for n in g["nfe"]) + " |",
+                  "|---|---|---|" + "---|" * len(g["nfe"])]
+        for src in ("real", "ideal"):
+            for k, r in g[src].items():
+                lines.append(f"| {k} | {src} | {r['denoise']:.2f} | " + " | ".join(
+                    f"{r['flow'][str(n)]:.2f} / {r['ancestral'][str(n)]:.2f} "
+                    f"({r['flow_minus_ancestral_db'][str(n)]:+.2f})" for n in g["nfe"]) + " |")
     return lines
 
 
