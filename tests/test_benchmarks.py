@@ -26,3 +26,29 @@ def test_speed_median_run_takes_each_phase_from_its_median_run():
     assert row["encode"]["runs_s"] == [3.0, 1.0, 2.0] and row["peak_rss_mb"] == 300
     one = speed.median_run([_run(3.0, 1.0, 100)])
     assert one["encode"]["seconds"] == 3.0 and one["decode"]["runs_s"] == [1.0]
+
+
+def test_diffc_gap_by_nfe_matches_decompress(tmp_path):
+    """Part C's real-file PSNRs are those of the files a user decodes with that nfe."""
+    import numpy as np
+
+    import diffcodec
+    from conftest import make_tiny
+    from diffcodec.metrics import psnr
+    from diffcodec.models import load_model, save_model
+
+    bench = _load("diffc_kodak")
+    save_model(make_tiny("diffc", num_steps=4, c_max=8), tmp_path / "tiny-diffc.safetensors")
+    model = load_model(str(tmp_path / "tiny-diffc.safetensors"))
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = bench.part_c(model, [("a", img)], points=[2], nfes=[1, 3])
+    assert out["nfe"] == [1, 3] and set(out) == {"nfe", "points", "real", "ideal"}
+    data = diffcodec.compress(img, model=model, steps=model.num_steps).data
+    row = out["real"][2]
+    for n in (1, 3):
+        for method in ("flow", "ancestral"):
+            y = diffcodec.decompress(data, model=model, steps=2, method=method, nfe=n)
+            assert row[method][n] == psnr(img, y)
+        assert row["flow_minus_ancestral_db"][n] == row["flow"][n] - row["ancestral"][n]
+    assert row["denoise"] == psnr(img, diffcodec.decompress(data, model=model, steps=2))
+    assert out["ideal"][2]["flow"][1] != row["flow"][1]  # exact samples, not the file's
