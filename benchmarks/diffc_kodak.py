@@ -1,6 +1,6 @@
 """DiffC on Kodak: rate vs KL per c_max, fidelity lost to channel coding, flow vs ancestral, speed.
 
-    python benchmarks/diffc_kodak.py [--model diffc-small3] [--limit 4] [--c-max 8,10,12]
+    python benchmarks/diffc_kodak.py [--model diffc-small4] [--limit 4] [--c-max 8,10,12]
                                      [--points 2,4,6,8,10,12,14,16] [--nfe 4] [--json out.json]
                                      [--gap-nfe 4,16,64 [--gap-points 14]]
 
@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--kodak", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/kodak"))
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--limit", type=int, default=4)
-    ap.add_argument("--model", default="diffc-small3")
+    ap.add_argument("--model", default="diffc-small4")
     ap.add_argument("--c-max", default="8,10,12")
     ap.add_argument("--points", default="")
     ap.add_argument("--nfe", type=int, default=4)

@@ -196,8 +196,7 @@ def diffc_lines(b: dict, model) -> list[str]:
                  + ", ".join(f"{g['step']}: {g['gap_db']:+.2f}" for g in rd["gap"]) if gap is not None else "n/a"),
               f"* flow minus ancestral at step {rd['flow_vs_ancestral_step']}: "
               f"{rd['flow_minus_ancestral_db']:+.2f} dB"
-              + (f" (ideal channel: {rd['ideal_flow_minus_ancestral_db']:+.2f} dB)" if ideal_anc else ""), "",
-              "Reproduce: `python benchmarks/diffc_kodak.py --json diffc.json` and `scripts/export_model.py`."]
+              + (f" (ideal channel: {rd['ideal_flow_minus_ancestral_db']:+.2f} dB)" if ideal_anc else "")]
     if "gap_by_nfe" in b:
         g = b["gap_by_nfe"]
         lines += ["", "Flow vs ancestral by the number of network evaluations (NFE) of the reconstruction "
@@ -210,7 +209,8 @@ def diffc_lines(b: dict, model) -> list[str]:
                 lines.append(f"| {k} | {src} | {r['denoise']:.2f} | " + " | ".join(
                     f"{r['flow'][str(n)]:.2f} / {r['ancestral'][str(n)]:.2f} "
                     f"({r['flow_minus_ancestral_db'][str(n)]:+.2f})" for n in g["nfe"]) + " |")
-    return lines
+    reproduce = "Reproduce: `python benchmarks/diffc_kodak.py --json diffc.json` and `scripts/export_model.py`."
+    return lines + ["", reproduce]
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ CASES = {
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),
+    "diffc-small4": dict(codec="diffc", steps=6),
     "rvgc-small": dict(codec="rvgc", q=2.0),
     "rvgc-small2": dict(codec="rvgc", q=2.0),
     "rvgc-small3": dict(codec="rvgc", q=2.0),
