@@ -22,6 +22,7 @@ CASES = {
     "rvgc-small": dict(codec="rvgc", q=2.0),
     "rvgc-small2": dict(codec="rvgc", q=2.0),
     "rvgc-small3": dict(codec="rvgc", q=2.0),
+    "rvgc-small4": dict(codec="rvgc", q=2.0),
 }
 
 
