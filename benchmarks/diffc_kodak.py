@@ -123,15 +123,21 @@ def _ideal_chain(model, img, seed, points, nfe):
             for k, z, g, rem, bpp in _ideal_latents(model, img, seed, points)}
 
 
-def part_b(model, images, points: list[int], nfe: int) -> dict:
+def encode_all(model, images) -> dict[str, bytes]:
+    """Each image coded with all T steps at the model's c_max (parts B and C decode the same files)."""
+    return {name: diffcodec.compress(img, model=model, steps=model.num_steps).data for name, img in images}
+
+
+def part_b(model, images, points: list[int], nfe: int, files: dict[str, bytes] | None = None) -> dict:
     T = model.num_steps
+    files = files or encode_all(model, images)
     real, ideal = {k: [] for k in points}, {k: [] for k in points}
     for name, img in images:
         h, w, _ = img.shape
-        res = diffcodec.compress(img, model=model, steps=T)
-        cont = container.unpack(res.data)
+        data = files[name]
+        cont = container.unpack(data)
         ends = [o + s for o, s in zip(cont.offsets, cont.sizes)]
-        for k, recs in diffcodec.decode_steps(res.data, model=model, methods=("denoise", "flow", "ancestral"),
+        for k, recs in diffcodec.decode_steps(data, model=model, methods=("denoise", "flow", "ancestral"),
                                               nfe=nfe, at=set(points)):
             real[k].append({"bpp": 8.0 * ends[k - 1] / (h * w), **{m: psnr(img, y) for m, y in recs.items()}})
         for k, row in _ideal_chain(model, img, cont.header.seed, points, nfe).items():
@@ -160,12 +166,13 @@ def part_b(model, images, points: list[int], nfe: int) -> dict:
             "ideal_flow_minus_ancestral_db": i[top]["flow"] - i[top]["ancestral"]}
 
 
-def part_c(model, images, points: list[int], nfes: list[int]) -> dict:
+def part_c(model, images, points: list[int], nfes: list[int], files: dict[str, bytes] | None = None) -> dict:
     """Flow and ancestral PSNR per number of network evaluations, real files and ideal chain."""
+    files = files or encode_all(model, images)
     rows = {src: {k: [] for k in points} for src in ("real", "ideal")}
     for name, img in images:
-        res = diffcodec.compress(img, model=model, steps=model.num_steps)
-        hd, m, step_secs, _, shape = _open(res.data, model, None, None)
+        data = files[name]
+        hd, m, step_secs, _, shape = _open(data, model, None, None)
         real = ((k, z, g, rem) for k, (z, g, rem) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1)
                 if k in points)
         ideal = ((k, z, g, rem) for k, z, g, rem, _ in _ideal_latents(model, img, hd.seed, points))
@@ -221,11 +228,12 @@ def main() -> None:
               "part_b_c_max": model.c_max}
     if not a.skip_a:
         result["rate_by_c_max"] = part_a(model, images, [int(c) for c in a.c_max.split(",")])
-    result["rd"] = part_b(model, images, points, a.nfe)
+    files = encode_all(model, images)
+    result["rd"] = part_b(model, images, points, a.nfe, files)
     if a.gap_nfe:
         gap_points = ([int(p) for p in a.gap_points.split(",")] if a.gap_points
                       else [max((k for k in points if k < T), default=points[-1])])
-        result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")])
+        result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")], files)
     print(json.dumps(result, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
