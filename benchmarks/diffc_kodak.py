@@ -123,6 +123,11 @@ def _ideal_chain(model, img, seed, points, nfe):
             for k, z, g, rem, bpp in _ideal_latents(model, img, seed, points)}
 
 
+def top_point(points: list[int], T: int) -> int:
+    """Highest received step that still leaves reverse steps to generate (at z_0 all methods agree)."""
+    return max((k for k in points if k < T), default=points[-1])
+
+
 def encode_all(model, images) -> dict[str, bytes]:
     """Each image coded with all T steps at the model's c_max (parts B and C decode the same files)."""
     return {name: diffcodec.compress(img, model=model, steps=model.num_steps).data for name, img in images}
@@ -158,8 +163,7 @@ def part_b(model, images, points: list[int], nfe: int, files: dict[str, bytes] |
         if ib.min() <= r[k]["bpp"] <= ib.max():
             ref = float(np.interp(np.log(r[k]["bpp"]), np.log(ib), [i[q]["flow"] for q in points]))
             gaps.append({"step": k, "bpp": r[k]["bpp"], "gap_db": r[k]["flow"] - ref})
-    # highest received step that still leaves reverse steps to generate (at z_0 all methods agree)
-    top = max((k for k in points if k < T), default=points[-1])
+    top = top_point(points, T)
     return {"real": r, "ideal": i, "gap": gaps,
             "gap_db_mean": float(np.mean([g["gap_db"] for g in gaps])) if gaps else None,
             "flow_vs_ancestral_step": top, "flow_minus_ancestral_db": r[top]["flow"] - r[top]["ancestral"],
@@ -231,8 +235,7 @@ def main() -> None:
     files = encode_all(model, images)
     result["rd"] = part_b(model, images, points, a.nfe, files)
     if a.gap_nfe:
-        gap_points = ([int(p) for p in a.gap_points.split(",")] if a.gap_points
-                      else [max((k for k in points if k < T), default=points[-1])])
+        gap_points = [int(p) for p in a.gap_points.split(",")] if a.gap_points else [top_point(points, T)]
         result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")], files)
     print(json.dumps(result, indent=1))
     if a.json:
