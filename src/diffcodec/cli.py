@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup", type=int)
     t.add_argument("--ema", type=float)
+    t.add_argument("--zoom", type=float, help="scale augmentation: each crop is cut smaller and upsampled by a "
+                   "factor log-uniform in [1, ZOOM] (smoother, full-size-like content; default 1 = off)")
     t.add_argument("--clip", type=float)
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
     t.add_argument("--val-every", dest="val_every", type=int)

@@ -66,6 +66,7 @@ class TrainConfig:
     iters: int = 10000
     batch: int = 0  # 0 = the codec's default (CODEC_DEFAULTS)
     crop: int = 0  # 0 = the codec's default: rvgc needs crops large enough for its 64x downsampling
+    zoom: float = 1.0  # scale augmentation: crops upsampled by up to this factor (data.CropSampler)
     lr: float = 2e-4
     warmup: int = 200
     ema: float = 0.999
@@ -204,7 +205,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     ckpt_path = out / "checkpoint.pt"
 
     train_files, _ = split_files(list_images(cfg.data))
-    sampler = CropSampler(train_files, cfg.crop, seed=cfg.seed * 1000 + rank)
+    sampler = CropSampler(train_files, cfg.crop, seed=cfg.seed * 1000 + rank, zoom=cfg.zoom)
     val_batch = validation_batch(cfg.data, cfg.crop, cfg.val_batch)
 
     torch.manual_seed(cfg.seed * 1000 + rank)

@@ -1,0 +1,86 @@
+"""Training crops: the legacy random stream, scale augmentation (``zoom``), the held-out split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffcodec.cli import main
+from diffcodec.data import CropSampler, list_images, split_files
+
+
+@pytest.fixture
+def noise_folder(tmp_path):
+    """Two pixel-noise images: every neighbouring pair differs, so smoothing is easy to see."""
+    rng = np.random.default_rng(3)
+    d = tmp_path / "noise"
+    d.mkdir()
+    for i, (h, w) in enumerate([(64, 80), (72, 64)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return d
+
+
+def _legacy_batch(images, weights, rng, n, c):
+    """The crop stream of earlier versions (no zoom), written out independently."""
+    out = []
+    for i in rng.choice(len(images), size=n, p=weights):
+        im = images[i]
+        y = rng.integers(0, im.shape[1] - c + 1)
+        x = rng.integers(0, im.shape[2] - c + 1)
+        patch = im[:, y : y + c, x : x + c]
+        out.append(patch[:, :, ::-1] if rng.random() < 0.5 else patch)
+    return np.stack(out)
+
+
+def _to_pixels(batch) -> np.ndarray:
+    return (batch.numpy() + 1.0) * 128.0 - 0.5
+
+
+def test_zoom_one_keeps_the_legacy_stream(noise_folder):
+    s = CropSampler(list_images(noise_folder), 16, seed=5)
+    ref = _legacy_batch(s.images, s.weights, np.random.default_rng(5), 6, 16)
+    got = _to_pixels(s.batch(6))
+    assert np.array_equal(got, ref.astype(np.float64))
+
+
+def test_zoom_upsamples_onto_the_pixel_grid(noise_folder):
+    plain = _to_pixels(CropSampler(list_images(noise_folder), 16, seed=1).batch(32))
+    zoomed = _to_pixels(CropSampler(list_images(noise_folder), 16, seed=1, zoom=4.0).batch(32))
+    assert zoomed.shape == plain.shape == (32, 3, 16, 16)
+    assert np.array_equal(zoomed, np.round(zoomed)) and zoomed.min() >= 0 and zoomed.max() <= 255
+
+    def roughness(b):
+        return float(np.abs(np.diff(b, axis=-1)).mean())
+
+    # noise has no correlation between neighbours; upsampled crops (mean factor 2) have a lot
+    assert roughness(zoomed) < 0.75 * roughness(plain)
+    # zoom is a range, not one factor: crops come out with very different smoothness
+    per_crop = np.abs(np.diff(zoomed, axis=-1)).mean(axis=(1, 2, 3))
+    assert per_crop.max() > 2.0 * per_crop.min()
+
+
+@pytest.mark.parametrize("zoom", [0.5, 9.0, float("nan")])
+def test_zoom_out_of_range_is_refused(noise_folder, zoom):
+    with pytest.raises(ValueError, match="zoom"):
+        CropSampler(list_images(noise_folder), 16, zoom=zoom)
+
+
+def test_held_out_split_is_disjoint(tmp_path):
+    files = [tmp_path / f"{i:03d}.png" for i in range(45)]
+    train, val = split_files(files)
+    assert [f.name for f in val] == ["010.png", "030.png"]
+    assert not set(train) & set(val) and len(train) + len(val) == 45
+
+
+def test_train_command_records_zoom(tmp_path, image_folder, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(image_folder), "--out", str(out), "--preset", "tiny", "--batch", "2",
+                 "--crop", "16", "--zoom", "2", "--iters", "2", "--val-batch", "2", "-q"]) == 0
+    ck = __import__("torch").load(out / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["zoom"] == 2.0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    assert main(["train", "--data", str(image_folder), "--out", str(tmp_path / "bad"), "--preset", "tiny",
+                 "--crop", "16", "--zoom", "20", "--iters", "1", "-q"]) == 1
