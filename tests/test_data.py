@@ -84,3 +84,33 @@ def test_train_command_records_zoom(tmp_path, image_folder, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     assert main(["train", "--data", str(image_folder), "--out", str(tmp_path / "bad"), "--preset", "tiny",
                  "--crop", "16", "--zoom", "20", "--iters", "1", "-q"]) == 1
+
+
+def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
+    """--init starts at step 0 from another run's weights and architecture (not --preset's), the card
+    says where from, and --resume of the fine-tuning run keeps that architecture."""
+    import torch
+
+    from diffcodec.models import load_model
+
+    base = ["train", "--data", str(image_folder), "--crop", "16", "--batch", "2", "--val-batch", "2", "-q"]
+    src = tmp_path / "src"
+    assert main([*base, "--out", str(src), "--preset", "tiny", "--iters", "2"]) == 0
+    ft = tmp_path / "ft"
+    # --preset small is ignored: the architecture comes from the init model
+    args = [*base, "--out", str(ft), "--preset", "small", "--init", str(src / "model.safetensors"), "--zoom", "1.5"]
+    before = load_model(str(src / "model.safetensors"))
+    assert main([*args, "--iters", "1", "--lr", "0"]) == 0
+    after = load_model(str(ft / "model.safetensors"))
+    assert after.config_dict() == before.config_dict()
+    for k, v in before.state_dict().items():  # lr 0: the EMA of unchanged weights is the init
+        assert torch.equal(after.state_dict()[k].float(), v.float()), k
+    assert after.card["init"] == {"model": str(src / "model.safetensors"), "model_hash": before.model_hash}
+    assert main([*args, "--iters", "3", "--resume"]) == 0
+    resumed = load_model(str(ft / "model.safetensors"))
+    assert resumed.config_dict() == before.config_dict() and resumed.card["step"] == 3
+    assert resumed.card["init"]["model_hash"] == before.model_hash
+    # a model of another codec is refused with a clear error
+    code = main(["train", "--codec", "rvgc", *base[1:], "--out", str(tmp_path / "x"),
+                 "--init", str(src / "model.safetensors"), "--iters", "1"])
+    assert code == 1

@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=float)
     t.add_argument("--zoom", type=float, help="scale augmentation: each crop is cut smaller and upsampled by a "
                    "factor log-uniform in [1, ZOOM] (smoother, full-size-like content; default 1 = off)")
+    t.add_argument("--init", help="fine-tune: start a new run (step 0, fresh optimizer) from this model's weights "
+                   "and architecture (bundled name or .safetensors, e.g. a run's model.safetensors)")
     t.add_argument("--clip", type=float)
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
     t.add_argument("--val-every", dest="val_every", type=int)

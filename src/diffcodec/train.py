@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .data import CropSampler, list_images, split_files, validation_batch
 from .errors import DiffcodecError
 from .imageio import atomic_write
-from .models import build_model, save_model
+from .models import build_model, load_model, save_model
 from .networks import UNetConfig
 
 PRESETS = {
@@ -67,6 +67,7 @@ class TrainConfig:
     batch: int = 0  # 0 = the codec's default (CODEC_DEFAULTS)
     crop: int = 0  # 0 = the codec's default: rvgc needs crops large enough for its 64x downsampling
     zoom: float = 1.0  # scale augmentation: crops upsampled by up to this factor (data.CropSampler)
+    init: str = ""  # fine-tune: start from this model's weights (bundled name or .safetensors), step 0
     lr: float = 2e-4
     warmup: int = 200
     ema: float = 0.999
@@ -155,6 +156,26 @@ def _truncate_log(log_path: Path, step: int) -> None:
     atomic_write(log_path, "".join(line + "\n" for line in keep).encode())
 
 
+def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, str]:
+    """(model config, float32 state dict, model hash) of the ``--init`` model.
+
+    Fine-tuning starts a new run (step 0, fresh optimizer and learning-rate schedule) from trained
+    weights, with the init model's architecture: ``--preset`` does not apply.  A run's own
+    ``model.safetensors`` (float32 EMA weights) loses nothing; a bundled fp16 model starts from
+    its rounded weights.
+    """
+    try:
+        src = load_model(cfg.init)
+    except DiffcodecError:
+        raise
+    except Exception as e:  # a foreign or broken file
+        raise DiffcodecError(f"cannot initialise from {cfg.init}: {e}") from None
+    mcfg = src.config_dict()
+    if mcfg.get("codec") != cfg.codec:
+        raise DiffcodecError(f"--init model {cfg.init} is a {mcfg.get('codec')} model, not {cfg.codec}")
+    return mcfg, {k: v.float() for k, v in src.state_dict().items()}, src.model_hash
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -209,7 +230,18 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     val_batch = validation_batch(cfg.data, cfg.crop, cfg.val_batch)
 
     torch.manual_seed(cfg.seed * 1000 + rank)
-    model = build_model(model_config(cfg)).to(device)
+    resuming = cfg.resume and ckpt_path.exists()
+    ck = _load_checkpoint(ckpt_path, device) if resuming else None
+    init_state = None
+    if ck is not None and "model_config" in ck:
+        mcfg = ck["model_config"]  # the architecture the run was started with (e.g. from --init)
+    elif cfg.init:
+        mcfg, init_state, init_hash = _init_weights(cfg)
+    else:
+        mcfg = model_config(cfg)
+    model = build_model(mcfg).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     model.autocast_bf16 = cfg.bf16 and device.type == "cpu"
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
@@ -217,8 +249,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step = 0
     elapsed = 0.0
-    if cfg.resume and ckpt_path.exists():
-        ck = _load_checkpoint(ckpt_path, device)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -227,6 +258,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         torch.manual_seed(ck["sampler_seed"] + step)
     elif cfg.resume and main:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
+    init_from = ck.get("init") if ck is not None else (
+        {"model": cfg.init, "model_hash": init_hash} if init_state is not None else None)
     net = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -235,8 +268,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     def save(tag_metrics: dict) -> None:
         card = {"train": asdict(cfg), "step": step, "wallclock_s": round(elapsed, 1), **tag_metrics}
+        if init_from:
+            card["init"] = init_from
         _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                            "step": step, "elapsed": elapsed, "config": asdict(cfg),
+                            "step": step, "elapsed": elapsed, "config": asdict(cfg), "model_config": mcfg,
+                            "init": init_from,
                             "sampler_seed": cfg.seed * 1000 + rank}, ckpt_path)
         save_model(ema, out / "model.safetensors", card=card)
 
