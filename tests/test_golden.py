@@ -23,6 +23,7 @@ CASES = {
     "rvgc-small2": dict(codec="rvgc", q=2.0),
     "rvgc-small3": dict(codec="rvgc", q=2.0),
     "rvgc-small4": dict(codec="rvgc", q=2.0),
+    "rvgc-small5": dict(codec="rvgc", q=2.0),
 }
 
 
