@@ -24,6 +24,7 @@ CASES = {
     "rvgc-small3": dict(codec="rvgc", q=2.0),
     "rvgc-small4": dict(codec="rvgc", q=2.0),
     "rvgc-small5": dict(codec="rvgc", q=2.0),
+    "rvgc-small6": dict(codec="rvgc", q=2.0),
 }
 
 
