@@ -41,8 +41,9 @@ class CropSampler:
     ``zoom`` > 1 turns on scale augmentation: each crop is cut at a size crop / z, z log-uniform in
     [1, zoom], and resized up to ``crop`` (bilinear, rounded back to 8-bit pixels, so the data stay
     on the pixel grid the codecs' likelihoods assume).  Why: the training photos were downsampled
-    2x and are denser in detail per pixel than full-size photos such as Kodak at 768x512; a model
-    that has only seen dense detail spends its rate badly on smooth full-size images.  With
+    2x, so they carry more detail per pixel than full-size photos such as Kodak at 768x512, where
+    the rvgc models trained without it did worst; ``rvgc-small6`` (fine-tuned with zoom 2) is
+    measurably better there (model card, ``docs/results/kodak-full-8``).  With
     ``zoom`` = 1 (the default) the random stream is exactly the one of earlier versions, so runs
     resume and reproduce as before.
     """

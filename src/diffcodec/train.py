@@ -230,8 +230,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     val_batch = validation_batch(cfg.data, cfg.crop, cfg.val_batch)
 
     torch.manual_seed(cfg.seed * 1000 + rank)
-    resuming = cfg.resume and ckpt_path.exists()
-    ck = _load_checkpoint(ckpt_path, device) if resuming else None
+    ck = _load_checkpoint(ckpt_path, device) if cfg.resume and ckpt_path.exists() else None
     init_state = None
     if ck is not None and "model_config" in ck:
         mcfg = ck["model_config"]  # the architecture the run was started with (e.g. from --init)
