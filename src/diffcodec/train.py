@@ -156,8 +156,8 @@ def _truncate_log(log_path: Path, step: int) -> None:
     atomic_write(log_path, "".join(line + "\n" for line in keep).encode())
 
 
-def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, str]:
-    """(model config, float32 state dict, model hash) of the ``--init`` model.
+def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
+    """(model config, float32 state dict, provenance for the card) of the ``--init`` model.
 
     Fine-tuning starts a new run (step 0, fresh optimizer and learning-rate schedule) from trained
     weights, with the init model's architecture: ``--preset`` does not apply.  A run's own
@@ -173,7 +173,7 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, str]:
     mcfg = src.config_dict()
     if mcfg.get("codec") != cfg.codec:
         raise DiffcodecError(f"--init model {cfg.init} is a {mcfg.get('codec')} model, not {cfg.codec}")
-    return mcfg, {k: v.float() for k, v in src.state_dict().items()}, src.model_hash
+    return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -232,10 +232,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     torch.manual_seed(cfg.seed * 1000 + rank)
     ck = _load_checkpoint(ckpt_path, device) if cfg.resume and ckpt_path.exists() else None
     init_state = None
+    init_from = ck.get("init") if ck is not None else None
     if ck is not None and "model_config" in ck:
         mcfg = ck["model_config"]  # the architecture the run was started with (e.g. from --init)
-    elif cfg.init:
-        mcfg, init_state, init_hash = _init_weights(cfg)
+    elif cfg.init and ck is None:  # a resumed run takes its weights from the checkpoint
+        mcfg, init_state, init_from = _init_weights(cfg)
     else:
         mcfg = model_config(cfg)
     model = build_model(mcfg).to(device)
@@ -257,8 +258,6 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         torch.manual_seed(ck["sampler_seed"] + step)
     elif cfg.resume and main:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
-    init_from = ck.get("init") if ck is not None else (
-        {"model": cfg.init, "model_hash": init_hash} if init_state is not None else None)
     net = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
