@@ -211,6 +211,30 @@ def test_a_decoding_time_recorded_as_null_is_reported_as_not_measured(tmp_path):
     assert json.loads((tmp_path / "jpeg.json").read_text())["results"]["decoding_time"][1] is None
 
 
+def test_records_and_set_metrics_reproduce_an_eval_without_the_reconstructions(tmp_path):
+    """What a results folder commits (records.jsonl, set_metrics.json, no PNGs) is enough to rebuild its
+    outputs; without the cached SWD the points are recomputed (their PNGs are then needed)."""
+    import shutil
+
+    imgs = {"a": synthetic_image(24, 32, seed=6), "b": synthetic_image(24, 32, seed=7)}
+    first = run_eval(imgs, [BaselineAdapter("jpeg", qualities=[30, 80])], tmp_path, swd=True, progress=False,
+                     log=None, plots=False)
+    shutil.rmtree(tmp_path / "cache" / "recon")
+    again = run_eval(imgs, [BaselineAdapter("jpeg", qualities=[30, 80])], tmp_path, swd=True, progress=False,
+                     log=None, plots=False)
+    assert first["jobs_run"] == 4 and again["jobs_run"] == 0 and again["points_cached"] == 4
+    assert again["curves"][0]["results"] == first["curves"][0]["results"]
+    # a new curve beside the cached one is computed (with its PNGs), the cached one is not
+    both = run_eval(imgs, [BaselineAdapter("jpeg", qualities=[30, 80]), BaselineAdapter("webp", qualities=[50])],
+                    tmp_path, swd=True, progress=False, log=None, plots=False)
+    assert both["jobs_run"] == 2 and both["curves"][0]["results"]["swd"] == first["curves"][0]["results"]["swd"]
+    (tmp_path / "cache" / "set_metrics.json").unlink()
+    redo = run_eval(imgs, [BaselineAdapter("jpeg", qualities=[30, 80])], tmp_path, swd=True, progress=False,
+                    log=None, plots=False)
+    assert redo["jobs_run"] == 4
+    assert redo["curves"][0]["results"]["swd"] == pytest.approx(first["curves"][0]["results"]["swd"])
+
+
 def test_results_do_not_depend_on_worker_count(images_dir, tiny_model_path, tmp_path):
     from diffcodec.evaluate import load_images
 

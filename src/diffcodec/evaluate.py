@@ -1076,6 +1076,9 @@ class _SetMetricCache:
             self.data = {}
         self.dirty = False
 
+    def has(self, *keys: str) -> bool:
+        return all(k in self.data for k in keys)
+
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.data:
             self.data[key] = compute()
@@ -1089,6 +1092,14 @@ class _SetMetricCache:
             tmp.write_text(json.dumps(self.data, allow_nan=False) + "\n")
             os.replace(tmp, self.path)
             self.dirty = False
+
+
+def _set_metric_keys(curve: str, config: str, setting: Any, shas: Mapping[str, str],
+                     swd_opts: Mapping[str, Any]) -> tuple[str, str]:
+    """Keys of one setting's SWD and FID in :class:`_SetMetricCache`: the curve, its config, the setting and
+    every image's fingerprint, so a metric is reused only for the very same set of records."""
+    set_key = _short_hash(curve, config, setting, [(n, shas[n]) for n in shas])
+    return f"swd:{set_key}:{_short_hash(swd_opts)}", f"fid:{set_key}"
 
 
 def _mean(values: Sequence[float | None], none_is: float = math.nan) -> float | None:
@@ -1109,7 +1120,9 @@ def _aggregate_curve(adapter: CodecAdapter, curve: str, imgs: Mapping[str, np.nd
     settings = [s for _, pts in adapter.groups() for c, s in pts if c == curve]
     refs = list(imgs.values())
     for s in settings:
-        recs = [cache.get(n, shas[n], curve, s, adapter.config, need_recon=swd) for n in imgs]
+        swd_key, fid_key = _set_metric_keys(curve, adapter.config, s, shas, swd_opts)
+        need = swd and not sets.has(swd_key, *((fid_key,) if fid_state.get("available") else ()))
+        recs = [cache.get(n, shas[n], curve, s, adapter.config, need_recon=need) for n in imgs]
         if any(r is None for r in recs):
             incomplete += 1
             continue
@@ -1121,18 +1134,17 @@ def _aggregate_curve(adapter: CodecAdapter, curve: str, imgs: Mapping[str, np.nd
         dec = [r["dec_s"] for r in recs]  # null in a record: not measured
         res["decoding_time"].append(None if None in dec else float(np.mean(dec)))
         res["quality"].append(_jsonable(s))
-        set_key = _short_hash(curve, adapter.config, s, [(n, shas[n]) for n in imgs])
         if swd:
             def compute_swd(recs: list = recs) -> dict[str, Any]:
                 r = sliced_wasserstein(refs, [cache.load_recon(x) for x in recs], **swd_opts)
                 return {"mean": r.mean, "per_level": list(r.per_level), "resolutions": list(r.resolutions)}
 
-            v = sets.get(f"swd:{set_key}:{_short_hash(swd_opts)}", compute_swd)
+            v = sets.get(swd_key, compute_swd)
             res["swd"].append(v["mean"])
             res["swd-per-level"].append(v["per_level"])
             swd_res = tuple(v["resolutions"])
             if fid_state.get("available"):
-                f = sets.get(f"fid:{set_key}", lambda recs=recs: fid(refs, [cache.load_recon(x) for x in recs]))
+                f = sets.get(fid_key, lambda recs=recs: fid(refs, [cache.load_recon(x) for x in recs]))
                 if f is None:
                     fid_state["available"] = False
                 fid_vals.append(f)
@@ -1275,13 +1287,22 @@ def run_eval(
     swd_opts = dict(swd_options or {})
     shas = {n: image_sha(im) for n, im in imgs.items()}
     cache = RecordCache(out)
+    sets = _SetMetricCache(cache.root / "set_metrics.json")
+    fid_state = {"available": importlib.util.find_spec("torchmetrics") is not None}
+
+    def recon_needed(curve: str, config: str, setting: Any) -> bool:
+        # a point's reconstruction only feeds its setting's set-level metrics: once those are cached, the
+        # record alone is enough, so a committed records.jsonl + set_metrics.json (without the PNGs) reproduce
+        # an evaluation and let a rerun add curves without recomputing the others
+        swd_key, fid_key = _set_metric_keys(curve, config, setting, shas, swd_opts)
+        return swd and not sets.has(swd_key, *((fid_key,) if fid_state["available"] else ()))
 
     payloads, n_points, n_cached = [], 0, 0
     for ai, ad in enumerate(adapters):
         for group, pts in ad.groups():
             for n in imgs:
                 needed = [(c, s) for c, s in pts
-                          if cache.get(n, shas[n], c, s, ad.config, need_recon=swd) is None]
+                          if cache.get(n, shas[n], c, s, ad.config, need_recon=recon_needed(c, ad.config, s)) is None]
                 n_points += len(pts)
                 n_cached += len(pts) - len(needed)
                 if needed:
@@ -1297,8 +1318,6 @@ def run_eval(
     finally:
         bar.close()
 
-    sets = _SetMetricCache(cache.root / "set_metrics.json")
-    fid_state = {"available": importlib.util.find_spec("torchmetrics") is not None}
     curves: list[dict[str, Any]] = []
     family: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
