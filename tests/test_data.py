@@ -1,4 +1,4 @@
-"""Training crops: the legacy random stream, scale augmentation (``zoom``), the held-out split."""
+"""Training crops: the legacy random stream, scale augmentation (``zoom``, ``zoom_min``), the held-out split."""
 
 from __future__ import annotations
 
@@ -62,10 +62,34 @@ def test_zoom_upsamples_onto_the_pixel_grid(noise_folder):
     assert per_crop.max() > 2.0 * per_crop.min()
 
 
-@pytest.mark.parametrize("zoom", [0.5, 9.0, float("nan")])
-def test_zoom_out_of_range_is_refused(noise_folder, zoom):
+def test_zoom_min_shrinks_larger_cuts_onto_the_pixel_grid(tmp_path):
+    """zoom_min < 1: crops cut up to crop / zoom_min (clamped to the photo) and shrunk, antialiased: a
+    smooth photo gets more detail per pixel, and an antialiased shrink of a flat image stays flat."""
+    d = tmp_path / "smooth"
+    d.mkdir()
+    yy, xx = np.mgrid[0:48, 0:56]
+    wave = 127.5 + 120 * np.sin(xx / 5.0)[..., None] * np.cos(yy / 7.0)[..., None] * np.ones(3)
+    Image.fromarray(wave.round().astype(np.uint8)).save(d / "wave.png")
+    Image.fromarray(np.full((40, 40, 3), 77, np.uint8)).save(d / "flat.png")
+    files = list_images(d)
+    plain = _to_pixels(CropSampler(files, 16, seed=2).batch(64))
+    shrunk = _to_pixels(CropSampler(files, 16, seed=2, zoom_min=0.125).batch(64))  # cuts up to 128 -> 40/48
+    assert shrunk.shape == plain.shape == (64, 3, 16, 16)
+    assert np.array_equal(shrunk, np.round(shrunk)) and shrunk.min() >= 0 and shrunk.max() <= 255
+    flat = shrunk.reshape(64, -1).std(1) == 0
+    assert flat.any() and np.all(shrunk[flat] == 77)  # crops of the flat image
+
+    def roughness(b):
+        return float(np.abs(np.diff(b, axis=-1)).mean())
+
+    assert roughness(shrunk[~flat]) > 1.5 * roughness(plain[plain.reshape(64, -1).std(1) > 0])
+
+
+@pytest.mark.parametrize("kw", [{"zoom": 0.5}, {"zoom": 9.0}, {"zoom": float("nan")}, {"zoom_min": 0.1},
+                                {"zoom_min": 1.5}, {"zoom_min": float("nan")}])
+def test_zoom_out_of_range_is_refused(noise_folder, kw):
     with pytest.raises(ValueError, match="zoom"):
-        CropSampler(list_images(noise_folder), 16, zoom=zoom)
+        CropSampler(list_images(noise_folder), 16, **kw)
 
 
 def test_held_out_split_is_disjoint(tmp_path):
@@ -78,9 +102,9 @@ def test_held_out_split_is_disjoint(tmp_path):
 def test_train_command_records_zoom(tmp_path, image_folder, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", str(image_folder), "--out", str(out), "--preset", "tiny", "--batch", "2",
-                 "--crop", "16", "--zoom", "2", "--iters", "2", "--val-batch", "2", "-q"]) == 0
+                 "--crop", "16", "--zoom", "2", "--zoom-min", "0.5", "--iters", "2", "--val-batch", "2", "-q"]) == 0
     ck = __import__("torch").load(out / "checkpoint.pt", weights_only=False)
-    assert ck["config"]["zoom"] == 2.0
+    assert ck["config"]["zoom"] == 2.0 and ck["config"]["zoom_min"] == 0.5
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     assert main(["train", "--data", str(image_folder), "--out", str(tmp_path / "bad"), "--preset", "tiny",
                  "--crop", "16", "--zoom", "20", "--iters", "1", "-q"]) == 1

@@ -300,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int)
     t.add_argument("--ema", type=float)
     t.add_argument("--zoom", type=float, help="scale augmentation: each crop is cut smaller and upsampled by a "
-                   "factor log-uniform in [1, ZOOM] (smoother, full-size-like content; default 1 = off)")
+                   "factor log-uniform in [ZOOM_MIN, ZOOM] (smoother, full-size-like content; default 1 = off)")
+    t.add_argument("--zoom-min", dest="zoom_min", type=float, help="scale augmentation the other way: factors "
+                   "below 1 cut larger crops and shrink them (antialiased; more detail per pixel, like small "
+                   "images; default 1 = off)")
     t.add_argument("--init", help="fine-tune: start a new run (step 0, fresh optimizer) from this model's weights "
                    "and architecture (bundled name or .safetensors, e.g. a run's model.safetensors)")
     t.add_argument("--clip", type=float)

@@ -38,19 +38,22 @@ def split_files(files: list[Path], val_every: int = 20) -> tuple[list[Path], lis
 class CropSampler:
     """Uniformly random crops (with random horizontal flips) from in-memory images.
 
-    ``zoom`` > 1 turns on scale augmentation: each crop is cut at a size crop / z, z log-uniform in
-    [1, zoom], and resized up to ``crop`` (bilinear, rounded back to 8-bit pixels, so the data stay
-    on the pixel grid the codecs' likelihoods assume).  Why: the training photos were downsampled
-    2x, so they carry more detail per pixel than full-size photos such as Kodak at 768x512, where
-    the rvgc models trained without it did worst; ``rvgc-small6`` (fine-tuned with zoom 2) is
-    measurably better there (model card, ``docs/results/kodak-full-8``).  With
-    ``zoom`` = 1 (the default) the random stream is exactly the one of earlier versions, so runs
-    resume and reproduce as before.
+    Scale augmentation: each crop is cut at a size crop / z, z log-uniform in [``zoom_min``, ``zoom``],
+    and resized to ``crop`` (bilinear, antialiased when shrinking, rounded back to 8-bit pixels, so
+    the data stay on the pixel grid the codecs' likelihoods assume); a cut larger than the photo is
+    clamped to its short side.  Why: the training photos (about 512x384) show a scene with less detail
+    per pixel than Kodak downscaled 4x (192x128) and with more than Kodak at 768x512.  ``zoom`` > 1
+    (upsampled crops) targets full-size photos, where the rvgc models trained without it did worst
+    (``rvgc-small6``, fine-tuned with zoom 2, is better there: its model card); ``zoom_min`` < 1
+    (shrunk crops) targets small images.  With both at 1 (the default) the random stream is exactly
+    the one of earlier versions, and ``zoom_min`` = 1 keeps the stream of a ``zoom``-only run.
     """
 
-    def __init__(self, files: list[Path], crop: int, seed: int = 0, zoom: float = 1.0):
+    def __init__(self, files: list[Path], crop: int, seed: int = 0, zoom: float = 1.0, zoom_min: float = 1.0):
         if not 1.0 <= zoom <= 8.0:
             raise ValueError("zoom must be in [1, 8]")
+        if not 0.125 <= zoom_min <= 1.0:
+            raise ValueError("zoom_min must be in [1/8, 1]")
         self.images = []
         for f in files:
             img = read_image(f, alpha="drop").transpose(2, 0, 1)  # C H W uint8
@@ -61,7 +64,7 @@ class CropSampler:
         if not self.images:
             raise ValueError(f"no image is at least {crop}x{crop}")
         self.crop = crop
-        self.zoom = float(zoom)
+        self.zoom, self.zoom_min = float(zoom), float(zoom_min)
         areas = np.array([im.shape[1] * im.shape[2] for im in self.images], dtype=np.float64)
         self.weights = areas / areas.sum()  # sample pixels uniformly, not images
         self.rng = np.random.default_rng(seed)
@@ -74,8 +77,9 @@ class CropSampler:
         for j, i in enumerate(idx):
             im = self.images[i]
             s = c
-            if self.zoom > 1.0:
-                s = max(2, round(c / math.exp(self.rng.uniform(0.0, math.log(self.zoom)))))
+            if self.zoom > 1.0 or self.zoom_min < 1.0:
+                z = math.exp(self.rng.uniform(math.log(self.zoom_min), math.log(self.zoom)))
+                s = min(max(2, round(c / z)), im.shape[1], im.shape[2])
             y = self.rng.integers(0, im.shape[1] - s + 1)
             x = self.rng.integers(0, im.shape[2] - s + 1)
             patch = im[:, y : y + s, x : x + s]
@@ -95,9 +99,10 @@ class CropSampler:
 
 
 def _resize(patch: np.ndarray, size: int) -> np.ndarray:
-    """C h w uint8 -> C size size uint8, bilinear (upsampling only, so no antialiasing needed)."""
+    """C h w uint8 -> C size size uint8, bilinear (antialiased when shrinking, as an image downscale is)."""
     t = torch.from_numpy(np.ascontiguousarray(patch)).float()[None]
-    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                                        antialias=patch.shape[-1] > size)
     return t[0].round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 

@@ -67,6 +67,7 @@ class TrainConfig:
     batch: int = 0  # 0 = the codec's default (CODEC_DEFAULTS)
     crop: int = 0  # 0 = the codec's default: rvgc needs crops large enough for its 64x downsampling
     zoom: float = 1.0  # scale augmentation: crops upsampled by up to this factor (data.CropSampler)
+    zoom_min: float = 1.0  # ... and shrunk by down to this factor (< 1: more detail per pixel)
     init: str = ""  # fine-tune: start from this model's weights (bundled name or .safetensors), step 0
     lr: float = 2e-4
     warmup: int = 200
@@ -226,7 +227,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     ckpt_path = out / "checkpoint.pt"
 
     train_files, _ = split_files(list_images(cfg.data))
-    sampler = CropSampler(train_files, cfg.crop, seed=cfg.seed * 1000 + rank, zoom=cfg.zoom)
+    sampler = CropSampler(train_files, cfg.crop, seed=cfg.seed * 1000 + rank, zoom=cfg.zoom, zoom_min=cfg.zoom_min)
     val_batch = validation_batch(cfg.data, cfg.crop, cfg.val_batch)
 
     torch.manual_seed(cfg.seed * 1000 + rank)
