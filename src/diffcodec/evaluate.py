@@ -1102,6 +1102,13 @@ def _set_metric_keys(curve: str, config: str, setting: Any, shas: Mapping[str, s
     return f"swd:{set_key}:{_short_hash(swd_opts)}", f"fid:{set_key}"
 
 
+def _needs_recon(sets: _SetMetricCache, swd_key: str, fid_key: str, *, swd: bool, fid: bool) -> bool:
+    """Whether a setting's points need their reconstructions: they only feed its set-level metrics, so once
+    those are cached the records alone are enough (a committed records.jsonl + set_metrics.json, without the
+    PNGs, rebuild an evaluation, and a rerun with one more codec computes only that codec)."""
+    return swd and not sets.has(swd_key, *((fid_key,) if fid else ()))
+
+
 def _mean(values: Sequence[float | None], none_is: float = math.nan) -> float | None:
     return _finite_or_none(float(np.mean([none_is if v is None else v for v in values])))
 
@@ -1121,7 +1128,7 @@ def _aggregate_curve(adapter: CodecAdapter, curve: str, imgs: Mapping[str, np.nd
     refs = list(imgs.values())
     for s in settings:
         swd_key, fid_key = _set_metric_keys(curve, adapter.config, s, shas, swd_opts)
-        need = swd and not sets.has(swd_key, *((fid_key,) if fid_state.get("available") else ()))
+        need = _needs_recon(sets, swd_key, fid_key, swd=swd, fid=bool(fid_state.get("available")))
         recs = [cache.get(n, shas[n], curve, s, adapter.config, need_recon=need) for n in imgs]
         if any(r is None for r in recs):
             incomplete += 1
@@ -1290,19 +1297,14 @@ def run_eval(
     sets = _SetMetricCache(cache.root / "set_metrics.json")
     fid_state = {"available": importlib.util.find_spec("torchmetrics") is not None}
 
-    def recon_needed(curve: str, config: str, setting: Any) -> bool:
-        # a point's reconstruction only feeds its setting's set-level metrics: once those are cached, the
-        # record alone is enough, so a committed records.jsonl + set_metrics.json (without the PNGs) reproduce
-        # an evaluation and let a rerun add curves without recomputing the others
-        swd_key, fid_key = _set_metric_keys(curve, config, setting, shas, swd_opts)
-        return swd and not sets.has(swd_key, *((fid_key,) if fid_state["available"] else ()))
-
     payloads, n_points, n_cached = [], 0, 0
     for ai, ad in enumerate(adapters):
         for group, pts in ad.groups():
+            recon = [_needs_recon(sets, *_set_metric_keys(c, ad.config, s, shas, swd_opts), swd=swd,
+                                  fid=fid_state["available"]) for c, s in pts]
             for n in imgs:
-                needed = [(c, s) for c, s in pts
-                          if cache.get(n, shas[n], c, s, ad.config, need_recon=recon_needed(c, ad.config, s)) is None]
+                needed = [(c, s) for (c, s), r in zip(pts, recon)
+                          if cache.get(n, shas[n], c, s, ad.config, need_recon=r) is None]
                 n_points += len(pts)
                 n_cached += len(pts) - len(needed)
                 if needed:
