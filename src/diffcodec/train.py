@@ -6,6 +6,10 @@ cosine decay, gradient clipping, an EMA of the weights (the EMA is what gets exp
 *atomic* checkpoints with ``--resume``, a held-out validation bits/dim, a tqdm progress bar with
 the loss in bits/dim, and a ``log.jsonl`` of all metrics.
 
+With ``gan_weight`` > 0 the run is an adversarial fine-tuning of the decoder of an ``--init`` model
+(adversarial.py): only the model's ``decoder_parameters()`` train, against a latent-conditioned
+patch discriminator that is checkpointed with the run.
+
 Distributed: when started by ``torchrun`` (``WORLD_SIZE`` set) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank samples its own crops and only
 rank 0 writes files.
@@ -69,6 +73,8 @@ class TrainConfig:
     zoom: float = 1.0  # scale augmentation: crops upsampled by up to this factor (data.CropSampler)
     zoom_min: float = 1.0  # ... and shrunk by down to this factor (< 1: more detail per pixel)
     init: str = ""  # fine-tune: start from this model's weights (bundled name or .safetensors), step 0
+    gan_weight: float = 0.0  # > 0: adversarial fine-tuning of the decoder only (rvgc; adversarial.py)
+    disc_lr: float = 1e-4  # learning rate of the discriminator (adversarial fine-tuning)
     lr: float = 2e-4
     warmup: int = 200
     ema: float = 0.999
@@ -177,6 +183,54 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
 
 
+def _adversarial_setup(cfg: TrainConfig, model, resuming: bool, device):
+    """Freeze all but the decoder; build the discriminator and its optimizer."""
+    from .adversarial import PatchDiscriminator
+
+    if not hasattr(model, "decoder_parameters"):
+        raise DiffcodecError(f"adversarial fine-tuning (--gan-weight) is for rvgc models, not {cfg.codec}")
+    if not (cfg.init or resuming):
+        raise DiffcodecError("adversarial fine-tuning (--gan-weight) needs a trained model to start from (--init)")
+    params = model.decoder_parameters()
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    disc = PatchDiscriminator(model.in_channels, model.M).to(device)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999))
+    return params, disc, opt_d
+
+
+def _adversarial_step(cfg: TrainConfig, net, dnet, disc, opt_d, x: torch.Tensor, lr_scale: float) -> dict:
+    """One discriminator update, then the decoder's loss (distortion + gan_weight * adversarial).
+
+    Both decoders of the codec (plain, and after the sampler) are judged; each fake is paired with
+    the latent it was decoded from.  The discriminator follows the decoder's warm-up and decay.
+    """
+    from .adversarial import disc_loss, gen_loss
+
+    res = net(x, decoder=True)
+    B = x.shape[0]
+    fake = torch.cat([res["x_hat"], res["x_clean"]])
+    cond = torch.cat([res["y_t"], res["y"]])
+    d_loss, d_real, d_fake = disc_loss(dnet, torch.cat([x, x]), fake, cond)
+    for g in opt_d.param_groups:
+        g["lr"] = cfg.disc_lr * lr_scale
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.mean().backward()
+    dnorm = torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.clip)
+    if torch.isfinite(dnorm):
+        opt_d.step()
+    # the decoder's step sees the updated discriminator, unwrapped: its weights get no gradient here
+    disc.requires_grad_(False)  # the graph records no discriminator weight gradients (not needed)
+    g_adv = gen_loss(disc, fake, cond)
+    disc.requires_grad_(True)
+    g_adv = g_adv[:B] + g_adv[B:]
+    out = {k: v for k, v in res.items() if v.dim() <= 1}
+    out["loss"] = out["bpd"] = res["loss"] + cfg.gan_weight * g_adv
+    out.update(g_adv=g_adv.detach(), d_loss=d_loss.detach(), d_real=d_real, d_fake=d_fake)
+    return out
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -247,7 +301,12 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    disc = opt_d = None
+    if cfg.gan_weight > 0:
+        params, disc, opt_d = _adversarial_setup(cfg, model, ck is not None, device)
+    else:
+        params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     step = 0
     elapsed = 0.0
     if ck is not None:
@@ -255,6 +314,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         step, elapsed = ck["step"], ck.get("elapsed", 0.0)
+        if disc is not None:
+            disc.load_state_dict(ck["disc"])
+            opt_d.load_state_dict(ck["opt_disc"])
         sampler.rng = np.random.default_rng(ck["sampler_seed"] + step)
         torch.manual_seed(ck["sampler_seed"] + step)
     elif cfg.resume and main:
@@ -264,6 +326,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model)
+        dnet = DistributedDataParallel(disc) if disc is not None else None
+    else:
+        dnet = disc
 
     def save(tag_metrics: dict) -> None:
         card = {"train": asdict(cfg), "step": step, "wallclock_s": round(elapsed, 1), **tag_metrics}
@@ -271,8 +336,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             card["init"] = init_from
         _atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                             "step": step, "elapsed": elapsed, "config": asdict(cfg), "model_config": mcfg,
-                            "init": init_from,
-                            "sampler_seed": cfg.seed * 1000 + rank}, ckpt_path)
+                            "init": init_from, "sampler_seed": cfg.seed * 1000 + rank,
+                            **({"disc": disc.state_dict(), "opt_disc": opt_d.state_dict()} if disc else {})},
+                           ckpt_path)
         save_model(ema, out / "model.safetensors", card=card)
 
     log_path = out / "log.jsonl"
@@ -288,7 +354,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x = sampler.batch(cfg.batch).to(device)
-        res = net(x)
+        if disc is not None:
+            res = _adversarial_step(cfg, net, dnet, disc, opt_d, x, lr_at(step, cfg) / cfg.lr)
+        else:
+            res = net(x)
         loss = res.get("loss", res["bpd"]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,8 +379,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         bar.update(1)
         if hasattr(model, "schedule"):
             bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(model.schedule.gamma_min.detach()):.2f}")
-        else:
+        elif "bpp" in res:
             bar.set_postfix(loss=f"{run_bpd:.3f}", bpp=f"{float(res['bpp'].detach().mean()):.3f}")
+        else:  # decoder fine-tuning: the rate is fixed
+            bar.set_postfix(loss=f"{run_bpd:.3f}", psnr=f"{float(res['psnr'].detach().mean()):.2f}",
+                            d_loss=f"{float(res['d_loss'].mean()):.3f}")
         if main:
             rec = {"step": step, "bpd": lv, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
                    "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm), "elapsed": round(elapsed, 1)}

@@ -239,8 +239,14 @@ class RVGC(nn.Module):
         return out[:, :, :h, :w]
 
     # ------------------------------------------------------------------ training loss
-    def forward(self, x: torch.Tensor, all_steps: bool = False) -> dict[str, torch.Tensor]:
-        """Per-example training loss (``loss``) and its parts; ``all_steps`` is accepted for the trainer."""
+    def forward(self, x: torch.Tensor, all_steps: bool = False, decoder: bool = False) -> dict[str, torch.Tensor]:
+        """Per-example training loss (``loss``) and its parts; ``all_steps`` is accepted for the trainer.
+
+        ``decoder=True`` is the decoder fine-tuning pass instead (``decoder_forward``); it goes through
+        ``forward`` so that DistributedDataParallel synchronises its gradients.
+        """
+        if decoder:
+            return self.decoder_forward(x)
         B = x.shape[0]
         lo, hi = (math.log(v) for v in self.q_range)
         q = torch.exp(lo + (hi - lo) * torch.rand(B, device=x.device, dtype=x.dtype))
@@ -290,6 +296,39 @@ class RVGC(nn.Module):
             out["mse_clean"] = mse_clean
         return {**out, "loss": loss, "bpd": loss, "bpp": bpp, "mse": mse,
                 "psnr": 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)), "den": den, "q": q}
+
+    # ------------------------------------------------------------------ decoder fine-tuning
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What adversarial decoder fine-tuning trains: g_s only.  Everything a file's bits depend on
+        (g_a, the rate embedding, the hyperprior) and the latent denoiser stay as they are."""
+        return list(self.g_s.parameters())
+
+    def decoder_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One decoder fine-tuning pass: the distortion loss of both decoders the codec uses, and the
+        images and latents an adversarial loss needs.
+
+        ``x_hat = g_s(y + q u, q)`` is the plain decoder (used above ``sampler_max_q``), ``x_clean =
+        g_s(y, clean level)`` what g_s sees after the sampler; both are returned with the latent each
+        was given (``y_t``, ``y``), for a latent-conditioned discriminator.  The frozen parts run
+        without gradients; ``loss`` is per example: lambda(q) MSE + clean_weight lambda_0 MSE_clean.
+        """
+        B = x.shape[0]
+        lo, hi = (math.log(v) for v in self.q_range)
+        q = torch.exp(lo + (hi - lo) * torch.rand(B, device=x.device, dtype=x.dtype))
+        with torch.no_grad():
+            emb = self.embed(torch.log(q))
+            emb_clean = self.embed(torch.full((B,), math.log(self.clean_level), device=x.device, dtype=x.dtype))
+            y = self.g_a(x)
+            y_t = y + q.view(B, 1, 1, 1) * (torch.rand_like(y) - 0.5)
+        x_hat = self.g_s(y_t, emb)
+        x_clean = self.g_s(y, emb_clean)
+        mse = (x_hat - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
+        mse_clean = (x_clean - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
+        loss = self.lmbda(q) * mse + max(self.clean_weight, 0.0) * self.lambda_range[0] * mse_clean
+        return {"loss": loss, "mse": mse, "mse_clean": mse_clean, "q": q,
+                "psnr": 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)),
+                "psnr_clean": 10 * torch.log10(255.0**2 / mse_clean.clamp_min(1e-10)),
+                "x_hat": x_hat, "y_t": y_t, "x_clean": x_clean, "y": y}
 
     # ------------------------------------------------------------------ float64 coding helpers
     def _f64(self):
