@@ -203,15 +203,15 @@ def _adversarial_setup(cfg: TrainConfig, model, resuming: bool, device):
 def _adversarial_step(cfg: TrainConfig, net, dnet, disc, opt_d, x: torch.Tensor, lr_scale: float) -> dict:
     """One discriminator update, then the decoder's loss (distortion + gan_weight * adversarial).
 
-    Both decoders of the codec (plain, and after the sampler) are judged; each fake is paired with
-    the latent it was decoded from.  The discriminator follows the decoder's warm-up and decay.
+    Both decoders of the codec (plain, and after the sampler) are judged, each fake paired with the
+    latent the decoder received.  The discriminator follows the decoder's warm-up and decay.
     """
     from .adversarial import disc_loss, gen_loss
 
     res = net(x, decoder=True)
     B = x.shape[0]
-    fake = torch.cat([res["x_hat"], res["x_clean"]])
-    cond = torch.cat([res["y_t"], res["y"]])
+    fake = torch.cat([res["x_hat"], res["x_sampled"]])
+    cond = torch.cat([res["y_t"], res["y_t"]])
     d_loss, d_real, d_fake = disc_loss(dnet, torch.cat([x, x]), fake, cond)
     for g in opt_d.param_groups:
         g["lr"] = cfg.disc_lr * lr_scale

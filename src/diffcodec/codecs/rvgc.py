@@ -304,13 +304,14 @@ class RVGC(nn.Module):
         return list(self.g_s.parameters())
 
     def decoder_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One decoder fine-tuning pass: the distortion loss of both decoders the codec uses, and the
-        images and latents an adversarial loss needs.
+        """One decoder fine-tuning pass through both decoders the codec uses, at a random q per example.
 
-        ``x_hat = g_s(y + q u, q)`` is the plain decoder (used above ``sampler_max_q``), ``x_clean =
-        g_s(y, clean level)`` what g_s sees after the sampler; both are returned with the latent each
-        was given (``y_t``, ``y``), for a latent-conditioned discriminator.  The frozen parts run
-        without gradients; ``loss`` is per example: lambda(q) MSE + clean_weight lambda_0 MSE_clean.
+        ``x_hat = g_s(y + q u, q)`` is the plain decoder (used above ``sampler_max_q``); ``x_sampled =
+        g_s(y_s, clean level)`` decodes the latent the model's own sampler (``sampler_walk``, its
+        default steps and eta) recovers from y + q u, i.e. exactly what the default decoder feeds g_s.
+        Both are returned with ``y_t = y + q u``, the latent the decoder received, for a
+        latent-conditioned discriminator.  The frozen parts run without gradients; ``loss`` is per
+        example lambda(q) (MSE + MSE_sampled).
         """
         B = x.shape[0]
         lo, hi = (math.log(v) for v in self.q_range)
@@ -320,15 +321,16 @@ class RVGC(nn.Module):
             emb_clean = self.embed(torch.full((B,), math.log(self.clean_level), device=x.device, dtype=x.dtype))
             y = self.g_a(x)
             y_t = y + q.view(B, 1, 1, 1) * (torch.rand_like(y) - 0.5)
+            y_s = self.sampler_walk(y_t, q, max(1, self.sampler_steps), self.eta,
+                                    fresh=lambda shape: torch.rand(shape, device=x.device, dtype=x.dtype) - 0.5)
         x_hat = self.g_s(y_t, emb)
-        x_clean = self.g_s(y, emb_clean)
+        x_sampled = self.g_s(y_s, emb_clean)
         mse = (x_hat - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
-        mse_clean = (x_clean - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
-        loss = self.lmbda(q) * mse + max(self.clean_weight, 0.0) * self.lambda_range[0] * mse_clean
-        return {"loss": loss, "mse": mse, "mse_clean": mse_clean, "q": q,
+        mse_sampled = (x_sampled - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
+        return {"loss": self.lmbda(q) * (mse + mse_sampled), "mse": mse, "mse_sampled": mse_sampled, "q": q,
                 "psnr": 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)),
-                "psnr_clean": 10 * torch.log10(255.0**2 / mse_clean.clamp_min(1e-10)),
-                "x_hat": x_hat, "y_t": y_t, "x_clean": x_clean, "y": y}
+                "psnr_sampled": 10 * torch.log10(255.0**2 / mse_sampled.clamp_min(1e-10)),
+                "x_hat": x_hat, "x_sampled": x_sampled, "y_t": y_t}
 
     # ------------------------------------------------------------------ float64 coding helpers
     def _f64(self):
@@ -436,33 +438,40 @@ class RVGC(nn.Module):
         return r
 
     # ------------------------------------------------------------------ reconstruction
-    @torch.inference_mode()
-    def sample_latent(self, y_hat: np.ndarray, q: float, steps: int, eta: float, rng) -> np.ndarray:
-        """Reverse the rate diffusion from level q to 0 in ``steps`` network evaluations.
+    def sampler_walk(self, y: torch.Tensor, q: torch.Tensor, steps: int, eta: float, fresh, snap=None) -> torch.Tensor:
+        """Reverse the rate diffusion from level q (per example) to 0 in ``steps`` network evaluations.
 
         Levels l_i = q (1 - i/steps); at each level the Tweedie estimate y0 = y - l u_hat(y, l) is
-        formed and the next state is y0 + l_next (sqrt(1 - eta^2) u_hat + eta u'), u' fresh uniform
-        noise of the same variance as the quantisation error: eta = 0 is a deterministic (DDIM-like)
-        path, eta = 1 replaces the predicted noise by fresh noise (ancestral).  The last step
-        returns its Tweedie estimate.  Outputs are rounded to a fixed grid at every step.
+        formed and the next state is y0 + l_next (sqrt(1 - eta^2) u_hat + eta u'), u' = ``fresh(shape)``
+        uniform noise of the same variance as the quantisation error: eta = 0 is a deterministic
+        (DDIM-like) path, eta = 1 replaces the predicted noise by fresh noise (ancestral).  The last
+        step returns its Tweedie estimate.  ``snap`` (decoding: rounding to a fixed grid) is applied
+        to every network output and state; decoder fine-tuning runs the same walk without it.
         """
+        snap = snap or (lambda t: t)
+        qv = q.reshape(-1, 1, 1, 1)
+        c_fresh, c_keep = float(eta), math.sqrt(max(0.0, 1.0 - float(eta) ** 2))
+        for i in range(steps):
+            level = qv * (1.0 - i / steps)
+            u_hat = snap(self.denoiser_eps(y, level.reshape(-1)))
+            y0 = y - level * u_hat
+            if i == steps - 1:
+                return y0
+            y = snap(y0 + qv * (1.0 - (i + 1) / steps) * (c_keep * u_hat + c_fresh * fresh(tuple(y.shape))))
+        return y
+
+    @torch.inference_mode()
+    def sample_latent(self, y_hat: np.ndarray, q: float, steps: int, eta: float, rng) -> np.ndarray:
+        """The decoder's sampler (``sampler_walk``) in float64 from the decoded latent, with the shared
+        randomness ``rng``; outputs are rounded to a fixed grid at every step (determinism)."""
         self._f64()
         if steps < 1:
             return y_hat
         y = torch.from_numpy(np.ascontiguousarray(y_hat))
-        levels = [q * (1.0 - i / steps) for i in range(steps)] + [0.0]
-        c_fresh, c_keep = float(eta), math.sqrt(max(0.0, 1.0 - float(eta) ** 2))
-        for i in range(steps):
-            lv = torch.tensor([levels[i]], dtype=torch.float64)
-            u_hat = torch.from_numpy(quantize_to_grid(self.denoiser_eps(y, lv).numpy(), EPS_GRID_BITS))
-            y0 = y - levels[i] * u_hat
-            if levels[i + 1] == 0.0:
-                y = y0
-                break
-            fresh = torch.from_numpy(rng.uniform(tuple(y.shape)) - 0.5)
-            y = y0 + levels[i + 1] * (c_keep * u_hat + c_fresh * fresh)
-            y = torch.from_numpy(quantize_to_grid(y.numpy(), EPS_GRID_BITS))
-        return y.numpy()
+        out = self.sampler_walk(y, torch.tensor([float(q)], dtype=torch.float64), steps, eta,
+                                fresh=lambda shape: torch.from_numpy(rng.uniform(shape) - 0.5),
+                                snap=lambda t: torch.from_numpy(quantize_to_grid(t.numpy(), EPS_GRID_BITS)))
+        return out.numpy()
 
     @torch.inference_mode()
     def synthesize(self, y: np.ndarray, q_cond: float) -> np.ndarray:
