@@ -107,3 +107,18 @@ def test_torchrun_adversarial_fine_tuning(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_decoder_fine_tuning_sees_the_latent_the_decoder_receives():
+    """quantized_latent reproduces the coder's y_hat exactly (float64), unlike the training proxy y + q u."""
+    from conftest import make_tiny
+
+    m = make_tiny("rvgc", 0)._f64()
+    y = m.analyse(synthetic_image(48, 64).transpose(2, 0, 1))
+    for q in (0.7, 2.0, 9.0):
+        _, y_hat = m.encode_latent(y, q)
+        got = m.quantized_latent(torch.from_numpy(y), torch.tensor([q], dtype=torch.float64))
+        assert np.array_equal(got.detach().numpy(), y_hat)
+    with torch.no_grad():
+        out = m.decoder_forward(torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1)
+    assert out["x_hat"].shape == out["x_sampled"].shape == (2, 3, 32, 32) and out["loss"].shape == (2,)

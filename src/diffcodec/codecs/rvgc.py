@@ -303,15 +303,29 @@ class RVGC(nn.Module):
         (g_a, the rate embedding, the hyperprior) and the latent denoiser stay as they are."""
         return list(self.g_s.parameters())
 
+    def quantized_latent(self, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """y_hat = mu + round((y - mu) / q) q with mu from the rounded hyper-latent: what a decoder
+        receives (``encode_latent``'s arithmetic in the working precision, q per example)."""
+        B = y.shape[0]
+        emb = self.embed(torch.log(q))
+        z_hat = torch.round(self.hyper_analysis(y, emb))
+        mu, _ = self.hyper_synthesis(z_hat, emb, y.shape[-2:])
+        mu = torch.round(mu * 2.0**MU_GRID_BITS) / 2.0**MU_GRID_BITS
+        qv = q.view(B, 1, 1, 1)
+        return mu + torch.round((y - mu) / qv) * qv
+
     def decoder_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One decoder fine-tuning pass through both decoders the codec uses, at a random q per example.
 
-        ``x_hat = g_s(y + q u, q)`` is the plain decoder (used above ``sampler_max_q``); ``x_sampled =
+        The decoders get the *really quantised* latent y_hat (``quantized_latent``), not the training
+        proxy y + q u: with the encoder frozen nothing needs a gradient through the rounding, and the
+        two differ where it matters (many elements of y_hat sit exactly on the prior mean, none of
+        y + q u do), which a decoder trained on the proxy renders as texture in flat regions.
+        ``x_hat = g_s(y_hat, q)`` is the plain decoder (used above ``sampler_max_q``); ``x_sampled =
         g_s(y_s, clean level)`` decodes the latent the model's own sampler (``sampler_walk``, its
-        default steps and eta) recovers from y + q u, i.e. exactly what the default decoder feeds g_s.
-        Both are returned with ``y_t = y + q u``, the latent the decoder received, for a
-        latent-conditioned discriminator.  The frozen parts run without gradients; ``loss`` is per
-        example lambda(q) (MSE + MSE_sampled).
+        default steps and eta) recovers from y_hat, i.e. exactly what the default decoder feeds g_s.
+        Both are returned with y_hat (``y_t``) for a latent-conditioned discriminator.  The frozen
+        parts run without gradients; ``loss`` is per example lambda(q) (MSE + MSE_sampled).
         """
         B = x.shape[0]
         lo, hi = (math.log(v) for v in self.q_range)
@@ -319,8 +333,7 @@ class RVGC(nn.Module):
         with torch.no_grad():
             emb = self.embed(torch.log(q))
             emb_clean = self.embed(torch.full((B,), math.log(self.clean_level), device=x.device, dtype=x.dtype))
-            y = self.g_a(x)
-            y_t = y + q.view(B, 1, 1, 1) * (torch.rand_like(y) - 0.5)
+            y_t = self.quantized_latent(self.g_a(x), q)
             y_s = self.sampler_walk(y_t, q, max(1, self.sampler_steps), self.eta,
                                     fresh=lambda shape: torch.rand(shape, device=x.device, dtype=x.dtype) - 0.5)
         x_hat = self.g_s(y_t, emb)
