@@ -82,6 +82,20 @@ def test_fine_tuning_changes_only_the_decoder_and_keeps_files(tmp_path):
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_adv"]) for r in log)
 
 
+def test_decoder_only_fine_tuning_without_a_discriminator(tmp_path):
+    data = make_image_folder(tmp_path, size=40)
+    src, ft = tmp_path / "src", tmp_path / "ft"
+    assert _train("--data", str(data), "--out", str(src), "--preset", "tiny", "--iters", "2") == 0
+    assert _train("--data", str(data), "--out", str(ft), "--init", str(src / "model.safetensors"), "--decoder-only",
+                  "--lr", "1e-2", "--warmup", "1", "--iters", "2") == 0
+    a, b = load_model(str(src / "model.safetensors")), load_model(str(ft / "model.safetensors"))
+    changed = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
+    assert changed and all(k.startswith("g_s.") for k in changed), changed
+    assert "disc" not in torch.load(ft / "checkpoint.pt", weights_only=False)
+    rec = json.loads((ft / "log.jsonl").read_text().splitlines()[-1])
+    assert "d_loss" not in rec and np.isfinite(rec["psnr_sampled"])
+
+
 def test_gan_weight_needs_an_rvgc_model_to_start_from(tmp_path, capsys):
     data = make_image_folder(tmp_path, size=40)
     assert _train("--data", str(data), "--out", str(tmp_path / "a"), "--preset", "tiny", "--iters", "1",

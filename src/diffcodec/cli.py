@@ -306,9 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "images; default 1 = off)")
     t.add_argument("--init", help="fine-tune: start a new run (step 0, fresh optimizer) from this model's weights "
                    "and architecture (bundled name or .safetensors, e.g. a run's model.safetensors)")
+    t.add_argument("--decoder-only", dest="decoder_only", action="store_true", default=None,
+                   help="rvgc: fine-tune only the decoder (g_s) of an --init model, on the latents it really "
+                   "receives; its files stay bit-identical, only reconstructions change")
     t.add_argument("--gan-weight", dest="gan_weight", type=float,
-                   help="rvgc: adversarial fine-tuning of the decoder of an --init model (its files stay "
-                   "bit-identical; only reconstructions change): weight of the GAN loss beside the MSE")
+                   help="rvgc: ... with an adversarial loss of this weight beside the MSE (implies --decoder-only)")
     t.add_argument("--disc-lr", dest="disc_lr", type=float, help="discriminator learning rate (default 1e-4)")
     t.add_argument("--clip", type=float)
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)

@@ -6,9 +6,10 @@ cosine decay, gradient clipping, an EMA of the weights (the EMA is what gets exp
 *atomic* checkpoints with ``--resume``, a held-out validation bits/dim, a tqdm progress bar with
 the loss in bits/dim, and a ``log.jsonl`` of all metrics.
 
-With ``gan_weight`` > 0 the run is an adversarial fine-tuning of the decoder of an ``--init`` model
-(adversarial.py): only the model's ``decoder_parameters()`` train, against a latent-conditioned
-patch discriminator that is checkpointed with the run.
+With ``decoder_only`` the run fine-tunes only the decoder of an ``--init`` model (its
+``decoder_parameters()``, on the latents the decoder really receives); ``gan_weight`` > 0 adds an
+adversarial loss against a latent-conditioned patch discriminator (adversarial.py) that is
+checkpointed with the run.
 
 Distributed: when started by ``torchrun`` (``WORLD_SIZE`` set) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank samples its own crops and only
@@ -73,7 +74,8 @@ class TrainConfig:
     zoom: float = 1.0  # scale augmentation: crops upsampled by up to this factor (data.CropSampler)
     zoom_min: float = 1.0  # ... and shrunk by down to this factor (< 1: more detail per pixel)
     init: str = ""  # fine-tune: start from this model's weights (bundled name or .safetensors), step 0
-    gan_weight: float = 0.0  # > 0: adversarial fine-tuning of the decoder only (rvgc; adversarial.py)
+    decoder_only: bool = False  # fine-tune only the decoder of the --init model (rvgc; files stay bit-identical)
+    gan_weight: float = 0.0  # > 0: ... with an adversarial loss (implies decoder_only; adversarial.py)
     disc_lr: float = 1e-4  # learning rate of the discriminator (adversarial fine-tuning)
     lr: float = 2e-4
     warmup: int = 200
@@ -183,18 +185,21 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
 
 
-def _adversarial_setup(cfg: TrainConfig, model, resuming: bool, device):
-    """Freeze all but the decoder; build the discriminator and its optimizer."""
+def _decoder_setup(cfg: TrainConfig, model, resuming: bool, device):
+    """Freeze all but the decoder; with a GAN weight, build the discriminator and its optimizer."""
     from .adversarial import PatchDiscriminator
 
     if not hasattr(model, "decoder_parameters"):
-        raise DiffcodecError(f"adversarial fine-tuning (--gan-weight) is for rvgc models, not {cfg.codec}")
+        raise DiffcodecError(f"decoder fine-tuning (--decoder-only, --gan-weight) is for rvgc models, not {cfg.codec}")
     if not (cfg.init or resuming):
-        raise DiffcodecError("adversarial fine-tuning (--gan-weight) needs a trained model to start from (--init)")
+        raise DiffcodecError("decoder fine-tuning (--decoder-only, --gan-weight) needs a trained model to start "
+                             "from (--init)")
     params = model.decoder_parameters()
     keep = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
+    if cfg.gan_weight <= 0:
+        return params, None, None
     disc = PatchDiscriminator(model.in_channels, model.M).to(device)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999))
     return params, disc, opt_d
@@ -302,8 +307,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     for p in ema.parameters():
         p.requires_grad_(False)
     disc = opt_d = None
-    if cfg.gan_weight > 0:
-        params, disc, opt_d = _adversarial_setup(cfg, model, ck is not None, device)
+    decoder_only = cfg.decoder_only or cfg.gan_weight > 0
+    if decoder_only:
+        params, disc, opt_d = _decoder_setup(cfg, model, ck is not None, device)
     else:
         params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -356,6 +362,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         x = sampler.batch(cfg.batch).to(device)
         if disc is not None:
             res = _adversarial_step(cfg, net, dnet, disc, opt_d, x, lr_at(step, cfg) / cfg.lr)
+        elif decoder_only:
+            res = {k: v for k, v in net(x, decoder=True).items() if v.dim() <= 1}
+            res["bpd"] = res["loss"]
         else:
             res = net(x)
         loss = res.get("loss", res["bpd"]).mean()
@@ -383,7 +392,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             bar.set_postfix(loss=f"{run_bpd:.3f}", bpp=f"{float(res['bpp'].detach().mean()):.3f}")
         else:  # decoder fine-tuning: the rate is fixed
             bar.set_postfix(loss=f"{run_bpd:.3f}", psnr=f"{float(res['psnr'].detach().mean()):.2f}",
-                            d_loss=f"{float(res['d_loss'].mean()):.3f}")
+                            **({"d_loss": f"{float(res['d_loss'].mean()):.3f}"} if "d_loss" in res else {}))
         if main:
             rec = {"step": step, "bpd": lv, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
                    "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm), "elapsed": round(elapsed, 1)}
