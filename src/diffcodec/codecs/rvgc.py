@@ -299,7 +299,7 @@ class RVGC(nn.Module):
 
     # ------------------------------------------------------------------ decoder fine-tuning
     def decoder_parameters(self) -> list[nn.Parameter]:
-        """What adversarial decoder fine-tuning trains: g_s only.  Everything a file's bits depend on
+        """What decoder fine-tuning (``train --decoder-only`` / ``--gan-weight``) trains: g_s only.  Everything a file's bits depend on
         (g_a, the rate embedding, the hyperprior) and the latent denoiser stay as they are."""
         return list(self.g_s.parameters())
 
@@ -319,8 +319,8 @@ class RVGC(nn.Module):
 
         The decoders get the *really quantised* latent y_hat (``quantized_latent``), not the training
         proxy y + q u: with the encoder frozen nothing needs a gradient through the rounding, and the
-        two differ where it matters (many elements of y_hat sit exactly on the prior mean, none of
-        y + q u do), which a decoder trained on the proxy renders as texture in flat regions.
+        two are distributed differently (many elements of y_hat sit exactly on the prior mean, none
+        of y + q u do), so only y_hat trains the decoder for what it will be given.
         ``x_hat = g_s(y_hat, q)`` is the plain decoder (used above ``sampler_max_q``); ``x_sampled =
         g_s(y_s, clean level)`` decodes the latent the model's own sampler (``sampler_walk``, its
         default steps and eta) recovers from y_hat, i.e. exactly what the default decoder feeds g_s.
