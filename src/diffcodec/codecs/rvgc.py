@@ -299,8 +299,9 @@ class RVGC(nn.Module):
 
     # ------------------------------------------------------------------ decoder fine-tuning
     def decoder_parameters(self) -> list[nn.Parameter]:
-        """What decoder fine-tuning (``train --decoder-only`` / ``--gan-weight``) trains: g_s only.  Everything a file's bits depend on
-        (g_a, the rate embedding, the hyperprior) and the latent denoiser stay as they are."""
+        """What decoder fine-tuning (``train --decoder-only`` / ``--gan-weight``) trains: g_s only.
+        Everything a file's bits depend on (g_a, the rate embedding, the hyperprior) and the latent
+        denoiser stay as they are."""
         return list(self.g_s.parameters())
 
     def quantized_latent(self, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
