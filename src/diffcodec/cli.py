@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rvgc: fine-tune only the decoder (g_s) of an --init model, on the latents it really "
                    "receives; its files stay bit-identical, only reconstructions change")
     t.add_argument("--gan-weight", dest="gan_weight", type=float,
-                   help="rvgc: ... with an adversarial loss of this weight beside the MSE (implies --decoder-only)")
+                   help="rvgc: decoder fine-tuning (implies --decoder-only) with an adversarial loss of "
+                   "this weight beside the MSE")
     t.add_argument("--disc-lr", dest="disc_lr", type=float, help="discriminator learning rate (default 1e-4)")
     t.add_argument("--clip", type=float)
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
