@@ -205,15 +205,15 @@ def _decoder_setup(cfg: TrainConfig, model, resuming: bool, device):
     return params, disc, opt_d
 
 
-def _adversarial_step(cfg: TrainConfig, net, dnet, disc, opt_d, x: torch.Tensor, lr_scale: float) -> dict:
-    """One discriminator update, then the decoder's loss (distortion + gan_weight * adversarial).
+def _adversarial_step(cfg: TrainConfig, res: dict, x: torch.Tensor, dnet, disc, opt_d, lr_scale: float) -> dict:
+    """Given the decoder pass ``res``: one discriminator update, then the decoder's loss (distortion +
+    gan_weight * adversarial) in ``res["loss"]`` and the GAN terms for the log.
 
     Both decoders of the codec (plain, and after the sampler) are judged, each fake paired with the
     latent the decoder received.  The discriminator follows the decoder's warm-up and decay.
     """
     from .adversarial import disc_loss, gen_loss
 
-    res = net(x, decoder=True)
     B = x.shape[0]
     fake = torch.cat([res["x_hat"], res["x_sampled"]])
     cond = torch.cat([res["y_t"], res["y_t"]])
@@ -230,10 +230,8 @@ def _adversarial_step(cfg: TrainConfig, net, dnet, disc, opt_d, x: torch.Tensor,
     g_adv = gen_loss(disc, fake, cond)
     disc.requires_grad_(True)
     g_adv = g_adv[:B] + g_adv[B:]
-    out = {k: v for k, v in res.items() if v.dim() <= 1}
-    out["loss"] = out["bpd"] = res["loss"] + cfg.gan_weight * g_adv
-    out.update(g_adv=g_adv.detach(), d_loss=d_loss.detach(), d_real=d_real, d_fake=d_fake)
-    return out
+    return {**res, "loss": res["loss"] + cfg.gan_weight * g_adv, "g_adv": g_adv.detach(),
+            "d_loss": d_loss.detach(), "d_real": d_real, "d_fake": d_fake}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -360,10 +358,11 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         x = sampler.batch(cfg.batch).to(device)
-        if disc is not None:
-            res = _adversarial_step(cfg, net, dnet, disc, opt_d, x, lr_at(step, cfg) / cfg.lr)
-        elif decoder_only:
-            res = {k: v for k, v in net(x, decoder=True).items() if v.dim() <= 1}
+        if decoder_only:
+            res = net(x, decoder=True)
+            if disc is not None:
+                res = _adversarial_step(cfg, res, x, dnet, disc, opt_d, lr_at(step, cfg) / cfg.lr)
+            res = {k: v for k, v in res.items() if v.dim() <= 1}  # per-example terms (not the images)
             res["bpd"] = res["loss"]
         else:
             res = net(x)

@@ -304,11 +304,12 @@ class RVGC(nn.Module):
         denoiser stay as they are."""
         return list(self.g_s.parameters())
 
-    def quantized_latent(self, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def quantized_latent(self, y: torch.Tensor, q: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """y_hat = mu + round((y - mu) / q) q with mu from the rounded hyper-latent: what a decoder
-        receives (``encode_latent``'s arithmetic in the working precision, q per example)."""
+        receives (``encode_latent``'s arithmetic in the working precision, q per example; ``emb`` is the
+        rate embedding of q if the caller has it)."""
         B = y.shape[0]
-        emb = self.embed(torch.log(q))
+        emb = self.embed(torch.log(q)) if emb is None else emb
         z_hat = torch.round(self.hyper_analysis(y, emb))
         mu, _ = self.hyper_synthesis(z_hat, emb, y.shape[-2:])
         mu = torch.round(mu * 2.0**MU_GRID_BITS) / 2.0**MU_GRID_BITS
@@ -334,7 +335,7 @@ class RVGC(nn.Module):
         with torch.no_grad():
             emb = self.embed(torch.log(q))
             emb_clean = self.embed(torch.full((B,), math.log(self.clean_level), device=x.device, dtype=x.dtype))
-            y_t = self.quantized_latent(self.g_a(x), q)
+            y_t = self.quantized_latent(self.g_a(x), q, emb)
             y_s = self.sampler_walk(y_t, q, max(1, self.sampler_steps), self.eta,
                                     fresh=lambda shape: torch.rand(shape, device=x.device, dtype=x.dtype) - 0.5)
         x_hat = self.g_s(y_t, emb)
