@@ -94,6 +94,15 @@ def test_eval_end_to_end_schema_and_resume(images_dir, tiny_model_path, tmp_path
     assert "0 jobs to run" in log and "0 points computed" in log
     swd_table = (out / "swd_rate.txt").read_text()  # every point: SWD next to JPEG's at the same bpp
     assert "tiny-uqdm-flow" in swd_table and "lower (*) at: jpeg" in swd_table and "swd_rate.txt" in log
+    # every point's SWD per pyramid level, as in the curve JSONs (finest first), and their mean
+    levels = (out / "swd_levels.txt").read_text().split("\n\n")
+    jpeg = json.loads((out / "jpeg.json").read_text())["results"]
+    block = next(b for b in levels if b.startswith("jpeg\n")).splitlines()
+    assert block[1].split()[2:] == ["L24", "mean"]  # 24x32 images: one level of at least 16 pixels
+    rows = sorted(zip(jpeg["bpp"], jpeg["swd-per-level"], jpeg["swd"]))
+    assert len(block) == 2 + len(rows)
+    for line, (_, per, mean) in zip(block[2:], rows):
+        assert [float(v) for v in line.split()[2:]] == [round(v, 1) for v in [*per, mean]]
     assert (out / "cache" / "records.jsonl").read_text() == records
     assert {p.name: p.read_text() for p in out.glob("*.json")} == before
 

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .baselines import find_quality, select_baselines
-from .metrics import fid, lpips_distance, ms_ssim, msssim_scales, psnr, sliced_wasserstein
+from .metrics import fid, lpips_distance, ms_ssim, msssim_scales, psnr, sliced_wasserstein, swd_resolutions
 
 __all__ = [
     "BaselineAdapter",
@@ -68,6 +68,7 @@ __all__ = [
     "run_eval",
     "save_results",
     "swd_at_rate",
+    "swd_levels_table",
     "swd_rate_table",
 ]
 
@@ -175,7 +176,7 @@ def evaluate_curve(
     res: dict[str, list[Any]] = {k: [] for k in keys}
     if lpips:
         res["lpips"] = []
-    swd_resolutions: tuple[int, ...] = ()
+    swd_levels: tuple[int, ...] = ()
     for setting in settings:
         bpps, psnrs, msssims, lpipss, times, recs = [], [], [], [], [], []
         for img in imgs:
@@ -198,7 +199,7 @@ def evaluate_curve(
         res["ms-ssim-rgb"].append(_finite_or_none(float(np.mean(msssims))))
         if swd:
             r = sliced_wasserstein(imgs, recs, **swd_opts)
-            swd_resolutions = r.resolutions
+            swd_levels = r.resolutions
             res["swd"].append(r.mean)
             res["swd-per-level"].append(list(r.per_level))
         else:
@@ -216,7 +217,7 @@ def evaluate_curve(
     scales = sorted({msssim_scales(*im.shape[:2]) for im in imgs if min(im.shape[:2]) >= 11})
     meta = (f"{len(imgs)} images ({', '.join(sizes)}); bpp = 8*whole-file bytes/pixels; PSNR RGB 0-255 "
             f"(mean of per-image); MS-SSIM {'/'.join(map(str, scales))} scale(s); SWD x1e3 Karras 2018 "
-            f"Laplacian levels {list(swd_resolutions)} {json.dumps(swd_opts) if swd_opts else '(default options)'}")
+            f"Laplacian levels {list(swd_levels)} {json.dumps(swd_opts) if swd_opts else '(default options)'}")
     return {"name": name, "description": f"{description}. {meta}" if description else meta, "results": res}
 
 
@@ -486,6 +487,29 @@ def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping
         lines.append("  lower (*) at: " + ", ".join(f"{c} {wins[c]}/{bracketed[c]}" for c in cols)
                      + " of the points each anchor brackets")
     return rows, "\n".join(lines)
+
+
+def swd_levels_table(curves: Sequence[Mapping[str, Any]], resolutions: Sequence[int]) -> str:
+    """Each curve's SWD per Laplacian level at each of its points (finest level first).
+
+    The mean SWD hides *where* a codec loses realism: a blurred or grainy decoder is far off at the
+    finest level only, a blocky one at the coarser levels too.  Curves without SWD are left out."""
+    heads = [f"L{r}" for r in resolutions]
+    lines = ["SWD (x1e3) per Laplacian pyramid level, labelled by the level's smallest image side (finest first), "
+             "and the mean over levels (the SWD of the other tables)"]
+    for c in curves:
+        res = c["results"]
+        per = res.get("swd-per-level") or []
+        pts = sorted((b, q, m, lv) for b, q, m, lv in zip(res["bpp"], res["quality"], res["swd"], per)
+                     if b is not None and lv is not None)
+        if not pts:
+            continue
+        lines += ["", str(c["name"]), f"  {'quality':>9} {'bpp':>8} " + " ".join(f"{h:>6}" for h in heads)
+                  + f" {'mean':>6}"]
+        for b, q, m, lv in pts:
+            qs = "" if q is None else f"{q:g}" if isinstance(q, (int, float)) else str(q)
+            lines.append(f"  {qs:>9} {b:8.4f} " + " ".join(f"{v:6.1f}" for v in lv) + f" {m:6.1f}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1270,7 +1294,8 @@ def run_eval(
     swd, encoding_time, decoding_time, quality per point, plus lpips/fid when their weights are installed),
     ``per_image.csv``, ``curves.txt`` (the points as tables), ``bd.txt`` / ``bd.csv`` (BD-rate on PSNR of each
     diffcodec and ``extra_curves`` curve against each baseline), ``swd_rate.txt`` (each curve's SWD below
-    ``swd_max_bpp`` next to each baseline's SWD at the same bpp, :func:`swd_rate_table`), and
+    ``swd_max_bpp`` next to each baseline's SWD at the same bpp, :func:`swd_rate_table`), ``swd_levels.txt``
+    (every point's SWD per pyramid level, :func:`swd_levels_table`), and
     ``rd_psnr.png`` / ``rd_msssim.png`` / ``rd_swd.png``; the per-image records live in ``cache/`` (see
     :class:`RecordCache`).  Points already recorded for the same pixels and config are not recomputed.
     Returns a summary dict (``curves``, ``table``, ``bd``, ``swd_rate``, counts of points run / cached /
@@ -1368,6 +1393,10 @@ def run_eval(
             (out / "swd_rate.txt").write_text(swd_text + "\n")
             say("")
             say(swd_text)
+    if swd and curves:
+        side = min(min(v.shape[:2]) for v in imgs.values())
+        levels = swd_resolutions(side, swd_opts.get("min_resolution", 16))
+        (out / "swd_levels.txt").write_text(swd_levels_table(curves, levels) + "\n")
     if plots and curves:
         every = curves + list(extra_curves)
         max_bpp = 1.25 * max(max(c["results"]["bpp"]) for c in baselines) if baselines else None

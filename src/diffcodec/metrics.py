@@ -221,6 +221,16 @@ class SWDResult:
     mean: float
 
 
+def swd_resolutions(smallest: int, min_resolution: int = 16) -> tuple[int, ...]:
+    """The Laplacian levels SWD compares for images whose smallest side is ``smallest``, each labelled by
+    its smallest side: full resolution first, halving down to ``min_resolution``."""
+    out = []
+    while smallest >= min_resolution:
+        out.append(smallest)
+        smallest //= 2
+    return tuple(out)
+
+
 def sliced_wasserstein(
     references: Sequence[np.ndarray],
     reconstructions: Sequence[np.ndarray],
@@ -257,9 +267,8 @@ def sliced_wasserstein(
         if paired and r.shape != s.shape:
             raise ValueError(f"paired SWD needs equal shapes, got {r.shape} vs {s.shape}")
     smallest = min(min(im.shape[:2]) for im in refs + recs)
-    levels, res = 0, smallest
-    while res >= min_resolution:
-        levels, res = levels + 1, res // 2
+    resolutions = swd_resolutions(smallest, min_resolution)
+    levels = len(resolutions)
     if levels == 0:
         raise ValueError(f"images need a side of at least {min_resolution} pixels for SWD, got {smallest}")
 
@@ -291,7 +300,6 @@ def sliced_wasserstein(
         pa = np.sort(proj[: a.shape[0]], axis=0)
         pb = np.sort(proj[a.shape[0] :], axis=0)
         dists.append(1e3 * float(np.mean(np.abs(pa - pb))))
-    resolutions = tuple(smallest // 2**i for i in range(levels))
     return SWDResult(resolutions=resolutions, per_level=tuple(dists), mean=float(np.mean(dists)))
 
 
