@@ -448,6 +448,11 @@ def swd_at_rate(anchor: Mapping[str, Any], test: Mapping[str, Any], *, max_bpp: 
     return out
 
 
+def _quality_str(q: Any) -> str:
+    """A point's setting as a table cell: numbers in %g, anything else as text, None empty."""
+    return "" if q is None else f"{q:g}" if isinstance(q, (int, float)) else str(q)
+
+
 def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]], *,
                    max_bpp: float | None = 0.5) -> tuple[list[dict[str, Any]], str]:
     """:func:`swd_at_rate` of every test curve against every anchor, as rows and as a text table.
@@ -475,7 +480,7 @@ def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping
             rows.append({"curve": t["name"], "quality": p["quality"], "bpp": p["bpp"], "swd": p["swd"],
                          **{f"swd-{c}": refs[c] for c in cols}})
             q = p["quality"]
-            qs = "" if q is None else f"{q:g}" if isinstance(q, (int, float)) else str(q)
+            qs = _quality_str(q)
             cells = ["-" if refs[c] is None else f"{refs[c]:.1f}" + ("*" if p["swd"] < refs[c] else " ")
                      for c in cols]
             lines.append(f"  {qs:>9} {p['bpp']:8.4f} {p['swd']:7.1f}  "
@@ -492,22 +497,21 @@ def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping
 def swd_levels_table(curves: Sequence[Mapping[str, Any]], resolutions: Sequence[int]) -> str:
     """Each curve's SWD per Laplacian level at each of its points (finest level first).
 
-    The mean SWD hides *where* a codec loses realism: a blurred or grainy decoder is far off at the
-    finest level only, a blocky one at the coarser levels too.  Curves without SWD are left out."""
+    The mean SWD hides at which scale a codec loses realism.  Curves without SWD are left out."""
     heads = [f"L{r}" for r in resolutions]
     lines = ["SWD (x1e3) per Laplacian pyramid level, labelled by the level's smallest image side (finest first), "
              "and the mean over levels (the SWD of the other tables)"]
     for c in curves:
         res = c["results"]
         per = res.get("swd-per-level") or []
-        pts = sorted((b, q, m, lv) for b, q, m, lv in zip(res["bpp"], res["quality"], res["swd"], per)
-                     if b is not None and lv is not None)
+        pts = sorted(((b, q, m, lv) for b, q, m, lv in zip(res["bpp"], res["quality"], res["swd"], per)
+                      if b is not None and lv is not None), key=lambda t: t[0])
         if not pts:
             continue
         lines += ["", str(c["name"]), f"  {'quality':>9} {'bpp':>8} " + " ".join(f"{h:>6}" for h in heads)
                   + f" {'mean':>6}"]
         for b, q, m, lv in pts:
-            qs = "" if q is None else f"{q:g}" if isinstance(q, (int, float)) else str(q)
+            qs = _quality_str(q)
             lines.append(f"  {qs:>9} {b:8.4f} " + " ".join(f"{v:6.1f}" for v in lv) + f" {m:6.1f}")
     return "\n".join(lines)
 
