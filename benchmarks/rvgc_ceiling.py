@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import diffcodec
+from diffcodec.api import _prepare
 from diffcodec.evaluate import load_images
 from diffcodec.metrics import ms_ssim, psnr, sliced_wasserstein
 
@@ -29,9 +30,8 @@ def ceiling(model, images: dict[str, np.ndarray]) -> dict:
     """PSNR, MS-SSIM and SWD (mean and per level) of g_s(g_a(x), clean level) over ``images``."""
     refs, recs = list(images.values()), []
     for im in refs:
-        h, w = im.shape[:2]
-        pad = np.pad(im, ((0, -h % 16), (0, -w % 16), (0, 0)), mode="edge")  # g_a needs multiples of 16
-        y = model.analyse(pad.transpose(2, 0, 1))
+        pixels, h, w, _ = _prepare(im, "error", model)  # padded as compress() pads it
+        y = model.analyse(pixels)
         recs.append(model.synthesize(y, model.clean_level)[0].transpose(1, 2, 0)[:h, :w])
     swd = sliced_wasserstein(refs, recs)
     return {"psnr": float(np.mean([psnr(a, b) for a, b in zip(refs, recs)])),

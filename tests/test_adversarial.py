@@ -1,4 +1,4 @@
-"""Adversarial decoder fine-tuning (``diffcodec train --gan-weight``)."""
+"""Decoder fine-tuning (``diffcodec train --decoder-only`` / ``--gan-weight``) and its GAN losses."""
 
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
-"""Adversarial fine-tuning of a learned decoder (HiFiC-style), for realism at low rates.
+"""Adversarial fine-tuning of a learned decoder (HiFiC-style), aimed at realism at low rates.
 
 Why: a synthesis transform trained on MSE alone outputs (roughly) the conditional mean of the image
-given its latent, which is smooth wherever the latent cannot say what the fine texture is.  That
-shows as a worse realism score (SWD, FID) than even JPEG's blocky but textured output at the same
-rate.  Mentzer et al. ("High-Fidelity Generative Image Compression", 2020) fix this by adding a
-conditional GAN loss to the decoder's distortion loss; the discriminator sees the image together
+given its latent, which is smooth wherever the latent cannot say what the fine texture is.
+Mentzer et al. ("High-Fidelity Generative Image Compression", 2020) add a conditional GAN loss to
+the decoder's distortion loss for that; the discriminator sees the image together
 with the (upsampled) latent the decoder was given, so it judges "is this a plausible image *for
 this latent*" rather than only "is this a plausible image".
 
