@@ -136,3 +136,56 @@ def test_decoder_fine_tuning_sees_the_latent_the_decoder_receives():
     with torch.no_grad():
         out = m.decoder_forward(torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1)
     assert out["x_hat"].shape == out["x_sampled"].shape == (2, 3, 32, 32) and out["loss"].shape == (2,)
+
+
+def test_grown_decoder_starts_out_decoding_like_the_original(tmp_path):
+    """``with_decoder`` (a wider g_s and a full-resolution head) keeps every other weight and, at the
+    start, the decoder's function; the grown architecture saves and loads; decoders only grow."""
+    import pytest
+
+    from conftest import make_tiny
+    from diffcodec.models import save_model
+
+    m = make_tiny("rvgc", 0).float()
+    w = m.with_decoder(16, 8)
+    assert (w.N_s, w.refine, w.g_s.ups[1].weight.shape[:2]) == (16, 8, (16, 16))
+    other = {k: v for k, v in m.state_dict().items() if not k.startswith("g_s.")}
+    assert all(torch.equal(v, w.state_dict()[k]) for k, v in other.items())
+    y = torch.randn(2, m.M, 3, 5)
+    emb = m.embed(torch.log(torch.tensor([4.0, 0.7])))
+    with torch.no_grad():
+        ref, got = m.g_s(y, emb), w.g_s(y, emb)
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.equal(w.g_s.head_conv.weight, 0 * w.g_s.head_conv.weight)
+    save_model(w, tmp_path / "w.safetensors")
+    back = load_model(str(tmp_path / "w.safetensors"))
+    assert back.config_dict()["N_s"] == 16 and back.config_dict()["refine"] == 8
+    assert "N_s" not in m.config_dict() and "refine" not in m.config_dict()  # old models' configs are unchanged
+    with pytest.raises(ValueError):
+        w.with_decoder(8, 8)
+
+
+def test_decoder_growth_in_a_fine_tune_keeps_files(tmp_path, capsys):
+    """``--decoder-width/--decoder-refine`` grow the --init model's g_s and train it alone: the coded
+    sections equal the init model's, the decoder differs, and --resume continues the grown run."""
+    from diffcodec.codecs.rvgc import RVGC
+
+    data = make_image_folder(tmp_path, size=40)
+    src, ft = tmp_path / "src", tmp_path / "ft"
+    assert _train("--data", str(data), "--out", str(src), "--preset", "tiny", "--iters", "2") == 0
+    args = ["--data", str(data), "--out", str(ft), "--init", str(src / "model.safetensors"), "--decoder-only",
+            "--decoder-width", "16", "--decoder-refine", "8", "--lr", "1e-2", "--warmup", "1", "--ckpt-every", "2"]
+    assert _train(*args, "--iters", "2") == 0
+    a, b = load_model(str(src / "model.safetensors")), load_model(str(ft / "model.safetensors"))
+    assert (b.N_s, b.refine) == (16, 8)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items() if not k.startswith("g_s."))
+    img = synthetic_image(32, 48).transpose(2, 0, 1)
+    sa, ha = RVGC.encode_latent(a, a.analyse(img), 2.0)
+    sb, hb = RVGC.encode_latent(b, b.analyse(img), 2.0)
+    assert [s.payload for s in sa] == [s.payload for s in sb] and np.array_equal(ha, hb)
+    assert not np.array_equal(a.synthesize(ha, 2.0), b.synthesize(hb, 2.0))
+    assert _train(*args, "--iters", "4", "--resume") == 0
+    assert load_model(str(ft / "model.safetensors")).card["step"] == 4
+    capsys.readouterr()
+    assert _train("--data", str(data), "--out", str(tmp_path / "x"), "--init", str(src / "model.safetensors"),
+                  "--decoder-width", "16", "--iters", "1") == 1
+    assert "--decoder-only" in capsys.readouterr().err

@@ -313,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rvgc: decoder fine-tuning (implies --decoder-only) with an adversarial loss of "
                    "this weight beside the MSE")
     t.add_argument("--disc-lr", dest="disc_lr", type=float, help="discriminator learning rate (default 1e-4)")
+    t.add_argument("--decoder-width", dest="decoder_width", type=int,
+                   help="rvgc decoder fine-tuning: first widen the --init model's g_s to this many hidden "
+                   "channels (starts out decoding like it; the encoder and files stay the same)")
+    t.add_argument("--decoder-refine", dest="decoder_refine", type=int,
+                   help="rvgc decoder fine-tuning: first give g_s a full-resolution head of this many channels")
     t.add_argument("--clip", type=float)
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
     t.add_argument("--val-every", dest="val_every", type=int)

@@ -77,6 +77,8 @@ class TrainConfig:
     decoder_only: bool = False  # fine-tune only the decoder of the --init model (rvgc; files stay bit-identical)
     gan_weight: float = 0.0  # > 0: ... with an adversarial loss (implies decoder_only; adversarial.py)
     disc_lr: float = 1e-4  # learning rate of the discriminator (adversarial fine-tuning)
+    decoder_width: int = 0  # > 0: grow the --init model's g_s to this many hidden channels (rvgc, decoder-only)
+    decoder_refine: int = 0  # > 0: ... and give it a full-resolution head of this many channels
     lr: float = 2e-4
     warmup: int = 200
     ema: float = 0.999
@@ -183,6 +185,21 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     if mcfg.get("codec") != cfg.codec:
         raise DiffcodecError(f"--init model {cfg.init} is a {mcfg.get('codec')} model, not {cfg.codec}")
     return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
+
+
+def _grow_decoder(cfg: TrainConfig, model):
+    """The --init model with a wider g_s / a full-resolution head that starts out decoding like it."""
+    if not hasattr(model, "with_decoder"):
+        raise DiffcodecError(f"--decoder-width / --decoder-refine are for rvgc models, not {cfg.codec}")
+    if not (cfg.decoder_only or cfg.gan_weight > 0):
+        raise DiffcodecError("--decoder-width / --decoder-refine grow the decoder of a decoder fine-tune: "
+                             "add --decoder-only")
+    width = cfg.decoder_width or model.N_s
+    refine = cfg.decoder_refine or model.refine
+    if width < model.N_s or refine < model.refine:
+        raise DiffcodecError(f"--init model's decoder has width {model.N_s} and head {model.refine}; "
+                             "it can only grow")
+    return model.with_decoder(width, refine)
 
 
 def _decoder_setup(cfg: TrainConfig, model, resuming: bool, device):
@@ -297,9 +314,13 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         mcfg, init_state, init_from = _init_weights(cfg)
     else:
         mcfg = model_config(cfg)
-    model = build_model(mcfg).to(device)
+    model = build_model(mcfg)
     if init_state is not None:
         model.load_state_dict(init_state)
+        if cfg.decoder_width or cfg.decoder_refine:
+            model = _grow_decoder(cfg, model)
+            mcfg = model.config_dict()
+    model = model.to(device)
     model.autocast_bf16 = cfg.bf16 and device.type == "cpu"
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():

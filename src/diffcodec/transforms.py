@@ -98,20 +98,95 @@ class Analysis(nn.Module):
 
 
 class Synthesis(nn.Module):
-    """g_s: latent (M, h, w) and rate embedding -> image (3, 16h, 16w)."""
+    """g_s: latent (M, h, w) and rate embedding -> image (3, 16h, 16w).
 
-    def __init__(self, N: int, M: int, emb_dim: int, out_channels: int = 3):
+    ``refine`` > 0 adds a full-resolution head: the Balle-style stack ends in one linear transposed
+    convolution from half resolution, so every output pixel is a linear mix of half-resolution
+    features -- little capacity at the finest scale, which is where the bundled models lose realism
+    to JPEG (docs/results.md).  The head (up-convolution to ``refine`` channels, two 3x3 convolutions
+    at full resolution) adds a residual to that output; its last convolution starts at zero, so a
+    model gains the head without changing what it computes (:func:`widen_synthesis`).
+    """
+
+    def __init__(self, N: int, M: int, emb_dim: int, out_channels: int = 3, refine: int = 0):
         super().__init__()
+        self.N, self.refine = N, refine
         self.ups = nn.ModuleList([_up(M, N), _up(N, N), _up(N, N)])
         self.films = nn.ModuleList([FiLM(emb_dim, N) for _ in range(3)])
         self.gdns = nn.ModuleList([GDN(N, inverse=True) for _ in range(3)])
         self.out = _up(N, out_channels)
+        if refine:
+            self.head_up = _up(N, refine)
+            self.head_film = FiLM(emb_dim, refine)
+            self.head_conv = nn.Conv2d(refine, refine, 3, padding=1)
+            self.head_out = nn.Conv2d(refine, out_channels, 3, padding=1)
+            nn.init.zeros_(self.head_out.weight)
+            nn.init.zeros_(self.head_out.bias)
 
     def forward(self, y: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = y
         for up, film, gdn in zip(self.ups, self.films, self.gdns):
             h = gdn(film(up(h), emb))
-        return self.out(h)
+        x = self.out(h)
+        if self.refine:
+            r = F.leaky_relu(self.head_film(self.head_up(h), emb), 0.1)
+            r = F.leaky_relu(self.head_conv(r), 0.1)
+            x = x + self.head_out(r)
+        return x
+
+
+def _copy_film(old: FiLM, new: FiLM, n_old: int, n_new: int) -> None:
+    """Old channels keep their scale and shift (rows [scale (n), shift (n)]); new ones stay identity."""
+    for half in range(2):
+        new.lin.weight[half * n_new:half * n_new + n_old] = old.lin.weight[half * n_old:(half + 1) * n_old]
+        new.lin.bias[half * n_new:half * n_new + n_old] = old.lin.bias[half * n_old:(half + 1) * n_old]
+
+
+@torch.no_grad()
+def widen_synthesis(old: Synthesis, N: int, refine: int, cross_gamma: float = 1e-3) -> Synthesis:
+    """A copy of ``old`` with ``N`` hidden channels and a ``refine``-channel head that computes the same
+    function (to ~1e-6: see ``cross_gamma``), so that decoder fine-tuning starts from the trained
+    decoder instead of from scratch (Net2Net-style growth, Chen et al. 2016).
+
+    New hidden channels get the fresh module's random incoming weights and *zero* outgoing weights
+    (so the old outputs do not see them, but the outgoing weights get gradients), identity FiLM,
+    and an IGDN that leaves them unnormalised by the old channels.  IGDN's gamma is a squared
+    parameter, whose gradient vanishes at zero: the cross terms get ``cross_gamma`` (gamma =
+    cross_gamma^2 = 1e-6) instead of zero so they can learn, at a ~1e-6 relative change of the output.
+    """
+    N0, emb_dim = old.N, old.films[0].lin.in_features
+    M, out_channels = old.ups[0].in_channels, old.out.out_channels
+    if N < N0 or refine < old.refine:
+        raise ValueError(f"cannot shrink a synthesis transform (N {N0} -> {N}, refine {old.refine} -> {refine})")
+    new = Synthesis(N, M, emb_dim, out_channels, refine)
+    for i in range(3):
+        w_old, w_new = old.ups[i].weight, new.ups[i].weight  # (in, out, k, k)
+        cin = w_old.shape[0]
+        w_new[cin:] = 0  # new inputs feed nothing yet
+        w_new[:cin, :N0] = w_old
+        new.ups[i].bias[:N0] = old.ups[i].bias
+        new.ups[i].bias[N0:] = 0
+        _copy_film(old.films[i], new.films[i], N0, N)
+        g_o, g_n = old.gdns[i], new.gdns[i]
+        g_n.beta_p[:N0] = g_o.beta_p
+        g_n.gamma_p[:N0, N0:] = cross_gamma
+        g_n.gamma_p[N0:, :N0] = cross_gamma
+        g_n.gamma_p[:N0, :N0] = g_o.gamma_p
+    new.out.weight.zero_()
+    new.out.weight[:N0] = old.out.weight
+    new.out.bias.copy_(old.out.bias)
+    if old.refine:
+        r0 = old.refine
+        new.head_up.weight[N0:] = 0
+        new.head_up.weight[:N0, :r0] = old.head_up.weight
+        new.head_up.bias[:r0] = old.head_up.bias
+        _copy_film(old.head_film, new.head_film, r0, refine)
+        new.head_conv.weight[:, r0:] = 0
+        new.head_conv.weight[:r0, :r0] = old.head_conv.weight
+        new.head_conv.bias[:r0] = old.head_conv.bias
+        new.head_out.weight[:, :r0] = old.head_out.weight
+        new.head_out.bias.copy_(old.head_out.bias)
+    return new
 
 
 class HyperAnalysis(nn.Module):

@@ -47,7 +47,7 @@ from ..entropy import (
 from ..errors import DecodeError, DiffcodecError, FormatError
 from ..networks import DenoiserUNet, UNetConfig
 from ..schedule import LOG2, unit_to_pixel
-from ..transforms import Analysis, HyperAnalysis, HyperSynthesis, RateEmbedding, Synthesis
+from ..transforms import Analysis, HyperAnalysis, HyperSynthesis, RateEmbedding, Synthesis, widen_synthesis
 from .base import Section
 from .uqdm import log_logistic_bin_t
 
@@ -120,7 +120,7 @@ class RVGC(nn.Module):
     def __init__(self, N: int = 64, M: int = 64, Nz: int = 32, emb_dim: int = 64, den: dict | None = None,
                  q_range: tuple[float, float] = (0.5, 16.0), lambda_range: tuple[float, float] = (0.03, 0.001),
                  in_channels: int = 3, sampler_steps: int = 2, eta: float = 1.0, clean_weight: float = 0.0,
-                 sampler_max_q: float | None = None):
+                 sampler_max_q: float | None = None, N_s: int | None = None, refine: int = 0):
         super().__init__()
         if not 0 < q_range[0] < q_range[1]:
             raise ValueError("q_range must be 0 < q_min < q_max")
@@ -138,7 +138,10 @@ class RVGC(nn.Module):
         log_hi = math.log(self.q_range[1])
         self.embed = RateEmbedding(emb_dim, (log_lo, log_hi))
         self.g_a = Analysis(N, M, in_channels)
-        self.g_s = Synthesis(N, M, emb_dim, in_channels)
+        # g_s may be wider than g_a (N_s) and have a full-resolution head (refine): decoder upgrades
+        # grown from a trained model by ``with_decoder`` keep its encoder, so its files stay the same
+        self.N_s, self.refine = int(N_s or N), int(refine)
+        self.g_s = Synthesis(self.N_s, M, emb_dim, in_channels, self.refine)
         self.h_a = HyperAnalysis(M, N, Nz, emb_dim)
         self.h_s = HyperSynthesis(Nz, N, M, emb_dim)
         self.z_prior = nn.Linear(emb_dim, 2 * Nz)
@@ -154,7 +157,7 @@ class RVGC(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> RVGC:
         keys = ("N", "M", "Nz", "emb_dim", "den", "q_range", "lambda_range", "in_channels", "sampler_steps", "eta",
-                "clean_weight", "sampler_max_q")
+                "clean_weight", "sampler_max_q", "N_s", "refine")
         kw = {k: cfg[k] for k in keys if k in cfg}
         for k in ("q_range", "lambda_range"):
             if k in kw:
@@ -172,7 +175,20 @@ class RVGC(nn.Module):
                 "q_range": list(self.q_range), "lambda_range": list(self.lambda_range),
                 "in_channels": self.in_channels, "sampler_steps": self.sampler_steps, "eta": self.eta,
                 "clean_weight": self.clean_weight,
-                **({"sampler_max_q": self.sampler_max_q} if self.sampler_max_q is not None else {})}
+                **({"sampler_max_q": self.sampler_max_q} if self.sampler_max_q is not None else {}),
+                **({"N_s": self.N_s} if self.N_s != self.N else {}),
+                **({"refine": self.refine} if self.refine else {})}
+
+    def with_decoder(self, N_s: int, refine: int) -> RVGC:
+        """A copy with a wider synthesis transform (``N_s`` hidden channels, a ``refine``-channel
+        full-resolution head) that decodes like this model (to ~1e-6, ``transforms.widen_synthesis``)
+        and has the same encoder, hyperprior and latent denoiser: the start of a decoder upgrade by
+        ``train --decoder-only --decoder-width/--decoder-refine``."""
+        new = RVGC.from_config({**self.config_dict(), "N_s": N_s, "refine": refine})
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("g_s.")}
+        new.load_state_dict(state, strict=False)
+        new.g_s = widen_synthesis(self.g_s, N_s, refine).to(next(self.parameters()).dtype)
+        return new
 
     @property
     def channels(self) -> int:
