@@ -9,7 +9,7 @@ this latent*" rather than only "is this a plausible image".
 
 What is fine-tuned: only the decoder's own weights (``decoder_parameters()`` of a model, for rvgc
 its g_s).  The encoder, entropy model and latent denoiser stay frozen, so the fine-tuned model
-writes bit-identical files to the model it started from; only reconstructions change.
+codes images into the same sections as the model it started from; only reconstructions change.
 
 Losses (per example): discriminator hinge loss ``relu(1 - D(x)) + relu(1 + D(x_hat))``; the
 decoder adds ``gan_weight * softplus(-D(x_hat))`` (non-saturating) to its distortion loss.

@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and architecture (bundled name or .safetensors, e.g. a run's model.safetensors)")
     t.add_argument("--decoder-only", dest="decoder_only", action="store_true", default=None,
                    help="rvgc: fine-tune only the decoder (g_s) of an --init model, on the latents it really "
-                   "receives; its files stay bit-identical, only reconstructions change")
+                   "receives; it codes images into the same sections, only reconstructions change")
     t.add_argument("--gan-weight", dest="gan_weight", type=float,
                    help="rvgc: decoder fine-tuning (implies --decoder-only) with an adversarial loss of "
                    "this weight beside the MSE")

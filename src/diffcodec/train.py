@@ -9,7 +9,8 @@ the loss in bits/dim, and a ``log.jsonl`` of all metrics.
 With ``decoder_only`` the run fine-tunes only the decoder of an ``--init`` model (its
 ``decoder_parameters()``, on the latents the decoder really receives); ``gan_weight`` > 0 adds an
 adversarial loss against a latent-conditioned patch discriminator (adversarial.py) that is
-checkpointed with the run.
+checkpointed with the run; ``decoder_width`` / ``decoder_refine`` first grow the init model's
+decoder (``RVGC.with_decoder``), which starts out computing what the old one did.
 
 Distributed: when started by ``torchrun`` (``WORLD_SIZE`` set) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank samples its own crops and only
@@ -74,7 +75,7 @@ class TrainConfig:
     zoom: float = 1.0  # scale augmentation: crops upsampled by up to this factor (data.CropSampler)
     zoom_min: float = 1.0  # ... and shrunk by down to this factor (< 1: more detail per pixel)
     init: str = ""  # fine-tune: start from this model's weights (bundled name or .safetensors), step 0
-    decoder_only: bool = False  # fine-tune only the decoder of the --init model (rvgc; files stay bit-identical)
+    decoder_only: bool = False  # fine-tune only the decoder of the --init model (rvgc; coded sections stay the same)
     gan_weight: float = 0.0  # > 0: ... with an adversarial loss (implies decoder_only; adversarial.py)
     disc_lr: float = 1e-4  # learning rate of the discriminator (adversarial fine-tuning)
     decoder_width: int = 0  # > 0: grow the --init model's g_s to this many hidden channels (rvgc, decoder-only)
