@@ -133,6 +133,14 @@ def card(name: str, bench: Path, note: str | None = None) -> None:
     print("\n".join(lines))
 
 
+def _rvgc_decoder_text(model) -> str:
+    sampler = f"{model.sampler_steps}-step latent sampler (eta {model.eta:g})"
+    if model.sampler_max_q is not None and model.sampler_max_q < model.q_range[0]:
+        return f"default decoder: the plain synthesis at every q; the {sampler} on request"
+    return f"decoder: {sampler}" + (f" up to q {model.sampler_max_q:g}, plain synthesis above"
+                                    if model.sampler_max_q is not None else "")
+
+
 def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None) -> list[str]:
     """Model card of an RVGC model from ``benchmarks/rvgc_kodak.py --json``."""
     lo, hi = model.q_range
@@ -140,8 +148,7 @@ def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None)
         f"# Model card: {name}", "",
         f"* codec: `rvgc`, q range [{lo:g}, {hi:g}], model hash `{model.model_hash}`",
         f"* {c['summary']}; weights stored as {c['stored_dtype']} ({path.stat().st_size / 1e6:.2f} MB); "
-        f"default q {c['default_q']:g}; decoder: {model.sampler_steps}-step latent sampler (eta {model.eta:g})"
-        + (f" up to q {model.sampler_max_q:g}, plain synthesis above" if model.sampler_max_q is not None else ""),
+        f"default q {c['default_q']:g}; " + _rvgc_decoder_text(model),
         f"* data: {c['data']} — never Kodak",
         _training_line(c) + "; one loss: bpp + lambda(q) MSE + latent "
         f"denoising, lambda from {model.lambda_range[0]:g} (q_min) to {model.lambda_range[1]:g} (q_max)",

@@ -25,6 +25,7 @@ CASES = {
     "rvgc-small4": dict(codec="rvgc", q=2.0),
     "rvgc-small5": dict(codec="rvgc", q=2.0),
     "rvgc-small6": dict(codec="rvgc", q=2.0),
+    "rvgc-small7": dict(codec="rvgc", q=2.0),
 }
 
 
