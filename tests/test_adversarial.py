@@ -155,7 +155,8 @@ def test_grown_decoder_starts_out_decoding_like_the_original(tmp_path):
     emb = m.embed(torch.log(torch.tensor([4.0, 0.7])))
     with torch.no_grad():
         ref, got = m.g_s(y, emb), w.g_s(y, emb)
-    assert torch.allclose(got, ref, atol=1e-5) and not torch.equal(w.g_s.head_conv.weight, 0 * w.g_s.head_conv.weight)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert w.g_s.head_conv.weight.abs().sum() > 0  # the head's inner layers are random, only its output is zero
     save_model(w, tmp_path / "w.safetensors")
     back = load_model(str(tmp_path / "w.safetensors"))
     assert back.config_dict()["N_s"] == 16 and back.config_dict()["refine"] == 8

@@ -139,7 +139,7 @@ class RVGC(nn.Module):
         self.embed = RateEmbedding(emb_dim, (log_lo, log_hi))
         self.g_a = Analysis(N, M, in_channels)
         # g_s may be wider than g_a (N_s) and have a full-resolution head (refine): decoder upgrades
-        # grown from a trained model by ``with_decoder`` keep its encoder, so its files stay the same
+        # grown from a trained model by ``with_decoder`` keep its encoder, so images code the same way
         self.N_s, self.refine = int(N_s or N), int(refine)
         self.g_s = Synthesis(self.N_s, M, emb_dim, in_channels, self.refine)
         self.h_a = HyperAnalysis(M, N, Nz, emb_dim)
