@@ -190,3 +190,8 @@ def test_decoder_growth_in_a_fine_tune_keeps_files(tmp_path, capsys):
     assert _train("--data", str(data), "--out", str(tmp_path / "x"), "--init", str(src / "model.safetensors"),
                   "--decoder-width", "16", "--iters", "1") == 1
     assert "--decoder-only" in capsys.readouterr().err
+    assert _train("--data", str(data), "--out", str(tmp_path / "y"), "--preset", "tiny", "--decoder-only",
+                  "--decoder-refine", "8", "--iters", "1") == 1  # nothing to grow from: not silently ignored
+    assert "--init" in capsys.readouterr().err
+    assert _train(*args, "--decoder-width", "24", "--iters", "5", "--resume") == 1  # not the run's decoder
+    assert "resume with the options" in capsys.readouterr().err

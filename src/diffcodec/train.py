@@ -188,8 +188,11 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
 
 
-def _grow_decoder(cfg: TrainConfig, model):
-    """The --init model with a wider g_s / a full-resolution head that starts out decoding like it."""
+def _grow_decoder(cfg: TrainConfig, model, resumed: bool):
+    """The --init model with a wider g_s / a full-resolution head that starts out decoding like it.
+
+    A resumed run already has its grown decoder (the checkpoint's architecture): the options must
+    match it, so that they are never silently ignored."""
     if not hasattr(model, "with_decoder"):
         raise DiffcodecError(f"--decoder-width / --decoder-refine are for rvgc models, not {cfg.codec}")
     if not (cfg.decoder_only or cfg.gan_weight > 0):
@@ -197,6 +200,13 @@ def _grow_decoder(cfg: TrainConfig, model):
                              "add --decoder-only")
     width = cfg.decoder_width or model.N_s
     refine = cfg.decoder_refine or model.refine
+    if resumed:
+        if (width, refine) != (model.N_s, model.refine):
+            raise DiffcodecError(f"the run being resumed has a decoder of width {model.N_s} and head {model.refine}; "
+                                 "resume with the options it was started with")
+        return model
+    if not cfg.init:
+        raise DiffcodecError("--decoder-width / --decoder-refine grow the decoder of a trained model: add --init")
     if width < model.N_s or refine < model.refine:
         raise DiffcodecError(f"--init model's decoder has width {model.N_s} and head {model.refine}; "
                              "it can only grow")
@@ -318,9 +328,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     model = build_model(mcfg)
     if init_state is not None:
         model.load_state_dict(init_state)
-        if cfg.decoder_width or cfg.decoder_refine:
-            model = _grow_decoder(cfg, model)
-            mcfg = model.config_dict()
+    if cfg.decoder_width or cfg.decoder_refine:
+        model = _grow_decoder(cfg, model, resumed=ck is not None)
+        mcfg = model.config_dict()
     model = model.to(device)
     model.autocast_bf16 = cfg.bf16 and device.type == "cpu"
     ema = copy.deepcopy(model).eval()

@@ -186,7 +186,8 @@ class RVGC(nn.Module):
         ``train --decoder-only --decoder-width/--decoder-refine``."""
         new = RVGC.from_config({**self.config_dict(), "N_s": N_s, "refine": refine})
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("g_s.")}
-        new.load_state_dict(state, strict=False)
+        missing = new.load_state_dict(state, strict=False).missing_keys
+        assert all(k.startswith("g_s.") for k in missing), missing  # everything but g_s is carried over
         new.g_s = widen_synthesis(self.g_s, N_s, refine).to(next(self.parameters()).dtype)
         return new
 
