@@ -2,7 +2,7 @@
 
     python benchmarks/diffc_kodak.py [--model diffc-small4] [--limit 4] [--c-max 8,10,12]
                                      [--points 2,4,6,8,10,12,14,16] [--nfe 4] [--json out.json]
-                                     [--gap-nfe 4,16,64 [--gap-points 14]]
+                                     [--gap-nfe 4,16,64 [--gap-points 14]] [--raw] [--efficiency]
 
 Part A, for every c_max: encode all T steps of each image and report file bits / sum of step KLs
 (the ideal cost of exact channel simulation) and seconds per step spent in reverse channel coding
@@ -19,6 +19,11 @@ ideal chain.  Why: the model is continuous-time, so ancestral is a sample of the
 process only in the limit of fine steps; with few steps each step's posterior mean does much of the
 work and the result lies between denoise and a true sample (Theis et al.'s ~3 dB over ancestral
 is for exact samples).  This shows how the flow-ancestral gap depends on the sampler's resolution.
+Real files are reconstructed as ``decompress`` does, from the channel-aware latent (the coder's
+shortfall undone, :func:`diffcodec.codecs.diffc.undo_shortfall`); ``--raw`` adds the same parts from
+the received latents as they are (keys ``*_raw``), as releases before it did.
+Part D (``--efficiency``): per step, the projection efficiency the encoder achieved against the
+decoder's estimate of it.
 """
 
 from __future__ import annotations
@@ -133,54 +138,66 @@ def encode_all(model, images) -> dict[str, bytes]:
     return {name: diffcodec.compress(img, model=model, steps=model.num_steps).data for name, img in images}
 
 
-def part_b(model, images, points: list[int], nfe: int, files: dict[str, bytes] | None = None) -> dict:
+def part_b(model, images, points: list[int], nfe: int, files: dict[str, bytes] | None = None,
+           views: tuple[str, ...] = ("real",)) -> dict:
+    """Per view (``real``: the decoder's channel-aware latent, ``real_raw``: the received latent as it
+    is) and for the ideal chain: bpp and denoise / flow / ancestral PSNR at each prefix."""
     T = model.num_steps
     files = files or encode_all(model, images)
-    real, ideal = {k: [] for k in points}, {k: [] for k in points}
+    real = {v: {k: [] for k in points} for v in views}
+    ideal = {k: [] for k in points}
     for name, img in images:
         h, w, _ = img.shape
         data = files[name]
         cont = container.unpack(data)
         ends = [o + s for o, s in zip(cont.offsets, cont.sizes)]
-        for k, recs in diffcodec.decode_steps(data, model=model, methods=("denoise", "flow", "ancestral"),
-                                              nfe=nfe, at=set(points)):
-            real[k].append({"bpp": 8.0 * ends[k - 1] / (h * w), **{m: psnr(img, y) for m, y in recs.items()}})
+        for v in views:
+            for k, recs in diffcodec.decode_steps(data, model=model, methods=("denoise", "flow", "ancestral"),
+                                                  nfe=nfe, at=set(points), channel_aware=v == "real"):
+                real[v][k].append({"bpp": 8.0 * ends[k - 1] / (h * w), **{m: psnr(img, y) for m, y in recs.items()}})
         for k, row in _ideal_chain(model, img, cont.header.seed, points, nfe).items():
             ideal[k].append(row)
-        print(f"{name}: " + " ".join(f"k{k}:{real[k][-1]['bpp']:.2f}bpp flow {real[k][-1]['flow']:.2f}"
+        v0 = views[0]
+        print(f"{name}: " + " ".join(f"k{k}:{real[v0][k][-1]['bpp']:.2f}bpp flow {real[v0][k][-1]['flow']:.2f}"
                                      f"/ideal {ideal[k][-1]['flow']:.2f}@{ideal[k][-1]['bpp']:.2f}"
                                      for k in points), flush=True)
 
     def avg(rows):
         return {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
 
-    r = {k: avg(v) for k, v in real.items()}
     i = {k: avg(v) for k, v in ideal.items()}
     ib = np.array([i[k]["bpp"] for k in points])
-    gaps = []
-    for k in points:
-        # ideal flow PSNR interpolated (in log-rate) at the real curve's rate; only inside the range
-        if ib.min() <= r[k]["bpp"] <= ib.max():
-            ref = float(np.interp(np.log(r[k]["bpp"]), np.log(ib), [i[q]["flow"] for q in points]))
-            gaps.append({"step": k, "bpp": r[k]["bpp"], "gap_db": r[k]["flow"] - ref})
     top = top_point(points, T)
-    return {"real": r, "ideal": i, "gap": gaps,
-            "gap_db_mean": float(np.mean([g["gap_db"] for g in gaps])) if gaps else None,
-            "flow_vs_ancestral_step": top, "flow_minus_ancestral_db": r[top]["flow"] - r[top]["ancestral"],
-            "ideal_flow_minus_ancestral_db": i[top]["flow"] - i[top]["ancestral"]}
+    out = {"ideal": i, "flow_vs_ancestral_step": top,
+           "ideal_flow_minus_ancestral_db": i[top]["flow"] - i[top]["ancestral"]}
+    for v in views:
+        r = {k: avg(rows) for k, rows in real[v].items()}
+        gaps = []
+        for k in points:
+            # ideal flow PSNR interpolated (in log-rate) at the real curve's rate; only inside the range
+            if ib.min() <= r[k]["bpp"] <= ib.max():
+                ref = float(np.interp(np.log(r[k]["bpp"]), np.log(ib), [i[q]["flow"] for q in points]))
+                gaps.append({"step": k, "bpp": r[k]["bpp"], "gap_db": r[k]["flow"] - ref})
+        sfx = v[len("real"):]
+        out.update({f"real{sfx}": r, f"gap{sfx}": gaps,
+                    f"gap_db_mean{sfx}": float(np.mean([g["gap_db"] for g in gaps])) if gaps else None,
+                    f"flow_minus_ancestral_db{sfx}": r[top]["flow"] - r[top]["ancestral"]})
+    return out
 
 
-def part_c(model, images, points: list[int], nfes: list[int], files: dict[str, bytes] | None = None) -> dict:
-    """Flow and ancestral PSNR per number of network evaluations, real files and ideal chain."""
+def part_c(model, images, points: list[int], nfes: list[int], files: dict[str, bytes] | None = None,
+           views: tuple[str, ...] = ("real",)) -> dict:
+    """Flow and ancestral PSNR per number of network evaluations: real files (per view, as in part B)
+    and the ideal chain."""
     files = files or encode_all(model, images)
-    rows = {src: {k: [] for k in points} for src in ("real", "ideal")}
+    rows = {src: {k: [] for k in points} for src in (*views, "ideal")}
     for name, img in images:
         data = files[name]
         hd, m, step_secs, _, shape = _open(data, model, None, None)
-        real = ((k, z, g, rem) for k, (z, g, rem) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1)
-                if k in points)
+        states = [(k, st) for k, st in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1) if k in points]
+        sources = [(v, [(k, *st.latent(v == "real"), st.remaining) for k, st in states]) for v in views]
         ideal = ((k, z, g, rem) for k, z, g, rem, _ in _ideal_latents(model, img, hd.seed, points))
-        for src, latents in (("real", real), ("ideal", ideal)):
+        for src, latents in (*sources, ("ideal", ideal)):
             for k, z, g, rem in latents:
                 row = _psnrs(model, img, z, g, rem, hd.seed, ("denoise",), None)
                 for n in nfes:
@@ -202,6 +219,37 @@ def part_c(model, images, points: list[int], nfes: list[int], files: dict[str, b
     return out
 
 
+def part_d(model, images, files: dict[str, bytes]) -> dict:
+    """Per step: the projection efficiency E[X.m] / |m|^2 the encoder achieved (it knows m), the
+    decoder's estimate (:func:`channel.estimate_efficiency`, from X and the layout only) and the
+    layout's simulated value (:func:`channel.projection_efficiency`), averaged over the images."""
+    T = model.num_steps
+    gam = model.gamma_grid(T)
+    rows: dict[int, list[dict]] = {k: [] for k in range(1, T + 1)}
+    for name, img in images:
+        hd, m, step_secs, _, shape = _open(files[name], model, None, None)
+        pixels, _, _, _ = _prepare(img, "error", model)
+        x = pixel_to_unit(pixels.astype(np.float64))[None]
+        z_prev = m.initial_latent(shape, hd.seed)
+        for k, st in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+            i = T - k + 1
+            mu_p, a, b, beta = m._prior(z_prev, i, gam)
+            X = (st.z - mu_p) / beta
+            target = (a * z_prev + b * x - mu_p) / beta
+            layout = channel.StepLayout.from_bytes(step_secs[k - 1].params)
+            if layout.n_chunks:
+                rows[k].append({"kl_bits": layout.kl_units / channel.KL_UNITS_PER_BIT,
+                                "actual": float(np.sum(X * target) / np.sum(target * target)),
+                                "estimate": channel.estimate_efficiency(X, layout),
+                                "layout": channel.projection_efficiency(layout)})
+            z_prev = st.z
+    out = {k: {key: float(np.mean([r[key] for r in rs])) for key in rs[0]} for k, rs in rows.items() if rs}
+    for k, r in out.items():
+        print(f"step {k}: {r['kl_bits']:.0f} bits, efficiency actual {r['actual']:.3f} estimate {r['estimate']:.3f} "
+              f"layout {r['layout']:.3f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kodak", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/kodak"))
@@ -216,6 +264,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--b-c-max", type=int, help="part B at this c_max instead of the model's default")
+    ap.add_argument("--raw", action="store_true", help="parts B and C also from the received latents as they "
+                    "are (decompress --no-channel-aware), beside the channel-aware ones")
+    ap.add_argument("--efficiency", action="store_true", help="part D: projection efficiency per step, the "
+                    "encoder's against the decoder's estimate")
     ap.add_argument("--json")
     a = ap.parse_args()
     if a.threads:
@@ -233,10 +285,14 @@ def main() -> None:
     if not a.skip_a:
         result["rate_by_c_max"] = part_a(model, images, [int(c) for c in a.c_max.split(",")])
     files = encode_all(model, images)
-    result["rd"] = part_b(model, images, points, a.nfe, files)
+    views = ("real", "real_raw") if a.raw else ("real",)
+    if a.efficiency:
+        result["efficiency"] = part_d(model, images, files)
+    result["rd"] = part_b(model, images, points, a.nfe, files, views)
     if a.gap_nfe:
         gap_points = [int(p) for p in a.gap_points.split(",")] if a.gap_points else [top_point(points, T)]
-        result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")], files)
+        result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")], files,
+                                      views)
     print(json.dumps(result, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))

@@ -314,3 +314,44 @@ def test_fast_search_picks_the_exact_pfr_argmin():
         u = ((raw >> np.uint64(11)).astype(np.int64) + 1) * 2.0**-53
         score = np.log(np.cumsum(-np.log(u))) - ch.candidates(1, 2, chunk, 9, 0, 256) @ m_c
         assert j == int(np.argmin(score))
+
+
+def test_projection_efficiency_of_layouts():
+    """The simulated table: ~0.84 at the coder's usual 8 bits per chunk with 2 bits of padding, close to 1
+    with 6 bits, 0 without chunks."""
+    assert ch.projection_efficiency(ch.StepLayout(0)) == 0.0
+    usual = ch.projection_efficiency(ch.StepLayout(10, 10 * 8 * ch.KL_UNITS_PER_BIT, 10))
+    assert 0.8 < usual < 0.88
+    padded = ch.projection_efficiency(ch.StepLayout(10, 10 * 2 * ch.KL_UNITS_PER_BIT, 8))
+    assert padded > 0.97
+    assert padded > usual
+
+
+def test_estimate_efficiency_recovers_the_shortfall():
+    rng = np.random.default_rng(0)
+    n = 60_000
+    m = rng.normal(size=n) * 1.2
+    kl_bits = float(np.sum(m * m) / 2 / np.log(2))
+    layout = ch.StepLayout(int(kl_bits // 8), round(kl_bits * ch.KL_UNITS_PER_BIT), 10)
+    for eff in (0.75, 0.9):
+        X = eff * m + rng.normal(size=n)
+        est = ch.estimate_efficiency(X, layout)
+        assert est == pytest.approx(eff, abs=0.02)
+        assert est * ch.EFFICIENCY_GRID == int(est * ch.EFFICIENCY_GRID)  # on the grid
+    # a step of little KL relies on the layout's simulated value; the estimate is clamped to [1/sqrt 2, 1]
+    tiny = ch.StepLayout(1, 4 * ch.KL_UNITS_PER_BIT, 10)
+    assert ch.estimate_efficiency(rng.normal(size=n), tiny) == pytest.approx(
+        ch.projection_efficiency(tiny), abs=0.02)
+    assert ch.estimate_efficiency(np.zeros(n), layout) == pytest.approx(np.sqrt(0.5), abs=1e-3)
+    assert ch.estimate_efficiency(3 * rng.normal(size=n), layout) == 1.0
+    assert ch.estimate_efficiency(rng.normal(size=n), ch.StepLayout(0)) == 0.0
+
+
+def test_estimate_efficiency_is_blockwise_deterministic():
+    """The same value whatever the array's memory layout (the sum runs over fixed blocks)."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3, 700, 800))
+    layout = ch.StepLayout(1000, 1000 * 8 * ch.KL_UNITS_PER_BIT, 10)
+    a = ch.estimate_efficiency(X, layout)
+    b = ch.estimate_efficiency(np.asfortranarray(X), layout)
+    assert a == b

@@ -153,3 +153,65 @@ def test_cli_pad_option(tmp_path, diffc_model):
         assert main(["decompress", str(out), "-o", str(tmp_path / f"p{pad}.png"), "--model", str(model)]) == 0
         outs.append(out.read_bytes())
     assert outs[0] != outs[1]
+    raw = tmp_path / "raw.png"
+    assert main(["decompress", str(tmp_path / "p0.dfc"), "-o", str(raw), "--model", str(model),
+                 "--no-channel-aware"]) == 0
+    expect = diffcodec.decompress(outs[0], model=str(model), channel_aware=False)
+    assert np.array_equal(np.array(Image.open(raw).convert("RGB")), expect)
+    assert not np.array_equal(np.array(Image.open(tmp_path / "p0.png").convert("RGB")), expect)
+
+
+def test_undo_shortfall_is_identity_for_an_exact_sample():
+    from diffcodec.codecs.diffc import undo_shortfall
+    rng = np.random.default_rng(0)
+    mu_p, X = rng.normal(size=(1, 3, 4, 4)), rng.normal(size=(1, 3, 4, 4))
+    beta, gamma_s = 0.3, -2.0
+    z_view, g = undo_shortfall(mu_p, X, beta, 1.0, gamma_s)
+    assert g == pytest.approx(gamma_s, abs=1e-12)
+    assert np.allclose(z_view, mu_p + beta * X, atol=1e-12)
+
+
+def test_undo_shortfall_gives_a_latent_of_the_model():
+    """A shortfall sample X = eff m + N(0, I) of q(z_s | z_t, x) becomes alpha' x + sigma' eps with
+    alpha'^2 + sigma'^2 = 1 at gamma' = log(sigma'^2 / alpha'^2): unbiased, and noisier than z_s."""
+    from diffcodec.codecs.diffc import undo_shortfall
+    from diffcodec.schedule import alpha_sigma, posterior_coefficients
+    rng = np.random.default_rng(1)
+    n = 400_000
+    gamma_s, gamma_t, eff = -4.0, -1.0, 0.8
+    a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
+    alpha_t, sigma_t = alpha_sigma(np.float64(gamma_t))
+    x = rng.uniform(-1, 1, n)
+    z_t = alpha_t * x + sigma_t * rng.normal(size=n)
+    x_hat = 0.5 * x  # any predictor of x from z_t: the shortfall is along x - x_hat
+    mu_p = a * z_t + b * x_hat
+    m = ((a * z_t + b * x) - mu_p) / beta
+    X = eff * m + rng.normal(size=n)
+    z_view, g = undo_shortfall(mu_p, X, beta, eff, gamma_s)
+    alpha_v, sigma_v = alpha_sigma(np.float64(g))
+    assert g > gamma_s
+    resid = z_view - alpha_v * x
+    assert abs(np.polyfit(x, resid, 1)[0]) < 0.01  # no signal left in the residual: unbiased
+    assert np.std(resid) == pytest.approx(sigma_v, rel=0.01)
+    # the received z_s itself is biased towards x_hat (its slope on x is short of alpha_s)
+    alpha_s, _ = alpha_sigma(np.float64(gamma_s))
+    z_s = mu_p + beta * X
+    assert np.polyfit(x, z_s, 1)[0] < alpha_s - 0.02
+
+
+def test_channel_aware_reconstruction(diffc_model):
+    """Every method reconstructs from the channel-aware latent by default, from the received one with
+    channel_aware=False; the lossless finish and the chain are unaffected."""
+    img = synthetic_image(16, 16, seed=5)
+    res = diffcodec.compress(img, model=diffc_model, lossless=True)
+    for method in ("denoise", "flow", "ancestral"):
+        aware = diffcodec.decompress(res.data, model=diffc_model, steps=3, method=method)
+        raw = diffcodec.decompress(res.data, model=diffc_model, steps=3, method=method, channel_aware=False)
+        assert aware.shape == raw.shape == img.shape
+        assert not np.array_equal(aware, raw)
+        again = diffcodec.decompress(res.data, model=diffc_model, steps=3, method=method)
+        assert np.array_equal(aware, again)
+    assert np.array_equal(diffcodec.decompress(res.data, model=diffc_model), img)
+    steps = dict(diffcodec.decode_steps(res.data, model=diffc_model, methods=("denoise",), channel_aware=False))
+    assert np.array_equal(steps[3]["denoise"],
+                          diffcodec.decompress(res.data, model=diffc_model, steps=3, channel_aware=False))

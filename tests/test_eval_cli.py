@@ -314,3 +314,23 @@ def test_eval_rvgc_default_curve_is_the_models_own_decoder(images_dir, tmp_path)
         assert res["default"]["psnr-rgb"][i] == ref["psnr-rgb"][i]
     assert res["deterministic"]["psnr-rgb"][0] != res["sampler"]["psnr-rgb"][0]  # the two decoders differ
     assert load_results(alone / "tiny-rvgc-default.json")["results"]["psnr-rgb"] == res["default"]["psnr-rgb"]
+
+
+def test_diffc_points_follow_the_channel_aware_choice(tmp_path):
+    """diffc curves reconstruct as decompress does (channel-aware by default) and keep the two choices
+    apart in the cache; records of the received latent keep their old config."""
+    from conftest import make_tiny
+    from diffcodec.models import save_model
+
+    path = tmp_path / "tiny-diffc.safetensors"
+    save_model(make_tiny("diffc", 0, num_steps=3, c_max=8), path)
+    img = synthetic_image(16, 16, seed=6)
+    aware = ProgressiveAdapter("diffc", str(path), ("denoise",), steps=[2])
+    raw = ProgressiveAdapter("diffc", str(path), ("denoise",), steps=[2], channel_aware=False)
+    assert aware.config == raw.config + ":channel-aware"
+    assert ProgressiveAdapter("diffc", str(path)).channel_aware
+    for ad, flag in ((aware, True), (raw, False)):
+        (group, pts), = ad.groups()
+        (p,) = ad.run(img, group, pts)
+        ref = diffcodec.compress(img, model=str(path), steps=2)
+        assert np.array_equal(p.decoded, diffcodec.decompress(ref.data, model=str(path), channel_aware=flag))

@@ -282,17 +282,18 @@ def _crop(pix: np.ndarray, hd: container.Header) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _to_image(m, hd: container.Header, z, gamma: float, remaining: int, method: str, nfe: int | None):
-    """uint8 (H, W, C) reconstruction of a received latent, cropped, gray files averaged to 1 channel."""
+def _to_image(m, hd: container.Header, state, method: str, nfe: int | None, channel_aware: bool):
+    """uint8 (H, W, C) reconstruction of a received state, cropped, gray files averaged to 1 channel."""
     rng = SeededStream(hd.seed, ANCESTRAL)
-    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, remaining))
+    z, gamma = state.latent(channel_aware)
+    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, state.remaining))
     return _crop(pix, hd)
 
 
 def decompress(data: bytes, model=None, steps: int | None = None, method: str = "denoise",
                nfe: int | None = None, progress=None, max_pixels: int | None = None,
-               deterministic: bool = False, sampler_steps: int | None = None, eta: float | None = None
-               ) -> np.ndarray:
+               deterministic: bool = False, sampler_steps: int | None = None, eta: float | None = None,
+               channel_aware: bool = True) -> np.ndarray:
     """Decode .dfc bytes (complete or a truncated prefix) to uint8 (H, W, C).
 
     ``steps``: use only the first ``steps`` diffusion-step sections (default: all present; a
@@ -301,6 +302,9 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
     ancestral/flow (default: the codec's remaining steps).  ``max_pixels``: refuse files declaring
     a larger image before allocating anything (default: ``$DIFFCODEC_MAX_PIXELS`` or 25 MP);
     ``info(data)["complete"]`` tells whether a file holds all its sections.
+    ``channel_aware`` (diffc files): reconstruct from the last step with the reverse channel coder's
+    shortfall undone (:func:`diffcodec.codecs.diffc.undo_shortfall`); ``False`` reconstructs from the
+    received latent as it is (what releases before 0.x did; the files are the same).
 
     rvgc files: the latent is reversed to a sample by the few-step stochastic sampler
     (``sampler_steps`` network evaluations, default from the model; randomness ``eta`` in [0, 1])
@@ -310,14 +314,16 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
     _check_method(method)
     hd, m, step_secs, final, shape = _open(data, model, steps, max_pixels)
     if hd.codec == "rvgc":
+        if not channel_aware:
+            raise DiffcodecError("channel_aware applies to diffc files (rvgc's latent is entropy coded exactly)")
         return _decode_rvgc(m, hd, step_secs, shape, deterministic, sampler_steps, eta, progress)
     if deterministic or sampler_steps is not None or eta is not None:
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
-    z, gamma, remaining = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
-    if final and remaining == 0:
-        pix = m.decode_final(z, final[0], (hd.channels, hd.height, hd.width))
+    state = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
+    if final and state.remaining == 0:
+        pix = m.decode_final(state.z, final[0], (hd.channels, hd.height, hd.width))
         return np.ascontiguousarray(pix.transpose(1, 2, 0))
-    return _to_image(m, hd, z, gamma, remaining, method, nfe)
+    return _to_image(m, hd, state, method, nfe, channel_aware)
 
 
 def _decode_rvgc(m, hd, sections, shape, deterministic, sampler_steps, eta, progress) -> np.ndarray:
@@ -331,10 +337,10 @@ def _decode_rvgc(m, hd, sections, shape, deterministic, sampler_steps, eta, prog
 
 
 def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",), nfe: int | None = None,
-                 at: set[int] | None = None, max_pixels: int | None = None):
+                 at: set[int] | None = None, max_pixels: int | None = None, channel_aware: bool = True):
     """Decode the step sections once, yielding ``(k, {method: image})`` after step k.
 
-    Each image equals ``decompress(data, steps=k, method=method, nfe=nfe)`` (a file cut after
+    Each image equals ``decompress(data, steps=k, method=method, nfe=nfe, channel_aware=...)`` (a file cut after
     section k), without decoding the file again for every k: for progressive display and RD
     measurements.  ``at`` restricts which k are reconstructed (all are still decoded).
     """
@@ -344,9 +350,9 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     if hd.codec == "rvgc":
         raise DiffcodecError("rvgc files are not progressive; use decompress")
     with m.reuse_evaluations():  # x_hat(z_k) and step k+1's prior evaluate the network at the same z_k
-        for k, (z, gamma, remaining) in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+        for k, state in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
             if at is None or k in at:
-                yield k, {method: _to_image(m, hd, z, gamma, remaining, method, nfe) for method in methods}
+                yield k, {method: _to_image(m, hd, state, method, nfe, channel_aware) for method in methods}
 
 
 def info(data: bytes, max_pixels: int | None = None) -> dict:

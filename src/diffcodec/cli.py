@@ -69,7 +69,8 @@ def cmd_decompress(a) -> int:
     check_output(out, inputs=(a.input,), overwrite=a.force)  # before any work
     meta = info(data, max_pixels=a.max_pixels)
     img = decompress(data, model=a.model, steps=a.steps, method=a.method, nfe=a.nfe, max_pixels=a.max_pixels,
-                     deterministic=a.deterministic, sampler_steps=a.sampler_steps, eta=a.eta)
+                     deterministic=a.deterministic, sampler_steps=a.sampler_steps, eta=a.eta,
+                     channel_aware=a.channel_aware)
     write_image(out, img, inputs=(a.input,), overwrite=a.force)
     if not meta["complete"]:
         used = a.steps or meta["sections_in_file"]
@@ -189,6 +190,7 @@ def cmd_eval(a) -> int:
     except ValueError:
         raise DiffcodecError(f"--steps: expected steps or ranges like 1-12,14, got {a.steps!r}") from None
     adapters = [make_adapter(c, models[i] if models else None, _eval_methods(methods, c), nfe=a.nfe, steps=steps,
+                             channel_aware=a.channel_aware,
                              sampler_steps=a.sampler_steps, num_q=a.num_q) for i, c in enumerate(codecs)]
     adapters += [BaselineAdapter(n) for n in chosen]
     images = load_images(a.images, scale=a.downscale, limit=a.limit, pattern=a.pattern)
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="decode only the first K step sections")
     d.add_argument("--method", default="denoise", choices=["denoise", "ancestral", "flow"])
     d.add_argument("--nfe", type=int, help="network evaluations for ancestral/flow")
+    d.add_argument("--no-channel-aware", dest="channel_aware", action="store_false", help="diffc: reconstruct "
+                   "from the received latent as it is, without undoing the channel coder's shortfall")
     d.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: steps of the latent sampler "
                    "(default: the model's; rvgc-small5 uses 2 up to q 5.66 and the plain synthesis above)")
     d.add_argument("--eta", type=float, help="rvgc: randomness of the sampler in [0, 1] (default: the model's)")
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="denoise", help="reconstructions, comma list: denoise,flow,ancestral "
                     "(rvgc: deterministic,sampler,default); CODEC:METHOD applies to one codec only (default: denoise)")
     ev.add_argument("--nfe", type=int, help="network evaluations of flow/ancestral (default: remaining steps)")
+    ev.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
+                    help="diffc: reconstruct from the received latents as they are (see decompress)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "
                     "beyond a model's T are ignored; every step is still encoded; default: all)")
     ev.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: sampler network evaluations")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +48,26 @@ HALO = 32
 # evaluation (DiffusionModel.encode); larger ones code in step, so that the pending step's coding
 # inputs (three latent-sized arrays for UQDM) never sit beside the next evaluation's memory.
 PIPELINE_MAX_ELEMENTS = 1 << 23
+
+
+class Received(NamedTuple):
+    """The decoder's state after a step section.
+
+    ``z`` at ``gamma`` is the chain latent: what the next step and the lossless section condition on,
+    bit for bit the encoder's.  ``z_view`` at ``gamma_view`` is what reconstructions start from: the
+    same latent for an exact channel (UQDM), for DiffC the chain latent with the channel coder's
+    shortfall undone (:meth:`diffcodec.codecs.diffc.DiffC.decode_step_view`).
+    """
+
+    z: np.ndarray
+    gamma: float
+    remaining: int
+    z_view: np.ndarray
+    gamma_view: float
+
+    def latent(self, channel_aware: bool = True) -> tuple[np.ndarray, float]:
+        """(latent, gamma) to reconstruct from: the view, or the chain latent as received."""
+        return (self.z_view, self.gamma_view) if channel_aware else (self.z, self.gamma)
 
 
 class DiffusionModel(nn.Module):
@@ -303,6 +324,15 @@ class DiffusionModel(nn.Module):
         """Inverse of :meth:`encode_step`: the same z_s, bit for bit."""
         raise NotImplementedError
 
+    def decode_step_view(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray, float]:
+        """(z_s, z_view, gamma_view): :meth:`decode_step` plus the latent reconstructions start from.
+
+        The default is z_s itself at gamma_s, right when z_s is an exact sample of q(z_s | z_t, x).
+        """
+        z_s = self.decode_step(z, sec, i, gam, seed)
+        return z_s, z_s, float(gam[i - 1])
+
     def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Like :meth:`encode_step`, but returns (z_s, finish) where ``finish()`` returns the Section.
 
@@ -387,7 +417,8 @@ class DiffusionModel(nn.Module):
         return lambda sl: self.data_table_f64(flat[sl], gamma0)
 
     def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section]):
-        """Replay the step sections, yielding (z, gamma of z, steps remaining to t = 0) after each.
+        """Replay the step sections, yielding a :class:`Received` state (z, gamma of z, steps remaining
+        to t = 0, and the latent reconstructions start from) after each.
 
         Every prefix of a file is a valid file, so every yielded latent is what a file cut after
         that section decodes to (progressive display, benchmarks).
@@ -401,18 +432,19 @@ class DiffusionModel(nn.Module):
                 break
             if sec.index != T - i + 1 or i < 1:
                 raise DecodeError("step sections out of order")
-            z = self.decode_step(z, sec, i, gam, seed)
+            z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
             i -= 1
-            yield z, float(gam[i]), i
+            yield Received(z, float(gam[i]), i, z_view, gamma_view)
 
-    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None):
-        """Replay the step sections; returns (z, gamma of z, steps remaining to t = 0)."""
+    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None) -> Received:
+        """Replay the step sections; returns the last :class:`Received` state."""
         state = None
         for state in self.iter_latents(shape, seed, sections):  # noqa: B007 (the last one is kept)
             if progress:
                 progress(1)
         if state is None:  # no step section: the shared starting latent z_T
-            state = (self.initial_latent(shape, seed), float(self.gamma_grid(self.num_steps)[-1]), self.num_steps)
+            z, g = self.initial_latent(shape, seed), float(self.gamma_grid(self.num_steps)[-1])
+            state = Received(z, g, self.num_steps, z, g)
         return state
 
     def decode_final(self, z0: np.ndarray, sec: Section, region: tuple[int, int, int]) -> np.ndarray:

@@ -715,7 +715,8 @@ class ProgressiveAdapter(CodecAdapter):
     """
 
     def __init__(self, codec: str | None = None, model: str | None = None, methods: Sequence[str] = ("denoise",),
-                 *, nfe: int | None = None, steps: Sequence[int] | None = None, seed: int = 0):
+                 *, nfe: int | None = None, steps: Sequence[int] | None = None, seed: int = 0,
+                 channel_aware: bool = True):
         from .diffusion import RECONSTRUCTION_METHODS
 
         m = _load_model(model, codec)
@@ -728,6 +729,8 @@ class ProgressiveAdapter(CodecAdapter):
         if nfe is not None and nfe < 1:
             raise ValueError("nfe must be >= 1")
         self.codec, self.model, self.seed, self.nfe = m.codec_id, model, int(seed), nfe
+        # only diffc's channel is inexact: for uqdm the view is the received latent itself
+        self.channel_aware = bool(channel_aware) and m.codec_id == "diffc"
         self.methods = tuple(dict.fromkeys(methods))
         self.model_id, self.model_hash, self.num_steps = m.model_id, m.model_hash, int(m.num_steps)
         all_steps = range(1, self.num_steps + 1)
@@ -741,13 +744,19 @@ class ProgressiveAdapter(CodecAdapter):
     def curve_description(self, curve: str) -> str:
         method = self.methods[self.curves().index(curve)]
         nfe = "" if method == "denoise" else f" with nfe = {self.nfe or 'the remaining step count'}"
+        if self.channel_aware:
+            nfe += " from the channel-aware latent"
+        elif self.codec == "diffc":
+            nfe += " from the received latent as it is (--no-channel-aware)"
         return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction{nfe}; "
                 f"one file per image with all {self.num_steps} steps, point k = that file cut after step section "
                 f"k (header + sections 1..k); quality = k")
 
     @property
     def config(self) -> str:
-        return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}"
+        # records made before channel-aware reconstruction existed were of the received latent: same config
+        aware = ":channel-aware" if self.channel_aware else ""
+        return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}"
 
     def groups(self) -> list[Group]:
         return [("all-steps", [(c, k) for c in self.curves() for k in self.steps])]
@@ -772,7 +781,8 @@ class ProgressiveAdapter(CodecAdapter):
         latent = 0.0  # seconds spent decoding sections so far (reconstructions excluded)
         with _StandaloneClock(m) as clock, _CallTimer(m, "reconstruct", clock) as timer:
             t_prev = clock()
-            for k, images in decode_steps(res.data, model=m, methods=methods, nfe=self.nfe, at=want):
+            for k, images in decode_steps(res.data, model=m, methods=methods, nfe=self.nfe, at=want,
+                                             channel_aware=self.channel_aware):
                 spent = clock() - t_prev
                 recon = timer.take()
                 if len(recon) != len(methods):  # not one reconstruct() per method: charge the whole interval
@@ -911,14 +921,15 @@ PROGRESSIVE_CODECS = ("uqdm", "diffc")
 
 def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[str] | None = None, *,
                  nfe: int | None = None, steps: Sequence[int] | None = None, sampler_steps: int | None = None,
-                 num_q: int = 6, seed: int = 0) -> CodecAdapter:
+                 num_q: int = 6, seed: int = 0, channel_aware: bool = True) -> CodecAdapter:
     """The adapter of a diffcodec codec: progressive for uqdm/diffc, a q sweep for rvgc only.
 
     ``codec=None`` takes the codec of ``model``; ``methods=None`` the codec's default (denoise; rvgc both)."""
     if codec is None:
         codec = _load_model(model, None if model is not None else "uqdm").codec_id
     if codec in PROGRESSIVE_CODECS:
-        return ProgressiveAdapter(codec, model, methods or ("denoise",), nfe=nfe, steps=steps, seed=seed)
+        return ProgressiveAdapter(codec, model, methods or ("denoise",), nfe=nfe, steps=steps, seed=seed,
+                                  channel_aware=channel_aware)
     if codec == "rvgc":
         return QSweepAdapter(codec, model, methods, num_q=num_q, sampler_steps=sampler_steps, seed=seed)
     raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(PROGRESSIVE_CODECS)}, rvgc")

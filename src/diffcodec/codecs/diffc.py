@@ -114,6 +114,11 @@ class DiffC(DiffusionModel):
         return z_s, Section(KIND_STEP, self.num_steps - i + 1, layout.to_bytes(), payload, crc, kl_bits)
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
+        return self.decode_step_view(z, sec, i, gam, seed)[0]
+
+    def decode_step_view(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray, float]:
+        """z_s as sent, and the channel-aware latent reconstructions start from (:func:`undo_shortfall`)."""
         try:
             layout = channel.StepLayout.from_bytes(sec.params)
         except (ValueError, DecodeError) as e:
@@ -122,9 +127,35 @@ class DiffC(DiffusionModel):
         X = channel.decode_step(sec.payload, layout, z.size, seed, i)
         if channel.sample_crc(X) != sec.symbols_crc:
             raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
-        return mu_p + beta * X.reshape(z.shape)
+        X = X.reshape(z.shape)
+        z_s = mu_p + beta * X
+        eff = channel.estimate_efficiency(X, layout)
+        if eff <= 0.0:  # nothing was sent: z_s is a prior draw, no shortfall to undo
+            return z_s, z_s, float(gam[i - 1])
+        z_view, gamma_view = undo_shortfall(mu_p, X, beta, eff, float(gam[i - 1]))
+        return z_s, z_view, gamma_view
 
     def sample_reverse_step(self, z, eps, aux, gamma_s, gamma_t, rng):
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
         return a * z + b * x_hat + beta * rng.normal(z.shape)
+
+
+def undo_shortfall(mu_p: np.ndarray, X: np.ndarray, beta: float, eff: float, gamma_s: float
+                   ) -> tuple[np.ndarray, float]:
+    """The latent (and its gamma) that a step's inexact sample is an exact sample of.
+
+    The coder sends X ~ eff m + N(0, I) instead of N(m, I) (:func:`channel.estimate_efficiency`), so
+    z_s = mu_P + beta X sits (1 - eff) of the way back from the target towards the prior mean, a
+    shortfall along x - x_hat that reconstructions would keep, since they read z_s as alpha_s x +
+    sigma_s eps.  Rescaling the step, mu_P + beta X / eff = alpha_s x + noise of variance
+    sigma_s^2 + beta^2 (1/eff^2 - 1), is unbiased but noisier: after normalising to unit total
+    variance it is a latent of the model at gamma' = log(noise variance / alpha_s^2) > gamma_s.
+    Reconstructions from there (``denoise``/``flow`` better, ``ancestral`` a truer sample) undo
+    the shortfall instead of inheriting it; the chain itself keeps z_s, bit for bit the encoder's.
+    """
+    alpha_s, sigma_s = alpha_sigma(np.float64(gamma_s))
+    var = float(sigma_s**2 + beta**2 * (1.0 / eff**2 - 1.0))
+    scale = 1.0 / np.sqrt(float(alpha_s**2) + var)
+    z_view = (mu_p + (beta / eff) * X) * scale
+    return z_view, float(np.log(var / float(alpha_s**2)))
