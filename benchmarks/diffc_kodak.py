@@ -263,6 +263,7 @@ def main() -> None:
     ap.add_argument("--gap-points", default="", help="part C prefixes (default: the highest point below T)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-a", action="store_true")
+    ap.add_argument("--skip-b", action="store_true", help="no part B (e.g. to run part C alone)")
     ap.add_argument("--b-c-max", type=int, help="part B at this c_max instead of the model's default")
     ap.add_argument("--raw", action="store_true", help="parts B and C also from the received latents as they "
                     "are (decompress --no-channel-aware), beside the channel-aware ones")
@@ -288,7 +289,8 @@ def main() -> None:
     views = ("real", "real_raw") if a.raw else ("real",)
     if a.efficiency:
         result["efficiency"] = part_d(model, images, files)
-    result["rd"] = part_b(model, images, points, a.nfe, files, views)
+    if not a.skip_b:
+        result["rd"] = part_b(model, images, points, a.nfe, files, views)
     if a.gap_nfe:
         gap_points = [int(p) for p in a.gap_points.split(",")] if a.gap_points else [top_point(points, T)]
         result["gap_by_nfe"] = part_c(model, images, gap_points, [int(n) for n in a.gap_nfe.split(",")], files,

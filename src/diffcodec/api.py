@@ -304,7 +304,8 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
     ``info(data)["complete"]`` tells whether a file holds all its sections.
     ``channel_aware`` (diffc files): reconstruct from the last step with the reverse channel coder's
     shortfall undone (:func:`diffcodec.codecs.diffc.undo_shortfall`); ``False`` reconstructs from the
-    received latent as it is (what releases before 0.x did; the files are the same).
+    received latent as it is (what the decoder did before channel-aware reconstruction; the files and
+    the lossless finish are the same either way).
 
     rvgc files: the latent is reversed to a sample by the few-step stochastic sampler
     (``sampler_steps`` network evaluations, default from the model; randomness ``eta`` in [0, 1])

@@ -200,7 +200,9 @@ class DiffusionModel(nn.Module):
 
         Why: progressive decoding (:func:`diffcodec.decode_steps`) shows x_hat(z_k) after step k
         and then evaluates the network at the very same (z_k, gamma_k) for step k+1's prior, so
-        half of its evaluations are repeats.  Off by default: the memo holds two latent-sized arrays.
+        half of its evaluations are repeats (for UQDM, and for DiffC with ``channel_aware=False``: DiffC's
+        default reconstructions start from another latent, see :class:`Received`).  Off by default: the
+        memo holds two latent-sized arrays.
         A cached result is the same array a fresh evaluation would return (same process, same input).
         """
         prev, self._eval_memo = self._eval_memo, {}
