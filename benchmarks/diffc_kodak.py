@@ -21,7 +21,7 @@ work and the result lies between denoise and a true sample (Theis et al.'s ~3 dB
 is for exact samples).  This shows how the flow-ancestral gap depends on the sampler's resolution.
 Real files are reconstructed as ``decompress`` does, from the channel-aware latent (the coder's
 shortfall undone, :func:`diffcodec.codecs.diffc.undo_shortfall`); ``--raw`` adds the same parts from
-the received latents as they are (keys ``*_raw``), as releases before it did.
+the received latents as they are (keys ``*_raw``), as the decoder did before.
 Part D (``--efficiency``): per step, the projection efficiency the encoder achieved against the
 decoder's estimate of it.
 """

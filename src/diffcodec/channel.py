@@ -669,8 +669,10 @@ def projection_efficiency(layout: StepLayout) -> float:
     Truncated PFR returns X ~ eff * m + N(0, I) rather than N(m, I): the sample falls short of the
     target by (1 - eff) m (Vonderfecht & Liu measure ~0.86 at 2^16 candidates).  This is the
     simulated value for the layout's mean chunk KL and candidate count; chunks whose KL exceeds the
-    mean have a lower efficiency, so on steps of many small chunks the actual value is lower (e.g.
-    0.73 against 0.84 on a DiffC step of 3.6 dims per chunk): see :func:`estimate_efficiency`.
+    mean have a lower efficiency, so on steps of many small chunks the actual value is lower (0.72
+    against 0.84 on diffc-small4's last step, ~4 dims per chunk: ``benchmarks/diffc_kodak.py
+    --efficiency``, ``benchmarks/results/diffc-small4_channel-aware_rd.json``): see
+    :func:`estimate_efficiency`.
     Pure Python floats, so the value is the same on every platform.
     """
     if layout.n_chunks == 0:
@@ -696,8 +698,9 @@ def estimate_efficiency(x: np.ndarray, layout: StepLayout) -> float:
     (:func:`projection_efficiency`, prior standard deviation :data:`EFFICIENCY_PRIOR_STD` on eff^2) by
     inverse-variance weighting.  Returns 0 for a step without chunks (no information was sent), else
     a value in [1/sqrt(2), 1] on a 1/:data:`EFFICIENCY_GRID` grid (below 1/sqrt(2) the rescaled step of
-    :func:`diffcodec.codecs.diffc.undo_shortfall` could hold less information than z_t alone).  Measured on DiffC files
-    (diffc-small4, kodak-small): within ~0.02 of the encoder's E[X.m] / |m|^2 on steps above ~15k bits.
+    :func:`diffcodec.codecs.diffc.undo_shortfall` could hold less information than z_t alone).
+    Measured on diffc-small4's files (4 kodak-small images, same JSON as above): within 0.03 of the
+    encoder's E[X.m] / |m|^2 from step 8 of 16 (6000 bits) on, within 0.012 on steps 12-16.
     """
     if layout.n_chunks == 0:
         return 0.0
