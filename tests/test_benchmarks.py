@@ -54,6 +54,27 @@ def test_diffc_gap_by_nfe_matches_decompress(tmp_path):
     assert out["ideal"][2]["flow"][1] != row["flow"][1]  # exact samples, not the file's
 
 
+def test_diffc_efficiency_part_reports_the_decoders_estimate(tmp_path):
+    """Part D: per coded step, the estimate is the decoder's own value and the encoder's actual
+    efficiency is a projection ratio of the real sample (finite, below ~1)."""
+    import numpy as np
+
+    import diffcodec
+    from conftest import make_tiny
+    from diffcodec.models import load_model, save_model
+
+    bench = _load("diffc_kodak")
+    save_model(make_tiny("diffc", num_steps=4, c_max=8), tmp_path / "tiny-diffc.safetensors")
+    model = load_model(str(tmp_path / "tiny-diffc.safetensors"))
+    img = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    files = {"a": diffcodec.compress(img, model=model, steps=model.num_steps).data}
+    out = bench.part_d(model, [("a", img)], files)
+    assert out and set(out) <= {1, 2, 3, 4}
+    for row in out.values():
+        assert np.sqrt(0.5) - 1e-9 <= row["estimate"] <= 1.0
+        assert 0.0 < row["actual"] < 1.3 and 0.0 < row["layout"] <= 1.0 and row["kl_bits"] > 0
+
+
 def test_rvgc_ceiling_decodes_the_exact_latent_of_any_size():
     """The ceiling is g_s(g_a(x)) at the clean level, on edge-padded images cropped back to their size."""
     import numpy as np

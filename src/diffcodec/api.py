@@ -350,7 +350,9 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     hd, m, step_secs, _, shape = _open(data, model, None, max_pixels)
     if hd.codec == "rvgc":
         raise DiffcodecError("rvgc files are not progressive; use decompress")
-    with m.reuse_evaluations():  # x_hat(z_k) and step k+1's prior evaluate the network at the same z_k
+    # x_hat(z_k) and step k+1's prior evaluate the network at the same z_k (unless a diffc reconstruction
+    # starts from the channel-aware latent instead)
+    with m.reuse_evaluations():
         for k, state in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
             if at is None or k in at:
                 yield k, {method: _to_image(m, hd, state, method, nfe, channel_aware) for method in methods}

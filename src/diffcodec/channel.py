@@ -686,6 +686,8 @@ EFFICIENCY_PRIOR_STD = 0.1
 EFFICIENCY_GRID = 4096
 """Estimated efficiencies are rounded to 1/4096: a sum's last bits may depend on the platform's SIMD
 width, a value on this grid does not (barring a tie within ~1e-13 of a grid boundary)."""
+EFFICIENCY_MIN = math.ceil(math.sqrt(0.5) * EFFICIENCY_GRID) / EFFICIENCY_GRID
+"""The smallest estimate: 1/sqrt(2) rounded up onto the grid (see :func:`estimate_efficiency`)."""
 
 
 def estimate_efficiency(x: np.ndarray, layout: StepLayout) -> float:
@@ -707,7 +709,7 @@ def estimate_efficiency(x: np.ndarray, layout: StepLayout) -> float:
     norm2 = 2.0 * math.log(2.0) * layout.kl_units / KL_UNITS_PER_BIT
     prior = projection_efficiency(layout) ** 2
     if norm2 <= 0.0:
-        return round(math.sqrt(min(1.0, max(0.5, prior))) * EFFICIENCY_GRID) / EFFICIENCY_GRID
+        return max(EFFICIENCY_MIN, round(math.sqrt(min(1.0, prior)) * EFFICIENCY_GRID) / EFFICIENCY_GRID)
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     block = 1 << 20  # a fixed summation order (numpy's pairwise sum per block), bounded temporaries
     sq = sum(float(np.sum(np.square(x[i : i + block]))) for i in range(0, x.size, block))
@@ -715,8 +717,8 @@ def estimate_efficiency(x: np.ndarray, layout: StepLayout) -> float:
     var_measured = 2.0 * x.size / norm2**2
     var_prior = EFFICIENCY_PRIOR_STD**2
     eff2 = (measured * var_prior + prior * var_measured) / (var_prior + var_measured)
-    eff = math.sqrt(min(1.0, max(0.5, eff2)))
-    return round(eff * EFFICIENCY_GRID) / EFFICIENCY_GRID
+    eff = math.sqrt(min(1.0, max(0.0, eff2)))
+    return max(EFFICIENCY_MIN, round(eff * EFFICIENCY_GRID) / EFFICIENCY_GRID)
 
 
 @lru_cache(maxsize=32)
