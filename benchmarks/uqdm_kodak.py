@@ -1,7 +1,8 @@
 """UQDM on Kodak: rate vs ideal code length, lossless bits/dim, progressive RD points, speed.
 
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
-                                    [--model uqdm-small] [--json out.json]
+                                    [--model uqdm-small] [--num-steps 4,8] [--heldout TRAIN_DIR]
+                                    [--json out.json]
 
 Per image: compress losslessly (all T steps + the exact final section), decode the whole file
 (timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
@@ -12,12 +13,21 @@ Reported:
   * lossless bits/dim (whole file);
   * per step k: cumulative bpp of the file prefix (whole prefix, headers included) and PSNR;
   * encode and decode seconds per image (decode = the complete lossless file).
-Results are printed and written as JSON (CompressAI-like: per method, bpp and psnr-rgb lists).
+Results are printed and written as JSON (CompressAI-like: per method, bpp and psnr-rgb lists), with
+each method's BD-rate against JPEG (its default quality grid, on the same images).
+
+``--num-steps 4,8,12`` also runs the model on other step counts' grids (real files: the header says
+the step count, and only a model run the same way decodes them) -- for networks trained on several
+grids (``train --train-steps``), to choose the step count a model ships with.  ``--heldout TRAIN_DIR``
+measures on the photos the trainer holds out of TRAIN_DIR instead of Kodak, so that choice never
+looks at the test set.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import glob
 import json
 import time
 from pathlib import Path
@@ -27,7 +37,9 @@ import torch
 
 import diffcodec
 from diffcodec import container
-from diffcodec.evaluate import load_images
+from diffcodec.baselines import get_baseline
+from diffcodec.data import list_images, split_files
+from diffcodec.evaluate import bd_rate, load_images
 from diffcodec.metrics import psnr
 
 METHODS = ("denoise", "flow", "ancestral")
@@ -59,19 +71,30 @@ def bench_image(model, img: np.ndarray) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kodak", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/kodak"))
-    ap.add_argument("--scale", type=int, default=4)
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--json", help="write results here")
-    a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    model = diffcodec.get_model(a.model)
-    images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
+def with_num_steps(model, num_steps: int):
+    """The model run on the linear grid of ``num_steps`` steps (a copy; the original is untouched)."""
+    if num_steps == model.num_steps:
+        return model
+    m = copy.deepcopy(model)
+    m.num_steps = num_steps
+    return m
+
+
+def jpeg_curve(images: list[tuple[str, np.ndarray]]) -> dict:
+    """JPEG's mean bpp and PSNR per quality of its default grid (the eval harness's anchor)."""
+    jpeg = get_baseline("jpeg")
+    bpp, ps = [], []
+    for q in jpeg.qualities:
+        rows = []
+        for _, img in images:
+            data, dec = jpeg(img, q)
+            rows.append((8.0 * len(data) / (img.shape[0] * img.shape[1]), psnr(img, dec)))
+        bpp.append(float(np.mean([r[0] for r in rows])))
+        ps.append(float(np.mean([r[1] for r in rows])))
+    return {"quality": list(jpeg.qualities), "bpp": bpp, "psnr-rgb": ps}
+
+
+def summarise(model, images: list[tuple[str, np.ndarray]], scale: int) -> tuple[dict, dict]:
     per = {}
     for name, img in images:
         per[name] = r = bench_image(model, img)
@@ -83,8 +106,8 @@ def main() -> None:
     T = model.num_steps
     mean = lambda xs: float(np.mean(xs))  # noqa: E731
     summary = {
-        "model": model.model_id, "model_hash": model.model_hash, "images": len(rs),
-        "size": f"{images[0][1].shape[1]}x{images[0][1].shape[0]}" if a.scale > 1 else "full",
+        "model": model.model_id, "model_hash": model.model_hash, "num_steps": T, "images": len(rs),
+        "size": f"{images[0][1].shape[1]}x{images[0][1].shape[0]}" if scale > 1 else "full",
         "rate_ratio_mean": mean([r["rate_ratio"] for r in rs]),
         "rate_ratio_max": float(np.max([r["rate_ratio"] for r in rs])),
         "overhead_bytes_max": int(np.max([r["overhead_bytes"] for r in rs])),
@@ -94,12 +117,50 @@ def main() -> None:
         "steps": [{"step": k, "bpp": mean([r["steps"][k - 1]["bpp"] for r in rs]),
                    **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in METHODS}} for k in range(1, T + 1)],
     }
-    results = {m: {"name": f"diffcodec-uqdm-{m}", "description": f"{model.model_id}, {m} reconstruction",
-                   "results": {"bpp": [s["bpp"] for s in summary["steps"]],
-                               "psnr-rgb": [s[m] for s in summary["steps"]]}} for m in METHODS}
-    print(json.dumps(summary, indent=1))
+    return summary, per
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kodak", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/kodak"))
+    ap.add_argument("--heldout", metavar="TRAIN_DIR", help="instead of Kodak: the photos the trainer holds out of "
+                    "TRAIN_DIR (every 20th), for choosing a model's step count without looking at the test set")
+    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--num-steps", help="comma list of step counts to run the model at (default: its own)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", help="write results here")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = diffcodec.get_model(a.model)
+    if a.heldout:
+        images = []
+        for f in split_files(list_images(a.heldout))[1][: a.limit]:
+            images += load_images(f.parent, scale=a.scale, pattern=glob.escape(f.name)).items()
+    else:
+        images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
+    jpeg = jpeg_curve(images)
+    counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
+    runs = []
+    for T in counts:
+        summary, per = summarise(with_num_steps(model, T), images, a.scale)
+        summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
+        summary["bd_rate_vs_jpeg"] = {
+            m: bd_rate(jpeg["bpp"], jpeg["psnr-rgb"], [s["bpp"] for s in summary["steps"]],
+                       [s[m] for s in summary["steps"]]) for m in METHODS}
+        results = {m: {"name": f"diffcodec-uqdm-{m}", "description": f"{model.model_id} at {T} steps, {m} "
+                       "reconstruction", "results": {"bpp": [s["bpp"] for s in summary["steps"]],
+                                                     "psnr-rgb": [s[m] for s in summary["steps"]]}}
+                   for m in METHODS}
+        print(json.dumps(summary, indent=1), flush=True)
+        runs.append({"summary": summary, "compressai": results, "per_image": per})
+    out = dict(runs[0]) if len(runs) == 1 else {"by_num_steps": {str(T): r for T, r in zip(counts, runs)}}
+    out["jpeg"] = jpeg
     if a.json:
-        Path(a.json).write_text(json.dumps({"summary": summary, "compressai": results, "per_image": per}, indent=1))
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -95,3 +95,32 @@ def test_rvgc_ceiling_decodes_the_exact_latent_of_any_size():
 
     expect = np.mean([psnr(im, decoded(im)) for im in images.values()])
     assert abs(row["psnr"] - expect) < 1e-9
+
+
+def test_uqdm_bench_runs_a_model_at_another_step_count(tmp_path):
+    """--num-steps: real files on another grid, decodable only by the model run the same way;
+    the original model object is untouched."""
+    import numpy as np
+    import pytest
+
+    import diffcodec
+    from conftest import make_tiny_uqdm
+    from diffcodec.errors import DiffcodecError
+    from diffcodec.models import load_model, save_model
+
+    bench = _load("uqdm_kodak")
+    save_model(make_tiny_uqdm(), tmp_path / "tiny-uqdm.safetensors")
+    model = load_model(str(tmp_path / "tiny-uqdm.safetensors"))
+    T = model.num_steps
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    other = bench.with_num_steps(model, 2 * T)
+    assert other.num_steps == 2 * T and model.num_steps == T and bench.with_num_steps(model, T) is model
+    summary, per = bench.summarise(other, [("a", img)], scale=1)
+    assert summary["num_steps"] == 2 * T and len(summary["steps"]) == 2 * T and summary["lossless_all_exact"]
+    bpp = [s["bpp"] for s in summary["steps"]]
+    assert bpp == sorted(bpp) and per["a"]["lossless_ok"]
+    data = diffcodec.compress(img, model=other, steps=2 * T).data
+    with pytest.raises(DiffcodecError):
+        diffcodec.decompress(data, model=model)
+    jpeg = bench.jpeg_curve([("a", img)])
+    assert len(jpeg["bpp"]) == len(jpeg["quality"]) and jpeg["bpp"] == sorted(jpeg["bpp"])

@@ -134,6 +134,18 @@ def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
     resumed = load_model(str(ft / "model.safetensors"))
     assert resumed.config_dict() == before.config_dict() and resumed.card["step"] == 3
     assert resumed.card["init"]["model_hash"] == before.model_hash
+    # --num-steps with --init fine-tunes to another step count, --train-steps on several grids
+    t8 = tmp_path / "t8"
+    assert main([*base, "--out", str(t8), "--init", str(src / "model.safetensors"), "--num-steps", "8",
+                 "--train-steps", "6,8,12", "--iters", "2"]) == 0
+    moved = load_model(str(t8 / "model.safetensors"))
+    assert moved.num_steps == 8 and before.num_steps != 8
+    assert {k: v for k, v in moved.config_dict().items() if k != "num_steps"} == \
+        {k: v for k, v in before.config_dict().items() if k != "num_steps"}
+    ck = torch.load(t8 / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["train_steps"] == "6,8,12" and ck["model_config"]["num_steps"] == 8
+    for bad in (["--train-steps", "6,x"], ["--train-steps", "0"], ["--codec", "diffc", "--train-steps", "8"]):
+        assert main([*base, "--out", str(tmp_path / "bad"), "--preset", "tiny", "--iters", "1", *bad]) == 1
     # a model of another codec is refused with a clear error
     code = main(["train", "--codec", "rvgc", *base[1:], "--out", str(tmp_path / "x"),
                  "--init", str(src / "model.safetensors"), "--iters", "1"])

@@ -37,6 +37,26 @@ def test_one_step_estimator_is_unbiased():
     assert abs(float(one.mean() - full.mean())) < 4 * se + 1e-3
 
 
+def test_loss_on_another_step_count_grid():
+    """forward(num_steps=T') runs the chain on T' steps: all_steps then costs T' network calls (one per
+    step), and the estimate is that grid's code length, not the model's own."""
+    m = make_tiny_uqdm()
+    x = torch.from_numpy(synthetic_image(8, 8)).permute(2, 0, 1)[None].float() * (2 / 256) + (1 / 256 - 1)
+    calls = []
+    hook = m.net.register_forward_hook(lambda mod, inp, out: calls.append(inp[1].detach().clone()))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        own = m(x, all_steps=True)["bpd"]
+        n_own = len(calls)
+        torch.manual_seed(0)
+        other = m(x, all_steps=True, num_steps=3 * m.num_steps)["bpd"]
+    hook.remove()
+    assert n_own == m.num_steps and len(calls) - n_own == 3 * m.num_steps
+    g = m.schedule(torch.arange(3 * m.num_steps + 1) / (3 * m.num_steps))
+    assert torch.allclose(torch.cat(calls[n_own:]).flatten(), g[1:].detach())  # steps 1..3T, once each
+    assert torch.isfinite(other).all() and float((other - own).abs()) > 1e-6
+
+
 def test_lossless_roundtrip_and_ideal_bits(tiny_model, image):
     res = diffcodec.compress(image, model=tiny_model, lossless=True)
     assert np.array_equal(diffcodec.decompress(res.data, model=tiny_model), image)

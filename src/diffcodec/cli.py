@@ -293,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--preset", choices=["tiny", "small", "medium", "base"],
                    help="network size (default: uqdm/diffc medium, rvgc small; rvgc has no medium)")
-    t.add_argument("--num-steps", dest="num_steps", type=int, help="diffusion steps T (uqdm 4, diffc 16)")
+    t.add_argument("--num-steps", dest="num_steps", type=int, help="diffusion steps T (uqdm 4, diffc 16); with "
+                   "--init: fine-tune the model to this step count")
+    t.add_argument("--train-steps", dest="train_steps", help="uqdm: train on the grids of several step counts, "
+                   "e.g. 6,8,12 (one drawn per iteration), so that one network serves each of them")
     t.add_argument("--c-max", dest="c_max", type=int, help="diffc: reverse channel coding chunk cap (bits)")
     t.add_argument("--iters", type=int)
     t.add_argument("--batch", type=int,

@@ -68,6 +68,7 @@ class TrainConfig:
     out: str = "run"
     preset: str = ""  # "" = the codec's default (DEFAULT_PRESET)
     num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
+    train_steps: str = ""  # uqdm: e.g. "6,8,12": each iteration simulates the chain on one of these T's grids
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
     batch: int = 0  # 0 = the codec's default (CODEC_DEFAULTS)
@@ -185,6 +186,9 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     mcfg = src.config_dict()
     if mcfg.get("codec") != cfg.codec:
         raise DiffcodecError(f"--init model {cfg.init} is a {mcfg.get('codec')} model, not {cfg.codec}")
+    if cfg.num_steps and cfg.codec in ("uqdm", "diffc"):
+        # another step count: the network is conditioned on gamma, so it carries over to the new grid
+        mcfg["num_steps"] = cfg.num_steps
     return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
 
 
@@ -287,9 +291,25 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
     return float(torch.cat(vals).mean())
 
 
+def parse_train_steps(cfg: TrainConfig) -> list[int]:
+    """The step counts of ``--train-steps`` (uqdm only; empty: the model's own T)."""
+    if not cfg.train_steps:
+        return []
+    if cfg.codec != "uqdm":
+        raise DiffcodecError("--train-steps is for uqdm (diffc's continuous-time loss has no grid)")
+    try:
+        out = sorted({int(v) for v in cfg.train_steps.split(",") if v.strip()})
+    except ValueError:
+        raise DiffcodecError(f"--train-steps takes step counts like 6,8,12, not {cfg.train_steps!r}") from None
+    if not out or not all(1 <= v <= 255 for v in out):
+        raise DiffcodecError(f"--train-steps: step counts must be in 1..255, got {cfg.train_steps!r}")
+    return out
+
+
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
     cfg = replace(cfg, preset=_preset(cfg))
+    grids = parse_train_steps(cfg)
     defaults = CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"])
     cfg = replace(cfg, batch=cfg.batch or defaults["batch"], crop=cfg.crop or defaults["crop"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -396,6 +416,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
                 res = _adversarial_step(cfg, res, x, dnet, disc, opt_d, lr_at(step, cfg) / cfg.lr)
             res = {k: v for k, v in res.items() if v.dim() <= 1}  # per-example terms (not the images)
             res["bpd"] = res["loss"]
+        elif grids:
+            # the same draw on every rank (a function of the step only), so DDP ranks run one graph
+            res = net(x, num_steps=grids[int(np.random.default_rng(cfg.seed * 1_000_003 + step).integers(len(grids)))])
         else:
             res = net(x)
         loss = res.get("loss", res["bpd"]).mean()

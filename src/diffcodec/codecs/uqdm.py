@@ -73,15 +73,19 @@ class UQDM(DiffusionModel):
                    gamma_max=float(cfg.get("gamma_max", 6.0)))
 
     # ------------------------------------------------------------------ training loss
-    def forward(self, x: torch.Tensor, all_steps: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None
+                ) -> dict[str, torch.Tensor]:
         """Code length of x (float in [-1, 1], pixel-centred) in bits per dimension.
 
         Simulates the forward chain from z_T ~ N(0, I) (no network calls), then evaluates the
         network at one random step per example (unbiased estimate: T times that step's cost) or,
         with ``all_steps``, at every step (exact, T network calls; used for validation).
+        ``num_steps`` runs the chain on another step count's grid than the model's own T (training
+        on several grids, ``train --train-steps``): the network is conditioned on gamma and the
+        learned scale is relative to the step's own coefficient b, so one network serves several T.
         Returns a dict with ``bpd`` (per-example, for the optimiser), and diagnostics.
         """
-        T = self.num_steps
+        T = num_steps or self.num_steps
         B = x.shape[0]
         dims = x[0].numel()
         t = torch.arange(T + 1, dtype=x.dtype, device=x.device) / T
