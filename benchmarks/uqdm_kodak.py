@@ -37,9 +37,8 @@ import torch
 
 import diffcodec
 from diffcodec import container
-from diffcodec.baselines import get_baseline
 from diffcodec.data import list_images, split_files
-from diffcodec.evaluate import bd_rate, load_images
+from diffcodec.evaluate import bd_rate, evaluate_baselines, load_images
 from diffcodec.metrics import psnr
 
 METHODS = ("denoise", "flow", "ancestral")
@@ -81,17 +80,8 @@ def with_num_steps(model, num_steps: int):
 
 
 def jpeg_curve(images: list[tuple[str, np.ndarray]]) -> dict:
-    """JPEG's mean bpp and PSNR per quality of its default grid (the eval harness's anchor)."""
-    jpeg = get_baseline("jpeg")
-    bpp, ps = [], []
-    for q in jpeg.qualities:
-        rows = []
-        for _, img in images:
-            data, dec = jpeg(img, q)
-            rows.append((8.0 * len(data) / (img.shape[0] * img.shape[1]), psnr(img, dec)))
-        bpp.append(float(np.mean([r[0] for r in rows])))
-        ps.append(float(np.mean([r[1] for r in rows])))
-    return {"quality": list(jpeg.qualities), "bpp": bpp, "psnr-rgb": ps}
+    """JPEG on the same images over its default quality grid (the eval harness's anchor), CompressAI-style."""
+    return evaluate_baselines(dict(images), ["jpeg"], swd=False)["jpeg"]
 
 
 def summarise(model, images: list[tuple[str, np.ndarray]], scale: int) -> tuple[dict, dict]:
@@ -148,7 +138,7 @@ def main() -> None:
         summary, per = summarise(with_num_steps(model, T), images, a.scale)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
         summary["bd_rate_vs_jpeg"] = {
-            m: bd_rate(jpeg["bpp"], jpeg["psnr-rgb"], [s["bpp"] for s in summary["steps"]],
+            m: bd_rate(jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"], [s["bpp"] for s in summary["steps"]],
                        [s[m] for s in summary["steps"]]) for m in METHODS}
         results = {m: {"name": f"diffcodec-uqdm-{m}", "description": f"{model.model_id} at {T} steps, {m} "
                        "reconstruction", "results": {"bpp": [s["bpp"] for s in summary["steps"]],

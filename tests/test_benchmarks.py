@@ -123,4 +123,5 @@ def test_uqdm_bench_runs_a_model_at_another_step_count(tmp_path):
     with pytest.raises(DiffcodecError):
         diffcodec.decompress(data, model=model)
     jpeg = bench.jpeg_curve([("a", img)])
-    assert len(jpeg["bpp"]) == len(jpeg["quality"]) and jpeg["bpp"] == sorted(jpeg["bpp"])
+    bpp = jpeg["results"]["bpp"]
+    assert len(bpp) == len(jpeg["results"]["quality"]) and bpp == sorted(bpp)
