@@ -393,6 +393,8 @@ def list_models() -> list[dict]:
             continue
         cfg, card = meta["config"], meta["card"]
         extra = {"q_range": cfg["q_range"]} if "q_range" in cfg else {}
+        if cfg.get("codec") == "uqdm":
+            extra["noise_basis"] = cfg.get("noise_basis", "rgb")
         out.append({"name": name, "codec": cfg.get("codec"), "steps": cfg.get("num_steps"), **extra,
                     "default": DEFAULT_MODELS.get(cfg.get("codec")) == name,
                     "file_bytes": path.stat().st_size, **{k: v for k, v in card.items() if k != "train"}})

@@ -119,6 +119,8 @@ def cmd_models(a) -> int:
     for m in ms:
         star = "*" if m.get("default") else " "
         knob = f"q={m['q_range'][0]:g}..{m['q_range'][1]:g}" if "q_range" in m else f"steps={m.get('steps')}"
+        if "noise_basis" in m:
+            knob += f" basis={m['noise_basis']}"
         print(f"{star} {m['name']:<14} codec={m.get('codec')} {knob} "
               f"size={m.get('file_bytes', 0) / 1e6:.2f} MB  {m.get('summary', '')}")
     return 0
@@ -297,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--init: fine-tune the model to this step count")
     t.add_argument("--train-steps", dest="train_steps", help="uqdm: train on the grids of several step counts, "
                    "e.g. 6,8,12 (one drawn per iteration), so that one network serves each of them")
+    t.add_argument("--noise-basis", dest="noise_basis", choices=["rgb", "opponent", "opponent-dct4"],
+                   help="uqdm: axes of the uniform noise and of the factorised prior: rgb (the paper's), "
+                   "opponent (luminance + two colour differences) or opponent-dct4 (and a 4x4 DCT of each; "
+                   "the default of medium networks); with --init: convert the model to it")
     t.add_argument("--c-max", dest="c_max", type=int, help="diffc: reverse channel coding chunk cap (bits)")
     t.add_argument("--iters", type=int)
     t.add_argument("--batch", type=int,

@@ -54,6 +54,14 @@ DEFAULT_PRESET = {"uqdm": "medium", "diffc": "medium", "rvgc": "small"}
 
 
 DEFAULT_STEPS = {"uqdm": 4, "diffc": 16}
+
+
+def default_noise_basis(unet: UNetConfig) -> str:
+    """Noise basis of a new uqdm model (codecs/noise_basis.py): opponent colours with a 4x4 DCT when
+    the network's pixel-unshuffle stem lets it tell the 16 positions of a DCT block apart (so that its
+    scale output can name each frequency), opponent colours alone otherwise."""
+    return "opponent-dct4" if unet.patch % 4 == 0 else "opponent"
+
 CODEC_DEFAULTS = {  # batch and crop when not given: what the bundled models were trained with
     "uqdm": {"batch": 32, "crop": 32},
     "diffc": {"batch": 32, "crop": 32},
@@ -69,6 +77,7 @@ class TrainConfig:
     preset: str = ""  # "" = the codec's default (DEFAULT_PRESET)
     num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
     train_steps: str = ""  # uqdm: e.g. "6,8,12": each iteration simulates the chain on one of these T's grids
+    noise_basis: str = ""  # uqdm: basis of the uniform noise (codecs/noise_basis.py; "" = default / the --init model's)
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
     batch: int = 0  # 0 = the codec's default (CODEC_DEFAULTS)
@@ -115,7 +124,20 @@ def model_config(cfg: TrainConfig) -> dict:
     out = {"codec": cfg.codec, "unet": unet.to_dict(), "num_steps": cfg.num_steps or DEFAULT_STEPS[cfg.codec]}
     if cfg.codec == "diffc":
         out["c_max"] = cfg.c_max
+    if cfg.codec == "uqdm":
+        out["noise_basis"] = cfg.noise_basis or default_noise_basis(unet)
     return out
+
+
+def _check_noise_basis(cfg: TrainConfig) -> None:
+    if not cfg.noise_basis:
+        return
+    from .codecs.noise_basis import BASES as NOISE_BASES
+
+    if cfg.codec != "uqdm":
+        raise DiffcodecError(f"--noise-basis is for uqdm (the basis of its uniform noise), not {cfg.codec}")
+    if cfg.noise_basis not in NOISE_BASES:
+        raise DiffcodecError(f"--noise-basis must be one of {', '.join(NOISE_BASES)}, not {cfg.noise_basis!r}")
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -189,7 +211,14 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     if cfg.num_steps and cfg.codec in ("uqdm", "diffc"):
         # another step count: the network is conditioned on gamma, so it carries over to the new grid
         mcfg["num_steps"] = cfg.num_steps
-    return mcfg, {k: v.float() for k, v in src.state_dict().items()}, {"model": cfg.init, "model_hash": src.model_hash}
+    state = {k: v.float() for k, v in src.state_dict().items()}
+    if cfg.noise_basis and cfg.codec == "uqdm" and cfg.noise_basis != mcfg.get("noise_basis", "rgb"):
+        # another noise basis: the denoiser carries over (x, z and eps stay in RGB); its learned
+        # scales now belong to the new coordinates and are retrained by the fine-tune
+        mcfg["noise_basis"] = cfg.noise_basis
+        state = {k: v for k, v in state.items() if k != "noise_basis_code"}
+        state.update({k: v for k, v in build_model(mcfg).state_dict().items() if k == "noise_basis_code"})
+    return mcfg, state, {"model": cfg.init, "model_hash": src.model_hash}
 
 
 def _grow_decoder(cfg: TrainConfig, model, resumed: bool):
@@ -310,6 +339,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
     cfg = replace(cfg, preset=_preset(cfg))
     grids = parse_train_steps(cfg)
+    _check_noise_basis(cfg)
     defaults = CODEC_DEFAULTS.get(cfg.codec, CODEC_DEFAULTS["uqdm"])
     cfg = replace(cfg, batch=cfg.batch or defaults["batch"], crop=cfg.crop or defaults["crop"])
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -11,6 +11,12 @@ the receiver sets z_s = mu_P + (k - u) D, an exact sample of q(z_s | z_t, x).  z
 from the shared seed (0 bits).  After the last step x is coded under the 256-way p(x | z_0), so the
 same file goes from lossy to lossless.
 
+Noise basis (``noise_basis.py``).  The paper adds the uniform noise, and factorises the prior, along
+the RGB sub-pixels.  A model may instead use an orthonormal basis M of the image (opponent colours,
+optionally with a 4x4 DCT of each channel): z_s = mu_Q + M^T D u, and M (z_s - mu_P) is what is coded
+per coordinate.  The network's errors are smooth and mostly luminance, so far fewer bits are spent
+in a basis that compacts them; x, z, x_hat, the lossless term and the reconstructions stay in RGB.
+
 The training loss is the exact expected code length of that procedure, in bits per dimension:
 since z_s is exactly uniform around mu_Q, E[-log2 P(k)] = E_{z_s ~ q}[-log2(D p(z_s | z_t))].
 """
@@ -31,6 +37,7 @@ from ..errors import DecodeError
 from ..networks import UNetConfig
 from ..schedule import LOG2, posterior_coefficients
 from .base import Section
+from .noise_basis import BASES, NoiseBasis
 
 SQRT12 = math.sqrt(12.0)
 LOGISTIC_STD_TO_SCALE = math.sqrt(3.0) / math.pi
@@ -64,13 +71,36 @@ class UQDM(DiffusionModel):
     codec_id = "uqdm"
 
     def __init__(self, unet: UNetConfig | None = None, num_steps: int = 4, gamma_min: float = -12.3,
-                 gamma_max: float = 6.0):
+                 gamma_max: float = 6.0, noise_basis: str = "rgb"):
         super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max, num_steps=num_steps)
+        if noise_basis not in BASES:
+            raise ValueError(f"unknown noise basis {noise_basis!r} (choose from {', '.join(BASES)})")
+        if noise_basis != "rgb" and self.channels != 3:
+            raise ValueError(f"noise basis {noise_basis!r} needs a 3-channel network")
+        self.noise_basis = noise_basis
+        self.basis = NoiseBasis(noise_basis)
+        if not self.basis.identity:
+            # the basis as integers in a buffer, so that the model hash (over the tensors) covers it and
+            # a file made with one basis is never decoded with another (integers: fp16 export cannot
+            # round them; the codec computes with the float64 constants of noise_basis.py)
+            code = [v for row in self.basis.rows for v in row] + [self.basis.block]
+            self.register_buffer("noise_basis_code", torch.tensor(code, dtype=torch.int8))
+
+    @property
+    def downscale(self) -> int:
+        """Latent sizes must be multiples of the network's factor and of the basis block."""
+        return math.lcm(self.net.downscale, self.basis.block)
 
     @classmethod
     def from_config(cls, cfg: dict) -> UQDM:
         return cls(UNetConfig.from_dict(cfg["unet"]), num_steps=int(cfg["num_steps"]),
-                   gamma_max=float(cfg.get("gamma_max", 6.0)))
+                   gamma_max=float(cfg.get("gamma_max", 6.0)), noise_basis=cfg.get("noise_basis", "rgb"))
+
+    def config_dict(self) -> dict:
+        out = super().config_dict()
+        if self.noise_basis != "rgb":  # older models' configs (and hashes) stay as they were
+            out["noise_basis"] = self.noise_basis
+        return out
 
     # ------------------------------------------------------------------ training loss
     def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None
@@ -86,6 +116,7 @@ class UQDM(DiffusionModel):
         Returns a dict with ``bpd`` (per-example, for the optimiser), and diagnostics.
         """
         T = num_steps or self.num_steps
+        basis = self.basis
         B = x.shape[0]
         dims = x[0].numel()
         t = torch.arange(T + 1, dtype=x.dtype, device=x.device) / T
@@ -96,7 +127,7 @@ class UQDM(DiffusionModel):
         for j in range(T, 0, -1):
             a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
             mu_q = a * z + b * x
-            z = mu_q + SQRT12 * beta * (torch.rand_like(x) - 0.5)
+            z = mu_q + SQRT12 * beta * basis.inverse_t(torch.rand_like(x) - 0.5)
             chain[j - 1] = z
         if all_steps:
             steps = [torch.full((B,), j, device=x.device, dtype=torch.long) for j in range(1, T + 1)]
@@ -117,7 +148,7 @@ class UQDM(DiffusionModel):
             mu_p = a * z_t + b * x_hat
             half = 0.5 * SQRT12 * beta
             scale = _base_scale(g_t, b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
-            d = z_s - mu_p
+            d = basis.forward_t(z_s - mu_p)  # the coded coordinates
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             step_nats = step_nats + nll.flatten(1).sum(1)
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
@@ -160,22 +191,24 @@ class UQDM(DiffusionModel):
 
         return table
 
-    @staticmethod
-    def _max_half_width(st: _Step) -> int:
+    def _max_half_width(self, st: _Step) -> int:
         """The largest |k| any image can produce at this step, known to both sides.
 
-        mu_Q - mu_P = b (x - x_hat) with x and x_hat in [-1, 1], so |k| <= 2b/D + 1/2 (plus the
+        mu_Q - mu_P = b (x - x_hat) with x and x_hat in [-1, 1], so a coded coordinate, a row m of
+        the basis applied to it, is at most 2b |m|_1 and |k| <= 2b |m|_1/D + 1/2 (plus the
         rounding).  The decoder refuses wider symbol ranges: table work grows with the range, and a
         forged section must not turn a normal decode into hours.
         """
-        return max(1, math.ceil(2.0 * st.b / st.delta + 0.5))
+        l1 = self.basis.max_row_l1
+        return max(1, math.ceil(2.0 * l1 * st.b / st.delta + 0.5))
 
     def sample_reverse_step(self, z, eps, aux, gamma_s, gamma_t, rng):
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
         scale = _base_scale(np.float64(gamma_t), b) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
         mu_p = a * z + b * x_hat
-        return mu_p + scale * rng.logistic(z.shape) + SQRT12 * beta * (rng.uniform(z.shape) - 0.5)
+        noise = scale * rng.logistic(z.shape) + SQRT12 * beta * (rng.uniform(z.shape) - 0.5)
+        return mu_p + self.basis.inverse(noise)
 
     def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Universal quantization of step t_i -> t_{i-1}; returns (z_s, section)."""
@@ -189,12 +222,12 @@ class UQDM(DiffusionModel):
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
         u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
         mu_q = st.a * z + st.b * x
-        k = np.round((mu_q - st.mu_p).reshape(-1) / st.delta + u)
+        k = np.round(self.basis.forward(mu_q - st.mu_p).reshape(-1) / st.delta + u)
         half_width = int(max(1, np.abs(k).max()))
         if half_width > min(MAX_HALF_WIDTH, self._max_half_width(st)):
             raise ValueError("step symbol out of range (model unsuited to this image)")
         k = k.astype(np.int64)
-        z_s = st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
+        z_s = self._z_s(st, k, u, z.shape)
         table = self._table(st.scale, st.delta, u, half_width)  # holds neither mu_p nor z: freed now
 
         def finish() -> Section:
@@ -217,7 +250,11 @@ class UQDM(DiffusionModel):
         k = sym.astype(np.int64) - half_width
         if symbols_crc(k) != sec.symbols_crc:
             raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
-        return st.mu_p + (k.reshape(z.shape) - u.reshape(z.shape)) * st.delta
+        return self._z_s(st, k, u, z.shape)
+
+    def _z_s(self, st: _Step, k: np.ndarray, u: np.ndarray, shape) -> np.ndarray:
+        """z_s = mu_P + M^T (k - u) D: both sides, the same float64 operations."""
+        return st.mu_p + self.basis.inverse((k.reshape(shape) - u.reshape(shape)) * st.delta)
 
 
 def log_logistic_bin_t(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Orthonormal bases for UQDM's uniform noise: the coordinates its steps are coded in.
+
+UQDM codes a step by universal quantization of z_s - mu_P per coordinate, under a factorised prior.
+The paper takes the coordinates to be the RGB sub-pixels.  But the network's error x - x_hat is far
+from independent across them: at the coarse steps it is a smooth, mostly-luminance image (the
+detail a blurry x_hat misses), so a factorised prior pays for the same structure in every
+sub-pixel.  In the small-shift regime of uniform noise a step costs about |shift| / D per
+coordinate, an L1 norm, which an energy-compacting transform lowers -- transform coding's gain.
+
+A basis here is an orthonormal map M of the image: an opponent colour transform (luminance, two
+colour differences; the principal axes of those errors) and optionally a p x p 2-D DCT-II of each
+channel on the aligned p x p blocks (JPEG's transform; on ``uqdm-medium2``'s errors it is within
+0.3% of their principal components).  Coefficient (c, i, j) of block (by, bx) is stored at
+position (c, p by + i, p bx + j), so the network's per-pixel scale output names one coefficient
+each; with p = 4, the pixel-unshuffle stem of the ``medium`` network tells the 16 positions of a
+block apart.  Because M is orthonormal, the noise M^T D u keeps the Gaussian posterior's mean and
+covariance (the chain stays exact), and x, z and x_hat stay in RGB.
+
+numpy transforms (coding) are written as element-wise multiply-adds in a fixed order, never BLAS,
+so that encoder and decoder compute the same float64 bits with any thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# name: (integer colour rows, normalised in use; DCT block size, 1 = none)
+BASES: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {
+    "rgb": (((1, 0, 0), (0, 1, 0), (0, 0, 1)), 1),
+    "opponent": (((1, 1, 1), (1, 0, -1), (1, -2, 1)), 1),
+    "opponent-dct4": (((1, 1, 1), (1, 0, -1), (1, -2, 1)), 4),
+}
+
+
+def dct_matrix(p: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix (rows = frequencies)."""
+    n = np.arange(p, dtype=np.float64)
+    m = np.cos(math.pi * (n[None, :] + 0.5) * n[:, None] / p) * math.sqrt(2.0 / p)
+    m[0] /= math.sqrt(2.0)
+    return m
+
+
+def _apply_np(m: np.ndarray, v: np.ndarray, axis: int) -> np.ndarray:
+    """m applied along ``axis`` of v: out[k] = sum_j m[k, j] v[j], summed in order j = 0, 1, ..."""
+    parts = np.moveaxis(v, axis, 0)
+    out = np.empty_like(parts)
+    for k in range(m.shape[0]):
+        acc = m[k, 0] * parts[0]
+        for j in range(1, m.shape[1]):
+            acc = acc + m[k, j] * parts[j]
+        out[k] = acc
+    return np.moveaxis(out, 0, axis)
+
+
+class NoiseBasis:
+    """The orthonormal map M of a named basis, for numpy (coding) and torch (training)."""
+
+    def __init__(self, name: str):
+        if name not in BASES:
+            raise ValueError(f"unknown noise basis {name!r} (choose from {', '.join(BASES)})")
+        rows, p = BASES[name]
+        self.name = name
+        self.rows = rows
+        self.block = p
+        c = np.array(rows, dtype=np.float64)
+        self.color = c / np.sqrt((c**2).sum(1, keepdims=True))
+        self.dct = dct_matrix(p)
+        self.identity = name == "rgb"
+        self._torch: dict = {}
+
+    @property
+    def max_row_l1(self) -> float:
+        """max_k sum_j |M_kj|: a coordinate of M v is at most this times max |v|."""
+        d = float(np.abs(self.dct).sum(1).max())
+        return float(np.abs(self.color).sum(1).max()) * d * d
+
+    def check_shape(self, shape) -> None:
+        if len(shape) != 4 or shape[1] != 3 and not self.identity:
+            raise ValueError(f"noise basis {self.name!r} needs (N, 3, H, W) latents, got {tuple(shape)}")
+        p = self.block
+        if shape[2] % p or shape[3] % p:
+            raise ValueError(f"noise basis {self.name!r} needs sizes that are multiples of {p}, got {tuple(shape)}")
+
+    # ------------------------------------------------------------------ numpy (float64, exact)
+    def forward(self, v: np.ndarray) -> np.ndarray:
+        """M v for latents v (N, 3, H, W)."""
+        if self.identity:
+            return v
+        self.check_shape(v.shape)
+        out = _apply_np(self.color, v, 1)
+        return self._blocks_np(out, self.dct)
+
+    def inverse(self, v: np.ndarray) -> np.ndarray:
+        """M^T v (M is orthonormal: its inverse)."""
+        if self.identity:
+            return v
+        self.check_shape(v.shape)
+        out = self._blocks_np(v, self.dct.T)
+        return _apply_np(self.color.T, out, 1)
+
+    def _blocks_np(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        p = self.block
+        if p == 1:
+            return v
+        n, c, h, w = v.shape
+        b = v.reshape(n, c, h // p, p, w // p, p)
+        b = _apply_np(d, _apply_np(d, b, 3), 5)
+        return np.ascontiguousarray(b.reshape(n, c, h, w))
+
+    # ------------------------------------------------------------------ torch (training)
+    def _mats(self, ref: torch.Tensor):
+        key = (ref.dtype, ref.device)
+        if key not in self._torch:
+            self._torch[key] = (torch.as_tensor(self.color, dtype=ref.dtype, device=ref.device),
+                                torch.as_tensor(self.dct, dtype=ref.dtype, device=ref.device))
+        return self._torch[key]
+
+    def forward_t(self, v: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return v
+        self.check_shape(v.shape)
+        c, d = self._mats(v)
+        return self._blocks_t(torch.einsum("ij,njhw->nihw", c, v), d)
+
+    def inverse_t(self, v: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return v
+        self.check_shape(v.shape)
+        c, d = self._mats(v)
+        return torch.einsum("ji,njhw->nihw", c, self._blocks_t(v, d.T))
+
+    def _blocks_t(self, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        p = self.block
+        if p == 1:
+            return v
+        n, ch, h, w = v.shape
+        b = v.reshape(n, ch, h // p, p, w // p, p)
+        b = torch.einsum("ki,ncyixj->ncykxj", d, b)
+        b = torch.einsum("lj,ncykxj->ncykxl", d, b)
+        return b.reshape(n, ch, h, w)
