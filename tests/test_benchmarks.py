@@ -125,3 +125,23 @@ def test_uqdm_bench_runs_a_model_at_another_step_count(tmp_path):
     jpeg = bench.jpeg_curve([("a", img)])
     bpp = jpeg["results"]["bpp"]
     assert len(bpp) == len(jpeg["results"]["quality"]) and bpp == sorted(bpp)
+
+
+def test_noise_basis_costs_favour_a_compacting_basis():
+    """uqdm_noise_basis: a residual that is one smooth luminance image costs fewer bits in the opponent
+    DCT basis than per RGB sub-pixel; a box centred on the prior with a narrow scale costs ~0 bits."""
+    import torch
+
+    bench = _load("uqdm_noise_basis")
+    tiny = torch.full((4,), 1e-4, dtype=torch.float64)
+    assert float(bench.step_cost(torch.zeros(4, dtype=torch.float64), tiny, 1.0).max()) < 1e-3
+    g = torch.Generator().manual_seed(0)
+    lum = torch.nn.functional.interpolate(torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64), size=(16, 16),
+                                          mode="bilinear", align_corners=False)
+    r = 0.05 * lum.repeat(1, 3, 1, 1)
+    s = torch.full((2 * 16 * 16 // 16,), 0.02, dtype=torch.float64)
+    rgb = bench.fitted_cost(bench.fixed_matrix("rgb", 4) @ bench.blocks(r, 4), s, 1.0)
+    dct = bench.fitted_cost(bench.fixed_matrix("opponent", 4) @ bench.blocks(r, 4), s, 1.0)
+    assert dct < 0.7 * rgb
+    b = bench.blocks(torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4), 2)
+    assert b.shape == (12, 8) and b[:, 0].tolist()[:4] == [0.0, 1.0, 4.0, 5.0]
