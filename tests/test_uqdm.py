@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import diffcodec
-from conftest import make_tiny_uqdm, synthetic_image
+from conftest import make_tiny, make_tiny_uqdm, synthetic_image
 from diffcodec.codecs.uqdm import UQDM
 from diffcodec.errors import DecodeError, ModelError
 from diffcodec.metrics import psnr
+from diffcodec.models import save_model
 
 
 def test_loss_is_finite_and_trains_gamma_min():
@@ -214,16 +215,21 @@ np.save(sys.argv[4], diffcodec.decompress(data, model=sys.argv[1]))
 """
 
 
-def test_cross_process_thread_count_determinism(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("basis", ["rgb", "opponent-dct4"])
+def test_cross_process_thread_count_determinism(tiny_model_path, tmp_path, basis):
+    """Encode with 1 thread, decode in another process with 2 (every noise basis: its transforms too)."""
+    path = tiny_model_path
+    if basis != "rgb":
+        path = tmp_path / f"tiny-{basis}.safetensors"
+        save_model(make_tiny("uqdm", noise_basis=basis), path)
     img = synthetic_image(40, 36, seed=5)
     np.save(tmp_path / "img.npy", img)
-    subprocess.run([sys.executable, "-c", _ENC.format(threads=1), str(tiny_model_path), str(tmp_path / "img.npy"),
+    subprocess.run([sys.executable, "-c", _ENC.format(threads=1), str(path), str(tmp_path / "img.npy"),
                     str(tmp_path / "a.dfc")], check=True)
-    subprocess.run([sys.executable, "-c", _DEC.format(threads=2), str(tiny_model_path), str(tmp_path / "a.dfc"),
+    subprocess.run([sys.executable, "-c", _DEC.format(threads=2), str(path), str(tmp_path / "a.dfc"),
                     str(tmp_path / "lossy.npy"), str(tmp_path / "full.npy")], check=True)
     assert np.array_equal(np.load(tmp_path / "full.npy"), img)
-    here = diffcodec.decompress((tmp_path / "a.dfc").read_bytes(), model=str(tiny_model_path), steps=3,
-                                method="flow")
+    here = diffcodec.decompress((tmp_path / "a.dfc").read_bytes(), model=str(path), steps=3, method="flow")
     assert np.array_equal(np.load(tmp_path / "lossy.npy"), here)
 
 
