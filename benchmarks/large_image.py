@@ -1,7 +1,8 @@
 """Large images: peak memory and time of compressing (and decoding) a 24-megapixel photo.
 
     python benchmarks/large_image.py [--width 6000] [--height 4000] [--codec uqdm|diffc|rvgc] [--steps 1]
-                                     [--model NAME] [--q 4] [--no-decode] [--json benchmarks/results/large_image.json]
+                                     [--noise-basis B] [--model NAME] [--q 4] [--no-decode]
+                                     [--json benchmarks/results/large_image.json]
 
 A tiny random-weights model (``tests/conftest.make_tiny``: the network is cheap, so what is
 measured is the codec's own arrays: latents, network outputs, probability tables, range coder)
@@ -70,7 +71,7 @@ def child(args) -> None:
     if args.model:  # a real model (e.g. the bundled rvgc-small): its activations are part of the peak
         model = diffcodec.get_model(args.model, args.codec)
     else:
-        model = make_tiny(args.codec, seed=0)
+        model = make_tiny(args.codec, seed=0, **({"noise_basis": args.noise_basis} if args.noise_basis else {}))
         model.double().eval()
         model.model_id, model.model_hash = f"tiny-{args.codec}", "0123456789abcdef"
     work = Path(args.work)
@@ -106,6 +107,7 @@ def main() -> None:
     p.add_argument("--model", help="a bundled model or path instead of the tiny random-weights one")
     p.add_argument("--q", type=float, default=4.0, help="rvgc: quantisation step")
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--noise-basis", dest="noise_basis", help="uqdm: noise basis of the tiny model (default rgb)")
     p.add_argument("--c-max", dest="c_max", type=int, help="diffc: chunk cap in bits (default: the model's)")
     p.add_argument("--no-decode", dest="decode", action="store_false")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "large_image.json"))
@@ -120,6 +122,7 @@ def main() -> None:
     results = {"width": args.width, "height": args.height, "megapixels": args.width * args.height / 1e6,
                "codec": args.codec, "model": args.model or "tests/conftest.make_tiny (random weights)",
                **({"q": args.q} if args.codec == "rvgc" else {"steps": args.steps}),
+               **({"noise_basis": args.noise_basis} if args.noise_basis else {}),
                "torch_threads": 1, "cpu_count": os.cpu_count(), "note": args.note, "phases": {}}
     with tempfile.TemporaryDirectory() as work:
         np.save(Path(work) / "img.npy", make_image(args.height, args.width))
@@ -130,6 +133,8 @@ def main() -> None:
                 cmd += ["--model", args.model]
             if args.c_max:
                 cmd += ["--c-max", str(args.c_max)]
+            if args.noise_basis:
+                cmd += ["--noise-basis", args.noise_basis]
             load_before = os.getloadavg()[0]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:

@@ -155,6 +155,18 @@ def test_train_converts_an_rgb_model_to_the_opponent_basis(tmp_path, image_folde
     train(TrainConfig(codec="uqdm", data=str(image_folder), out=str(out), init=str(src), noise_basis="opponent-dct4",
                       iters=3, batch=2, crop=16, val_batch=2, ckpt_every=1, warmup=1, resume=True), quiet=True)
     assert load_model(str(out / "model.safetensors")).noise_basis == "opponent-dct4"
+    with pytest.raises(diffcodec.DiffcodecError, match="noise basis 'opponent-dct4'"):
+        train(TrainConfig(codec="uqdm", data=str(image_folder), out=str(out), noise_basis="opponent", iters=4,
+                          batch=2, crop=16, val_batch=2, resume=True), quiet=True)
     with pytest.raises(diffcodec.DiffcodecError, match="noise-basis"):
         train(TrainConfig(codec="diffc", data=str(image_folder), out=str(tmp_path / "d"), noise_basis="opponent",
                           iters=1), quiet=True)
+
+
+def test_new_models_default_to_a_basis_their_network_can_serve():
+    from diffcodec.train import TrainConfig, model_config
+
+    assert model_config(TrainConfig(codec="uqdm", preset="medium"))["noise_basis"] == "opponent-dct4"
+    assert model_config(TrainConfig(codec="uqdm", preset="tiny"))["noise_basis"] == "opponent"
+    assert model_config(TrainConfig(codec="uqdm", preset="tiny", noise_basis="rgb"))["noise_basis"] == "rgb"
+    assert "noise_basis" not in model_config(TrainConfig(codec="diffc", preset="tiny"))

@@ -62,6 +62,7 @@ def default_noise_basis(unet: UNetConfig) -> str:
     scale output can name each frequency), opponent colours alone otherwise."""
     return "opponent-dct4" if unet.patch % 4 == 0 else "opponent"
 
+
 CODEC_DEFAULTS = {  # batch and crop when not given: what the bundled models were trained with
     "uqdm": {"batch": 32, "crop": 32},
     "diffc": {"batch": 32, "crop": 32},
@@ -375,6 +376,9 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         mcfg, init_state, init_from = _init_weights(cfg)
     else:
         mcfg = model_config(cfg)
+    if cfg.noise_basis and cfg.codec == "uqdm" and mcfg.get("noise_basis", "rgb") != cfg.noise_basis:
+        raise DiffcodecError(f"the run being resumed uses the noise basis {mcfg.get('noise_basis', 'rgb')!r}; "
+                             "resume with the options it was started with")
     model = build_model(mcfg)
     if init_state is not None:
         model.load_state_dict(init_state)
