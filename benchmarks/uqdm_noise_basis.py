@@ -15,9 +15,9 @@ of the step's universal quantization, E_{z in box}[-log2 P(bin)], for the residu
 
 each under a logistic * uniform prior whose scale is the model's own per-pixel scale (geometric mean
 over the block and channels) times one constant per coordinate, fitted per step (so no basis is
-favoured by a network trained for another).  ``own`` is the cost in the model's own basis with its own
-per-coordinate scales: its real code length.  What a network trained in a basis reaches is
-measured by training one (README, the model card of ``uqdm-medium3``).
+favoured by a network trained for another).  ``own`` is the cost in the model's own basis with its
+own per-coordinate scales (and scale offsets, if it has them): its real code length.  What a network
+trained in a basis reaches is measured by training one (README, the model card of ``uqdm-medium3``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def main() -> None:
             mu_p = a_ * z + b_ * model.x_hat_from_eps(z, eps, gam[j])
             mu_q = a_ * z + b_ * x
             delta = float(SQRT12 * beta)
+            if model.scale_offsets:  # the model's own calibration of its scales (scripts/fit_scale_offsets.py)
+                aux = aux + model.log_scale_offset(gam[j].reshape(1), aux.shape)
             scale = _base_scale(gam[j], b_) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
             r = mu_q - mu_p
             npix = r.shape[0] * r.shape[2] * r.shape[3]

@@ -145,3 +145,29 @@ def test_noise_basis_costs_favour_a_compacting_basis():
     assert dct < 0.7 * rgb
     b = bench.blocks(torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4), 2)
     assert b.shape == (12, 8) and b[:, 0].tolist()[:4] == [0.0, 1.0, 4.0, 5.0]
+
+
+def test_fit_scale_offsets_lowers_the_expected_bits():
+    """scripts/fit_scale_offsets.py: on a tiny model the fitted offsets never cost more bits than none
+    (0 is a candidate) and the fitted model codes losslessly."""
+    import numpy as np
+    import torch
+
+    import diffcodec
+    from conftest import make_tiny, synthetic_image
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fit_scale_offsets.py"
+    spec = importlib.util.spec_from_file_location("fit_scale_offsets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = make_tiny("uqdm", noise_basis="opponent-dct4", scale_offsets=True).double().eval()
+    x = torch.from_numpy(np.stack([synthetic_image(16, 16, seed=i) for i in range(2)])).permute(0, 3, 1, 2)
+    offsets, report = mod.fit(model, x.double() * (2 / 256) + (1 / 256 - 1))
+    assert offsets.shape == model.scale_offset.shape and len(report) == model.num_steps
+    assert all(r["bits_per_pixel_after"] <= r["bits_per_pixel_before"] + 1e-12 for r in report)
+    with torch.no_grad():
+        model.scale_offset.copy_(offsets)
+    model.model_id, model.model_hash = "tiny", "0123456789abcdef"
+    img = synthetic_image(16, 20, seed=5)
+    assert np.array_equal(diffcodec.decompress(diffcodec.compress(img, model=model, lossless=True).data,
+                                               model=model), img)

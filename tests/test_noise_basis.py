@@ -170,3 +170,49 @@ def test_new_models_default_to_a_basis_their_network_can_serve():
     assert model_config(TrainConfig(codec="uqdm", preset="tiny"))["noise_basis"] == "opponent"
     assert model_config(TrainConfig(codec="uqdm", preset="tiny", noise_basis="rgb"))["noise_basis"] == "rgb"
     assert "noise_basis" not in model_config(TrainConfig(codec="diffc", preset="tiny"))
+
+
+def _with_offsets(seed: int = 0, basis: str = "opponent-dct4"):
+    m = make_tiny("uqdm", seed=seed, noise_basis=basis, scale_offsets=True)
+    with torch.no_grad():
+        m.scale_offset.copy_(torch.linspace(-1.0, 1.0, m.scale_offset.numel()).reshape(m.scale_offset.shape))
+    return m
+
+
+def test_scale_offsets_at_the_steps_and_between():
+    """A step of the model's grid uses its own offsets exactly (numpy and torch); between steps they are
+    interpolated in gamma, beyond the ends held."""
+    m = _with_offsets()
+    gam = m.gamma_grid(m.num_steps)
+    off = m.scale_offset.detach().double().numpy()
+    for i in range(1, m.num_steps + 1):
+        o = m.log_scale_offset(float(gam[i]), (1, 3, 8, 8))
+        assert o.shape == (1, 3, 8, 8) and np.array_equal(o[0, :, 4:8, 0:4], off[i - 1])
+        t = m.log_scale_offset(torch.tensor([gam[i]], dtype=torch.float64), (1, 3, 8, 8))
+        assert np.allclose(t.detach().numpy(), o, atol=1e-6)  # torch: the float32 schedule of training
+    mid = m.log_scale_offset(float(0.5 * (gam[1] + gam[2])), (1, 3, 4, 4))
+    assert np.allclose(mid[0], 0.5 * (off[0] + off[1]))
+    assert np.array_equal(m.log_scale_offset(float(gam[0]), (1, 3, 4, 4))[0], off[0])
+    assert np.array_equal(m.log_scale_offset(99.0, (1, 3, 4, 4))[0], off[-1])
+    assert make_tiny("uqdm").log_scale_offset(0.0, (1, 3, 4, 4)) == 0.0
+
+
+def test_scale_offsets_change_the_code_and_round_trip(tmp_path):
+    """The offsets are part of the prior (other bits), of the weights (another hash) and they train."""
+    a = _with_offsets()
+    b = make_tiny("uqdm", seed=0, noise_basis="opponent-dct4")
+    save_model(a, tmp_path / "a.safetensors")
+    save_model(b, tmp_path / "b.safetensors")
+    ma, mb = load_model(str(tmp_path / "a.safetensors")), load_model(str(tmp_path / "b.safetensors"))
+    assert ma.config_dict()["scale_offsets"] and "scale_offsets" not in mb.config_dict()
+    assert ma.model_hash != mb.model_hash
+    img = synthetic_image(20, 24, seed=3)
+    ra, rb = (diffcodec.compress(img, model=m, lossless=True) for m in (ma, mb))
+    assert ra.data != rb.data
+    assert np.array_equal(diffcodec.decompress(ra.data, model=ma), img)
+    for method in ("denoise", "flow", "ancestral"):
+        assert diffcodec.decompress(ra.data, model=ma, steps=2, method=method).shape == img.shape
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() * (2 / 256) + (1 / 256 - 1)
+    a.train()
+    a(x.repeat(2, 1, 1, 1))["bpd"].mean().backward()
+    assert a.scale_offset.grad is not None and float(a.scale_offset.grad.abs().sum()) > 0

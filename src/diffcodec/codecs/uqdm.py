@@ -71,7 +71,7 @@ class UQDM(DiffusionModel):
     codec_id = "uqdm"
 
     def __init__(self, unet: UNetConfig | None = None, num_steps: int = 4, gamma_min: float = -12.3,
-                 gamma_max: float = 6.0, noise_basis: str = "rgb"):
+                 gamma_max: float = 6.0, noise_basis: str = "rgb", scale_offsets: bool = False):
         super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max, num_steps=num_steps)
         if noise_basis not in BASES:
             raise ValueError(f"unknown noise basis {noise_basis!r} (choose from {', '.join(BASES)})")
@@ -85,6 +85,14 @@ class UQDM(DiffusionModel):
             # round them; the codec computes with the float64 constants of noise_basis.py)
             code = [v for row in self.basis.rows for v in row] + [self.basis.block]
             self.register_buffer("noise_basis_code", torch.tensor(code, dtype=torch.int8))
+        self.scale_offsets = bool(scale_offsets)
+        if self.scale_offsets:
+            # log-scale offsets per coded coordinate of a basis block (channel, row, column), one set per
+            # step of the model's grid, interpolated in gamma between them: the calibration of the
+            # learned scales per frequency that the network learns only slowly for the coarse steps
+            # (benchmarks/uqdm_noise_basis.py; scripts/fit_scale_offsets.py fits them)
+            p = self.basis.block
+            self.scale_offset = torch.nn.Parameter(torch.zeros(num_steps, self.channels, p, p))
 
     @property
     def downscale(self) -> int:
@@ -94,13 +102,55 @@ class UQDM(DiffusionModel):
     @classmethod
     def from_config(cls, cfg: dict) -> UQDM:
         return cls(UNetConfig.from_dict(cfg["unet"]), num_steps=int(cfg["num_steps"]),
-                   gamma_max=float(cfg.get("gamma_max", 6.0)), noise_basis=cfg.get("noise_basis", "rgb"))
+                   gamma_max=float(cfg.get("gamma_max", 6.0)), noise_basis=cfg.get("noise_basis", "rgb"),
+                   scale_offsets=bool(cfg.get("scale_offsets", False)))
 
     def config_dict(self) -> dict:
         out = super().config_dict()
         if self.noise_basis != "rgb":  # older models' configs (and hashes) stay as they were
             out["noise_basis"] = self.noise_basis
+        if self.scale_offsets:
+            out["scale_offsets"] = True
         return out
+
+    def _offset_weights(self, gamma_t, knots):
+        """(index, weight) of gamma_t between the step knots: offset = (1 - w) o[i-1] + w o[i].
+
+        At a knot w is exactly 0, so a step of the model's own grid uses its own offsets exactly."""
+        if isinstance(gamma_t, torch.Tensor):
+            g = gamma_t.reshape(-1).to(knots.dtype)
+            i = torch.clamp(torch.searchsorted(knots, g, right=True), 1, len(knots) - 1)
+            w = torch.clamp((g - knots[i - 1]) / (knots[i] - knots[i - 1]), 0.0, 1.0)
+            w = torch.where(g <= knots[0], torch.zeros_like(w), w)
+            return i, w
+        i = int(np.clip(np.searchsorted(knots, gamma_t, side="right"), 1, len(knots) - 1))
+        w = float(np.clip((gamma_t - knots[i - 1]) / (knots[i] - knots[i - 1]), 0.0, 1.0))
+        return i, (0.0 if gamma_t <= knots[0] else w)
+
+    def log_scale_offset(self, gamma_t, shape):
+        """The scale offsets at gamma_t tiled over latents of ``shape`` (0 without offsets)."""
+        if not self.scale_offsets:
+            return 0.0
+        p = self.basis.block
+        reps = (1, 1, shape[2] // p, shape[3] // p)
+        if len(self.scale_offset) == 1:
+            o = self.scale_offset[0][None]
+            return o.repeat(*reps) if isinstance(gamma_t, torch.Tensor) else np.tile(
+                o.detach().double().numpy(), reps)
+        if isinstance(gamma_t, torch.Tensor):
+            knots = self.schedule(torch.arange(1, self.num_steps + 1, device=gamma_t.device) / self.num_steps)
+            i, w = self._offset_weights(gamma_t, knots.detach().to(torch.float64))
+            off = self.scale_offset.to(gamma_t.dtype)
+            o = (1 - w.to(off.dtype))[:, None, None, None] * off[i - 1] + w.to(off.dtype)[:, None, None, None] * off[i]
+            return o.repeat(*reps)
+        knots = self.gamma_grid(self.num_steps)[1:]
+        i, w = self._offset_weights(float(gamma_t), knots)
+        off = self.scale_offset.detach().to(torch.float64).numpy()
+        return np.tile(((1.0 - w) * off[i - 1] + w * off[i])[None], reps)
+
+    def _scale_np(self, aux: np.ndarray, gamma_t: float, b: float) -> np.ndarray:
+        aux = aux + self.log_scale_offset(gamma_t, aux.shape) if self.scale_offsets else aux
+        return _base_scale(np.float64(gamma_t), b) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
 
     # ------------------------------------------------------------------ training loss
     def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None
@@ -147,6 +197,8 @@ class UQDM(DiffusionModel):
             a, b, beta = posterior_coefficients(g_s, g_t)
             mu_p = a * z_t + b * x_hat
             half = 0.5 * SQRT12 * beta
+            if self.scale_offsets:
+                aux = aux + self.log_scale_offset(gam[idx], aux.shape)
             scale = _base_scale(g_t, b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
             d = basis.forward_t(z_s - mu_p)  # the coded coordinates
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
@@ -167,7 +219,7 @@ class UQDM(DiffusionModel):
         eps, aux = self.eval_f64(z, gamma_t)
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
-        scale = _base_scale(np.float64(gamma_t), b) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
+        scale = self._scale_np(aux, gamma_t, b)
         return _Step(a * z + b * x_hat, scale, SQRT12 * beta, a, b), eps, aux
 
     @staticmethod
@@ -205,7 +257,7 @@ class UQDM(DiffusionModel):
     def sample_reverse_step(self, z, eps, aux, gamma_s, gamma_t, rng):
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
-        scale = _base_scale(np.float64(gamma_t), b) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
+        scale = self._scale_np(aux, gamma_t, b)
         mu_p = a * z + b * x_hat
         noise = scale * rng.logistic(z.shape) + SQRT12 * beta * (rng.uniform(z.shape) - 0.5)
         return mu_p + self.basis.inverse(noise)
