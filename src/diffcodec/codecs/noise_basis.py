@@ -60,6 +60,11 @@ def _apply_np(m: np.ndarray, v: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
+def _apply_t(m: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
+    """torch version of :func:`_apply_np` (differentiable; its summation order is torch's)."""
+    return torch.movedim(torch.tensordot(m, torch.movedim(v, axis, 0), dims=([1], [0])), 0, axis)
+
+
 class NoiseBasis:
     """The orthonormal map M of a named basis, for numpy (coding) and torch (training)."""
 
@@ -89,31 +94,29 @@ class NoiseBasis:
         if shape[2] % p or shape[3] % p:
             raise ValueError(f"noise basis {self.name!r} needs sizes that are multiples of {p}, got {tuple(shape)}")
 
+    def _blocks(self, v, d, apply):
+        """``d`` applied along the rows and the columns of each p x p block of v (N, C, H, W)."""
+        p = self.block
+        if p == 1:
+            return v
+        n, c, h, w = v.shape
+        b = apply(d, apply(d, v.reshape(n, c, h // p, p, w // p, p), 3), 5)
+        return b.reshape(n, c, h, w)
+
     # ------------------------------------------------------------------ numpy (float64, exact)
     def forward(self, v: np.ndarray) -> np.ndarray:
         """M v for latents v (N, 3, H, W)."""
         if self.identity:
             return v
         self.check_shape(v.shape)
-        out = _apply_np(self.color, v, 1)
-        return self._blocks_np(out, self.dct)
+        return np.ascontiguousarray(self._blocks(_apply_np(self.color, v, 1), self.dct, _apply_np))
 
     def inverse(self, v: np.ndarray) -> np.ndarray:
         """M^T v (M is orthonormal: its inverse)."""
         if self.identity:
             return v
         self.check_shape(v.shape)
-        out = self._blocks_np(v, self.dct.T)
-        return _apply_np(self.color.T, out, 1)
-
-    def _blocks_np(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
-        p = self.block
-        if p == 1:
-            return v
-        n, c, h, w = v.shape
-        b = v.reshape(n, c, h // p, p, w // p, p)
-        b = _apply_np(d, _apply_np(d, b, 3), 5)
-        return np.ascontiguousarray(b.reshape(n, c, h, w))
+        return np.ascontiguousarray(_apply_np(self.color.T, self._blocks(v, self.dct.T, _apply_np), 1))
 
     # ------------------------------------------------------------------ torch (training)
     def _mats(self, ref: torch.Tensor):
@@ -128,21 +131,11 @@ class NoiseBasis:
             return v
         self.check_shape(v.shape)
         c, d = self._mats(v)
-        return self._blocks_t(torch.einsum("ij,njhw->nihw", c, v), d)
+        return self._blocks(_apply_t(c, v, 1), d, _apply_t)
 
     def inverse_t(self, v: torch.Tensor) -> torch.Tensor:
         if self.identity:
             return v
         self.check_shape(v.shape)
         c, d = self._mats(v)
-        return torch.einsum("ji,njhw->nihw", c, self._blocks_t(v, d.T))
-
-    def _blocks_t(self, v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        p = self.block
-        if p == 1:
-            return v
-        n, ch, h, w = v.shape
-        b = v.reshape(n, ch, h // p, p, w // p, p)
-        b = torch.einsum("ki,ncyixj->ncykxj", d, b)
-        b = torch.einsum("lj,ncykxj->ncykxl", d, b)
-        return b.reshape(n, ch, h, w)
+        return _apply_t(c.T, self._blocks(v, d.T, _apply_t), 1)
