@@ -29,21 +29,17 @@ from pathlib import Path
 import torch
 
 from diffcodec.codecs.noise_basis import BASES, NoiseBasis, dct_matrix
-from diffcodec.codecs.uqdm import AUX_MAX, AUX_MIN, SQRT12, _base_scale
+from diffcodec.codecs.uqdm import expected_step_bits
 from diffcodec.data import validation_batch
 from diffcodec.models import load_model
-from diffcodec.schedule import posterior_coefficients
 
 QUAD = 24  # midpoint rule over the posterior box
 MULTS = torch.exp(torch.linspace(-3, 3, 25)).tolist()
 
 
 def step_cost(r: torch.Tensor, s: torch.Tensor, delta: float) -> torch.Tensor:
-    """Expected bits of one universally quantized coordinate with shift r and prior scale s."""
-    q = (torch.arange(QUAD, dtype=r.dtype) + 0.5) / QUAD - 0.5
-    z = r[..., None] + delta * q
-    p = torch.sigmoid((z + delta / 2) / s[..., None]) - torch.sigmoid((z - delta / 2) / s[..., None])
-    return -torch.log2(p.clamp_min(1e-300)).mean(-1)
+    """Expected bits of each universally quantized coordinate with shift r and prior scale s."""
+    return expected_step_bits(r, s, delta, quad=QUAD)
 
 
 def fitted_cost(coef: torch.Tensor, s: torch.Tensor, delta: float) -> float:
@@ -76,36 +72,20 @@ def main() -> None:
     model = load_model(a.model).eval()
     x = validation_batch(a.data, a.crop, a.crops).double()  # the trainer's held-out photos
     T = model.num_steps
-    gam = model.schedule(torch.arange(T + 1, dtype=torch.float64) / T).detach()
-    basis = model.basis
-    z = torch.randn_like(x)
     rows = []
-    with torch.no_grad():
-        for j in range(T, 0, -1):
-            a_, b_, beta = posterior_coefficients(gam[j - 1], gam[j])
-            out = model.net(z, gam[j])
-            eps, aux = out[:, :3], out[:, 3:]
-            mu_p = a_ * z + b_ * model.x_hat_from_eps(z, eps, gam[j])
-            mu_q = a_ * z + b_ * x
-            delta = float(SQRT12 * beta)
-            if model.scale_offsets:  # the model's own calibration of its scales (scripts/fit_scale_offsets.py)
-                aux = aux + model.log_scale_offset(gam[j].reshape(1), aux.shape)
-            scale = _base_scale(gam[j], b_) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
-            r = mu_q - mu_p
-            npix = r.shape[0] * r.shape[2] * r.shape[3]
-            row = {"step": T - j + 1, "own": float(step_cost(basis.forward_t(r), scale, delta).sum()) / npix}
-            for p in (1, 2, 4, 8):
-                rb = blocks(r, p)
-                sb = blocks(scale, p).log().mean(0).exp()
-                for name in ("rgb", "opponent") if p == 1 else ("opponent",):
-                    key = name if p == 1 else f"{name}-dct{p}"
-                    row[key] = fitted_cost(fixed_matrix(name, p) @ rb, sb, delta) / (p * p)
-                _, vecs = torch.linalg.eigh(torch.cov(rb))
-                row[f"pca{p}"] = fitted_cost(vecs.T.flip(0) @ rb, sb, delta) / (p * p)
-            rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-            # the model's own chain (in its own basis) to the next step
-            z = mu_q + delta * basis.inverse_t(torch.rand_like(x) - 0.5)
+    for j, r, scale, delta in model.step_residuals(x):  # the model's own chain, in its own basis
+        npix = r.shape[0] * r.shape[2] * r.shape[3]
+        row = {"step": T - j + 1, "own": float(step_cost(model.basis.forward_t(r), scale, delta).sum()) / npix}
+        for p in (1, 2, 4, 8):
+            rb = blocks(r, p)
+            sb = blocks(scale, p).log().mean(0).exp()
+            for name in ("rgb", "opponent") if p == 1 else ("opponent",):
+                key = name if p == 1 else f"{name}-dct{p}"
+                row[key] = fitted_cost(fixed_matrix(name, p) @ rb, sb, delta) / (p * p)
+            _, vecs = torch.linalg.eigh(torch.cov(rb))
+            row[f"pca{p}"] = fitted_cost(vecs.T.flip(0) @ rb, sb, delta) / (p * p)
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     keys = [k for k in rows[0] if k != "step"]
     total = {k: sum(r[k] for r in rows) for k in keys}
     print("total bits/pixel over all steps: " + ", ".join(f"{k} {v:.3f}" for k, v in total.items()))

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .codecs.noise_basis import BASES as NOISE_BASES
+from .codecs.noise_basis import NoiseBasis
 from .data import CropSampler, list_images, split_files, validation_batch
 from .errors import DiffcodecError
 from .imageio import atomic_write
@@ -133,8 +135,6 @@ def model_config(cfg: TrainConfig) -> dict:
 def _check_noise_basis(cfg: TrainConfig) -> None:
     if not cfg.noise_basis:
         return
-    from .codecs.noise_basis import BASES as NOISE_BASES
-
     if cfg.codec != "uqdm":
         raise DiffcodecError(f"--noise-basis is for uqdm (the basis of its uniform noise), not {cfg.codec}")
     if cfg.noise_basis not in NOISE_BASES:
@@ -217,8 +217,9 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
         # another noise basis: the denoiser carries over (x, z and eps stay in RGB); its learned
         # scales now belong to the new coordinates and are retrained by the fine-tune
         mcfg["noise_basis"] = cfg.noise_basis
-        state = {k: v for k, v in state.items() if k != "noise_basis_code"}
-        state.update({k: v for k, v in build_model(mcfg).state_dict().items() if k == "noise_basis_code"})
+        state.pop("noise_basis_code", None)
+        if cfg.noise_basis != "rgb":
+            state["noise_basis_code"] = torch.tensor(NoiseBasis(cfg.noise_basis).code, dtype=torch.int8)
     return mcfg, state, {"model": cfg.init, "model_hash": src.model_hash}
 
 

@@ -82,13 +82,18 @@ class NoiseBasis:
         self._torch: dict = {}
 
     @property
+    def code(self) -> list[int]:
+        """The basis as integers (colour rows, then the block size): what a model stores of it."""
+        return [v for row in self.rows for v in row] + [self.block]
+
+    @property
     def max_row_l1(self) -> float:
         """max_k sum_j |M_kj|: a coordinate of M v is at most this times max |v|."""
         d = float(np.abs(self.dct).sum(1).max())
         return float(np.abs(self.color).sum(1).max()) * d * d
 
     def check_shape(self, shape) -> None:
-        if len(shape) != 4 or shape[1] != 3 and not self.identity:
+        if len(shape) != 4 or shape[1] != 3:
             raise ValueError(f"noise basis {self.name!r} needs (N, 3, H, W) latents, got {tuple(shape)}")
         p = self.block
         if shape[2] % p or shape[3] % p:

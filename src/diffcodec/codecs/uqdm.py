@@ -83,14 +83,13 @@ class UQDM(DiffusionModel):
             # the basis as integers in a buffer, so that the model hash (over the tensors) covers it and
             # a file made with one basis is never decoded with another (integers: fp16 export cannot
             # round them; the codec computes with the float64 constants of noise_basis.py)
-            code = [v for row in self.basis.rows for v in row] + [self.basis.block]
-            self.register_buffer("noise_basis_code", torch.tensor(code, dtype=torch.int8))
+            self.register_buffer("noise_basis_code", torch.tensor(self.basis.code, dtype=torch.int8))
         self.scale_offsets = bool(scale_offsets)
         if self.scale_offsets:
             # log-scale offsets per coded coordinate of a basis block (channel, row, column), one set per
-            # step of the model's grid, interpolated in gamma between them: the calibration of the
-            # learned scales per frequency that the network learns only slowly for the coarse steps
-            # (benchmarks/uqdm_noise_basis.py; scripts/fit_scale_offsets.py fits them)
+            # step of the model's grid, interpolated in gamma between them: a calibration of the learned
+            # per-frequency scales, which uqdm-medium3 had learned least for its coarsest step (its card;
+            # scripts/fit_scale_offsets.py fits them)
             p = self.basis.block
             self.scale_offset = torch.nn.Parameter(torch.zeros(num_steps, self.channels, p, p))
 
@@ -113,40 +112,33 @@ class UQDM(DiffusionModel):
             out["scale_offsets"] = True
         return out
 
-    def _offset_weights(self, gamma_t, knots):
-        """(index, weight) of gamma_t between the step knots: offset = (1 - w) o[i-1] + w o[i].
-
-        At a knot w is exactly 0, so a step of the model's own grid uses its own offsets exactly."""
-        if isinstance(gamma_t, torch.Tensor):
-            g = gamma_t.reshape(-1).to(knots.dtype)
-            i = torch.clamp(torch.searchsorted(knots, g, right=True), 1, len(knots) - 1)
-            w = torch.clamp((g - knots[i - 1]) / (knots[i] - knots[i - 1]), 0.0, 1.0)
-            w = torch.where(g <= knots[0], torch.zeros_like(w), w)
-            return i, w
-        i = int(np.clip(np.searchsorted(knots, gamma_t, side="right"), 1, len(knots) - 1))
-        w = float(np.clip((gamma_t - knots[i - 1]) / (knots[i] - knots[i - 1]), 0.0, 1.0))
-        return i, (0.0 if gamma_t <= knots[0] else w)
+    def _offset_blend(self, gamma) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For gamma values: the steps whose offsets blend, (i, j), and the weight w of j, linear in
+        gamma between the model's steps and held beyond them.  np.interp is exact at its knots, so at a
+        step of the model's own grid w = 0 and the offsets are that step's own, bit for bit."""
+        knots = self.gamma_grid(self.num_steps)[1:]
+        f = np.interp(np.asarray(gamma, dtype=np.float64), knots, np.arange(len(knots), dtype=np.float64))
+        i = np.floor(f).astype(np.int64)
+        return i, np.minimum(i + 1, len(knots) - 1), f - i
 
     def log_scale_offset(self, gamma_t, shape):
-        """The scale offsets at gamma_t tiled over latents of ``shape`` (0 without offsets)."""
+        """The scale offsets at gamma_t tiled over latents of ``shape`` (0 without offsets).
+
+        numpy (coding) for a float gamma_t; torch (training, differentiable in the offsets) for a
+        tensor of per-example gammas."""
         if not self.scale_offsets:
             return 0.0
         p = self.basis.block
         reps = (1, 1, shape[2] // p, shape[3] // p)
-        if len(self.scale_offset) == 1:
-            o = self.scale_offset[0][None]
-            return o.repeat(*reps) if isinstance(gamma_t, torch.Tensor) else np.tile(
-                o.detach().double().numpy(), reps)
         if isinstance(gamma_t, torch.Tensor):
-            knots = self.schedule(torch.arange(1, self.num_steps + 1, device=gamma_t.device) / self.num_steps)
-            i, w = self._offset_weights(gamma_t, knots.detach().to(torch.float64))
-            off = self.scale_offset.to(gamma_t.dtype)
-            o = (1 - w.to(off.dtype))[:, None, None, None] * off[i - 1] + w.to(off.dtype)[:, None, None, None] * off[i]
-            return o.repeat(*reps)
-        knots = self.gamma_grid(self.num_steps)[1:]
-        i, w = self._offset_weights(float(gamma_t), knots)
+            i, j, w = self._offset_blend(gamma_t.detach().reshape(-1).cpu().double().numpy())
+            off = self.scale_offset
+            w = torch.as_tensor(w, dtype=off.dtype, device=off.device)[:, None, None, None]
+            o = (1 - w) * off[torch.as_tensor(i)] + w * off[torch.as_tensor(j)]
+            return o.to(gamma_t.dtype).repeat(*reps)
+        i, j, w = self._offset_blend(float(gamma_t))
         off = self.scale_offset.detach().to(torch.float64).numpy()
-        return np.tile(((1.0 - w) * off[i - 1] + w * off[i])[None], reps)
+        return np.tile(((1.0 - w) * off[i] + w * off[j])[None], reps)
 
     def _scale_np(self, aux: np.ndarray, gamma_t: float, b: float) -> np.ndarray:
         aux = aux + self.log_scale_offset(gamma_t, aux.shape) if self.scale_offsets else aux
@@ -213,6 +205,27 @@ class UQDM(DiffusionModel):
             "data_bpd": data_nats / norm,
             "gamma_min": gam[0].detach(),
         }
+
+    @torch.no_grad()
+    def step_residuals(self, x: torch.Tensor):
+        """Walk the model's own forward chain on images x (float in [-1, 1]) and yield, for each step
+        t_j -> t_{j-1} from the coarsest, (j, r, scale, D): the shift r = mu_Q - mu_P in RGB (the coded
+        coordinates are ``basis.forward_t(r)``), the prior scale of every coded coordinate (offsets
+        included) and the box width D.  For benchmarks and calibration (scripts/fit_scale_offsets.py);
+        draws z_T and the step noise from torch's generator, in x's dtype."""
+        T = self.num_steps
+        gam = self.schedule(torch.arange(T + 1, dtype=x.dtype) / T).detach()
+        z = torch.randn_like(x)
+        for j in range(T, 0, -1):
+            a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
+            eps, aux = self.split_output(self.net(z, gam[j]))
+            mu_p = a * z + b * self.x_hat_from_eps(z, eps, gam[j])
+            mu_q = a * z + b * x
+            delta = float(SQRT12 * beta)
+            if self.scale_offsets:
+                aux = aux + self.log_scale_offset(gam[j].reshape(1), aux.shape)
+            yield j, mu_q - mu_p, _base_scale(gam[j], b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX)), delta
+            z = mu_q + delta * self.basis.inverse_t(torch.rand_like(x) - 0.5)
 
     # ------------------------------------------------------------------ coding helpers
     def _step(self, z: np.ndarray, gamma_s: float, gamma_t: float) -> tuple[_Step, np.ndarray, np.ndarray]:
@@ -307,6 +320,17 @@ class UQDM(DiffusionModel):
     def _z_s(self, st: _Step, k: np.ndarray, u: np.ndarray, shape) -> np.ndarray:
         """z_s = mu_P + M^T (k - u) D: both sides, the same float64 operations."""
         return st.mu_p + self.basis.inverse((k.reshape(shape) - u.reshape(shape)) * st.delta)
+
+
+def expected_step_bits(r: torch.Tensor, scale: torch.Tensor, delta: float, quad: int = 16) -> torch.Tensor:
+    """Expected bits of each universally quantized coordinate with shift r = mu_Q - mu_P (in the coded
+    basis) under the prior Logistic(0, scale) * U(D): E_{z ~ U(r - D/2, r + D/2)}[-log2(D p(z))],
+    by the midpoint rule over the box.  For benchmarks and calibration, not for coding."""
+    q = (torch.arange(quad, dtype=r.dtype, device=r.device) + 0.5) / quad - 0.5
+    z = r[..., None] + delta * q
+    s = scale[..., None]
+    p = torch.sigmoid((z + delta / 2) / s) - torch.sigmoid((z - delta / 2) / s)
+    return -torch.log2(p.clamp_min(1e-300)).mean(-1)
 
 
 def log_logistic_bin_t(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
