@@ -84,8 +84,10 @@ def main() -> None:
     if src.codec_id != "uqdm":
         sys.exit(f"{a.model} is a {src.codec_id} model; scale offsets are for uqdm")
     cfg = {**src.config_dict(), "scale_offsets": True}
+    cfg.pop("scale_offset_steps", None)  # refitted on the model's own grid
     model = build_model(cfg).double().eval()
-    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    state = {k: v for k, v in src.state_dict().items() if k != "scale_offset"}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"scale_offset"}:
         sys.exit(f"unexpected weights: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():  # fitted on top of the network's own scales, not of earlier offsets

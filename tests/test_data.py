@@ -150,3 +150,24 @@ def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
     code = main(["train", "--codec", "rvgc", *base[1:], "--out", str(tmp_path / "x"),
                  "--init", str(src / "model.safetensors"), "--iters", "1"])
     assert code == 1
+
+
+def test_init_with_scale_offsets_at_another_step_count(tmp_path, image_folder):
+    """--init of a uqdm model with fitted scale offsets and --num-steps keeps the offsets on the grid
+    they were fitted on (this crashed with an IndexError before)."""
+    import torch
+
+    from conftest import make_tiny
+    from diffcodec.models import load_model, save_model
+
+    src = make_tiny("uqdm", seed=1, noise_basis="opponent-dct4", scale_offsets=True)
+    with torch.no_grad():
+        src.scale_offset.uniform_(-0.5, 0.5)
+    save_model(src, tmp_path / "src.safetensors")
+    out = tmp_path / "t8"
+    assert main(["train", "--data", str(image_folder), "--crop", "16", "--batch", "2", "--val-batch", "2", "-q",
+                 "--out", str(out), "--init", str(tmp_path / "src.safetensors"), "--num-steps", "8",
+                 "--iters", "1", "--lr", "0"]) == 0
+    moved = load_model(str(out / "model.safetensors"))
+    assert moved.num_steps == 8 and moved.config_dict()["scale_offset_steps"] == src.num_steps
+    assert torch.equal(moved.scale_offset.float(), src.scale_offset.float())

@@ -7,7 +7,7 @@ import torch
 import diffcodec
 from conftest import make_tiny, synthetic_image
 from diffcodec.codecs.noise_basis import BASES, NoiseBasis, dct_matrix
-from diffcodec.codecs.uqdm import SQRT12
+from diffcodec.codecs.uqdm import SQRT12, UQDM
 from diffcodec.errors import ModelError
 from diffcodec.models import load_model, save_model
 from diffcodec.schedule import pixel_to_unit, posterior_coefficients
@@ -216,3 +216,23 @@ def test_scale_offsets_change_the_code_and_round_trip(tmp_path):
     a.train()
     a(x.repeat(2, 1, 1, 1))["bpd"].mean().backward()
     assert a.scale_offset.grad is not None and float(a.scale_offset.grad.abs().sum()) > 0
+
+
+def test_scale_offsets_keep_their_grid_at_another_step_count(tmp_path):
+    """A model fine-tuned or run at another T keeps the offsets of the grid they were fitted on
+    (interpolated in gamma): its config says so, and its files round-trip."""
+    a = _with_offsets()
+    cfg = {**a.config_dict(), "num_steps": 2 * a.num_steps, "scale_offset_steps": a.num_steps}
+    b = UQDM.from_config(cfg)
+    b.load_state_dict(a.state_dict())
+    assert b.config_dict()["scale_offset_steps"] == a.num_steps and "scale_offset_steps" not in a.config_dict()
+    gam_a = a.gamma_grid(a.num_steps)
+    for i in range(1, a.num_steps + 1):  # b's even steps are a's steps: the same offsets, bit for bit
+        assert np.array_equal(b.log_scale_offset(float(gam_a[i]), (1, 3, 4, 4)),
+                              a.log_scale_offset(float(gam_a[i]), (1, 3, 4, 4)))
+    save_model(b, tmp_path / "b.safetensors")
+    mb = load_model(str(tmp_path / "b.safetensors"))
+    assert mb.num_steps == b.num_steps and mb.scale_offset.shape[0] == a.num_steps
+    img = synthetic_image(20, 24, seed=5)
+    res = diffcodec.compress(img, model=mb, lossless=True)
+    assert np.array_equal(diffcodec.decompress(res.data, model=mb), img)

@@ -211,6 +211,9 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
         raise DiffcodecError(f"--init model {cfg.init} is a {mcfg.get('codec')} model, not {cfg.codec}")
     if cfg.num_steps and cfg.codec in ("uqdm", "diffc"):
         # another step count: the network is conditioned on gamma, so it carries over to the new grid
+        if mcfg.get("scale_offsets") and cfg.codec == "uqdm":
+            # the fitted scale offsets keep the grid they were fitted on (interpolated in gamma)
+            mcfg["scale_offset_steps"] = int(src.scale_offset.shape[0])
         mcfg["num_steps"] = cfg.num_steps
     state = {k: v.float() for k, v in src.state_dict().items()}
     if cfg.noise_basis and cfg.codec == "uqdm" and cfg.noise_basis != mcfg.get("noise_basis", "rgb"):

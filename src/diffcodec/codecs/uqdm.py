@@ -71,7 +71,8 @@ class UQDM(DiffusionModel):
     codec_id = "uqdm"
 
     def __init__(self, unet: UNetConfig | None = None, num_steps: int = 4, gamma_min: float = -12.3,
-                 gamma_max: float = 6.0, noise_basis: str = "rgb", scale_offsets: bool = False):
+                 gamma_max: float = 6.0, noise_basis: str = "rgb", scale_offsets: bool = False,
+                 scale_offset_steps: int | None = None):
         super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max, num_steps=num_steps)
         if noise_basis not in BASES:
             raise ValueError(f"unknown noise basis {noise_basis!r} (choose from {', '.join(BASES)})")
@@ -89,9 +90,11 @@ class UQDM(DiffusionModel):
             # log-scale offsets per coded coordinate of a basis block (channel, row, column), one set per
             # step of the model's grid, interpolated in gamma between them: a calibration of the learned
             # per-frequency scales, which uqdm-medium3 had learned least for its coarsest step (its card;
-            # scripts/fit_scale_offsets.py fits them)
+            # scripts/fit_scale_offsets.py fits them).  The offsets keep the grid they were fitted on
+            # (``scale_offset_steps``, default T) when the model is run or fine-tuned at another T.
             p = self.basis.block
-            self.scale_offset = torch.nn.Parameter(torch.zeros(num_steps, self.channels, p, p))
+            n = int(scale_offset_steps or num_steps)
+            self.scale_offset = torch.nn.Parameter(torch.zeros(n, self.channels, p, p))
 
     @property
     def downscale(self) -> int:
@@ -102,7 +105,8 @@ class UQDM(DiffusionModel):
     def from_config(cls, cfg: dict) -> UQDM:
         return cls(UNetConfig.from_dict(cfg["unet"]), num_steps=int(cfg["num_steps"]),
                    gamma_max=float(cfg.get("gamma_max", 6.0)), noise_basis=cfg.get("noise_basis", "rgb"),
-                   scale_offsets=bool(cfg.get("scale_offsets", False)))
+                   scale_offsets=bool(cfg.get("scale_offsets", False)),
+                   scale_offset_steps=cfg.get("scale_offset_steps"))
 
     def config_dict(self) -> dict:
         out = super().config_dict()
@@ -110,13 +114,15 @@ class UQDM(DiffusionModel):
             out["noise_basis"] = self.noise_basis
         if self.scale_offsets:
             out["scale_offsets"] = True
+            if self.scale_offset.shape[0] != self.num_steps:
+                out["scale_offset_steps"] = int(self.scale_offset.shape[0])
         return out
 
     def _offset_blend(self, gamma) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For gamma values: the steps whose offsets blend, (i, j), and the weight w of j, linear in
-        gamma between the model's steps and held beyond them.  np.interp is exact at its knots, so at a
-        step of the model's own grid w = 0 and the offsets are that step's own, bit for bit."""
-        knots = self.gamma_grid(self.num_steps)[1:]
+        gamma between the steps of the offsets' grid and held beyond them.  np.interp is exact at its
+        knots, so at a step of that grid w = 0 and the offsets are that step's own, bit for bit."""
+        knots = self.gamma_grid(self.scale_offset.shape[0])[1:]
         f = np.interp(np.asarray(gamma, dtype=np.float64), knots, np.arange(len(knots), dtype=np.float64))
         i = np.floor(f).astype(np.int64)
         return i, np.minimum(i + 1, len(knots) - 1), f - i
