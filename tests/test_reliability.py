@@ -378,30 +378,38 @@ out = {}
 for codec, model, path in zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3]):
     data = open(path, 'rb').read()
     out[codec + '_full'] = diffcodec.decompress(data, model=model)
-    method = 'ancestral' if codec == 'uqdm' else 'flow'
+    method = 'ancestral' if codec.startswith('uqdm') else 'flow'
     out[codec + '_k2'] = diffcodec.decompress(data, model=model, steps=2, method=method, nfe=1)
 np.savez(sys.argv[1], **out)
 """
 
 
 def test_bit_exact_in_another_process_with_2_threads(tmp_path):
-    """Encode here with 1 thread; decode in a subprocess with 2 threads: identical for uqdm and diffc."""
+    """Encode here with 1 thread; decode in a subprocess with 2 threads: identical for uqdm (also with a
+    DCT noise basis, scale offsets and the two-pass context) and diffc."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         img = synthetic_image(32, 28, seed=5)
         args, here = [], {}
-        for codec in ("uqdm", "diffc"):
+        extra = dict(noise_basis="opponent-dct4", scale_offsets=True, context="checkerboard")
+        models = (("uqdm", make_tiny("uqdm", seed=3, num_steps=4)), ("diffc", make_tiny("diffc", seed=3, num_steps=4)),
+                  ("uqdm_ctx", make_tiny("uqdm", seed=3, num_steps=4, **extra)))
+        for codec, model in models:
+            if codec == "uqdm_ctx":
+                with torch.no_grad():
+                    for prm in (model.scale_offset, model.context_weight, model.context_adapt):
+                        prm.copy_(0.1 * torch.randn_like(prm))
             path = tmp_path / f"tiny-{codec}.safetensors"
-            save_model(make_tiny(codec, seed=3, num_steps=4), path)
+            save_model(model, path)
             m = load_model(str(path))
-            kw = dict(lossless=True) if codec == "uqdm" else dict(steps=4, c_max=8)
+            kw = dict(lossless=True) if codec.startswith("uqdm") else dict(steps=4, c_max=8)
             f = tmp_path / f"{codec}.dfc"
             f.write_bytes(diffcodec.compress(img, model=m, **kw).data)
             args += [codec, str(path), str(f)]
             data = f.read_bytes()
             here[codec + "_full"] = diffcodec.decompress(data, model=m)
-            method = "ancestral" if codec == "uqdm" else "flow"
+            method = "ancestral" if codec.startswith("uqdm") else "flow"
             here[codec + "_k2"] = diffcodec.decompress(data, model=m, steps=2, method=method, nfe=1)
     finally:
         torch.set_num_threads(before)
@@ -414,7 +422,7 @@ def test_bit_exact_in_another_process_with_2_threads(tmp_path):
     assert sorted(there.files) == sorted(here)
     for key, val in here.items():
         assert np.array_equal(there[key], val), key
-    assert np.array_equal(here["uqdm_full"], img)
+    assert np.array_equal(here["uqdm_full"], img) and np.array_equal(here["uqdm_ctx_full"], img)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -178,10 +178,11 @@ def test_pipelined_encoding_error_is_raised(tiny_model, monkeypatch):
     """A failure in the coder thread reaches the caller."""
     from diffcodec.codecs import uqdm
 
-    def broken(*args, **kw):
-        raise RuntimeError("coder failed")
+    class Broken(uqdm.CategoricalEncoder):
+        def encode(self, *args, **kw):
+            raise RuntimeError("coder failed")
 
-    monkeypatch.setattr(uqdm, "encode_categorical", broken)
+    monkeypatch.setattr(uqdm, "CategoricalEncoder", Broken)
     pix = np.ascontiguousarray(synthetic_image(16, 16, seed=1).transpose(2, 0, 1))
     with pytest.raises(RuntimeError, match="coder failed"):
         tiny_model.encode(pix, 0, 2, lossless=False)

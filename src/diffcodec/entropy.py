@@ -133,47 +133,75 @@ def _categorical() -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(perfect=False)
 
 
+class CategoricalEncoder:
+    """Range-codes sequences of symbols under per-element tables into one stream, in order.
+
+    Several ``encode`` calls make one payload that a :class:`CategoricalDecoder` reads back with the
+    same calls in the same order: a later sequence's tables may depend on the earlier symbols (UQDM's
+    two-pass context).  ``ideal`` is the code length in bits under the float64 tables."""
+
+    def __init__(self) -> None:
+        self._enc = constriction.stream.queue.RangeEncoder()
+        self._model = _categorical()
+        self.ideal = 0.0
+
+    def encode(self, symbols: np.ndarray, alphabet: int, table: TableFn) -> None:
+        """Code ``symbols`` (ints in [0, alphabet)); ``table(slice)`` gives their (n, K) tables."""
+        symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
+        if symbols.size and (symbols.min() < 0 or symbols.max() >= alphabet):
+            raise ValueError("symbol outside the alphabet")
+
+        def build(sl: slice) -> tuple[np.ndarray, float]:  # in a worker: the table and its ideal bits
+            probs = np.ascontiguousarray(table(sl), dtype=np.float64)
+            sym = symbols[sl]
+            p = probs[np.arange(sym.size), sym] / probs.sum(axis=1)
+            return probs, float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
+
+        for sl, (probs, bits) in table_blocks(symbols.size, alphabet, build):
+            self.ideal += bits
+            self._enc.encode(symbols[sl], self._model, probs)
+
+    def finish(self) -> bytes:
+        return self._enc.get_compressed().astype("<u4").tobytes()
+
+
+class CategoricalDecoder:
+    """Inverse of :class:`CategoricalEncoder`: ``decode`` calls mirror its ``encode`` calls."""
+
+    def __init__(self, payload: bytes) -> None:
+        if len(payload) % 4:
+            raise DecodeError("entropy-coded section length is not a multiple of 4 bytes")
+        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+        try:
+            self._dec = constriction.stream.queue.RangeDecoder(words)
+        except Exception as e:  # pragma: no cover - constriction validates lazily
+            raise DecodeError(f"corrupt entropy-coded data: {e}") from None
+        self._model = _categorical()
+
+    def decode(self, n: int, alphabet: int, table: TableFn) -> np.ndarray:
+        """The next ``n`` symbols; ``table`` must produce the encoder's tables."""
+        out = np.empty(n, dtype=np.int32)
+        for sl, probs in table_blocks(n, alphabet, lambda sl: np.ascontiguousarray(table(sl), dtype=np.float64)):
+            try:
+                out[sl] = self._dec.decode(self._model, probs)
+            except Exception as e:
+                raise DecodeError(f"corrupt entropy-coded data: {e}") from None
+        return out
+
+
 def encode_categorical(symbols: np.ndarray, alphabet: int, table: TableFn) -> tuple[bytes, float]:
     """Range-code ``symbols`` (ints in [0, alphabet)) under per-element tables.
 
     Returns the payload bytes and the ideal code length in bits under the float64 tables.
     """
-    symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
-    if symbols.size and (symbols.min() < 0 or symbols.max() >= alphabet):
-        raise ValueError("symbol outside the alphabet")
-    enc = constriction.stream.queue.RangeEncoder()
-    model = _categorical()
-    ideal = 0.0
-
-    def build(sl: slice) -> tuple[np.ndarray, float]:  # in a worker: the table and its ideal bits
-        probs = np.ascontiguousarray(table(sl), dtype=np.float64)
-        sym = symbols[sl]
-        p = probs[np.arange(sym.size), sym] / probs.sum(axis=1)
-        return probs, float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
-
-    for sl, (probs, bits) in table_blocks(symbols.size, alphabet, build):
-        ideal += bits
-        enc.encode(symbols[sl], model, probs)
-    return enc.get_compressed().astype("<u4").tobytes(), ideal
+    enc = CategoricalEncoder()
+    enc.encode(symbols, alphabet, table)
+    return enc.finish(), enc.ideal
 
 
 def decode_categorical(payload: bytes, n: int, alphabet: int, table: TableFn) -> np.ndarray:
     """Inverse of :func:`encode_categorical`; ``table`` must produce identical tables."""
-    if len(payload) % 4:
-        raise DecodeError("entropy-coded section length is not a multiple of 4 bytes")
-    words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-    try:
-        dec = constriction.stream.queue.RangeDecoder(words)
-    except Exception as e:  # pragma: no cover - constriction validates lazily
-        raise DecodeError(f"corrupt entropy-coded data: {e}") from None
-    model = _categorical()
-    out = np.empty(n, dtype=np.int32)
-    for sl, probs in table_blocks(n, alphabet, lambda sl: np.ascontiguousarray(table(sl), dtype=np.float64)):
-        try:
-            out[sl] = dec.decode(model, probs)
-        except Exception as e:
-            raise DecodeError(f"corrupt entropy-coded data: {e}") from None
-    return out
+    return CategoricalDecoder(payload).decode(n, alphabet, table)
 
 
 def symbols_crc(symbols: np.ndarray) -> int:

@@ -32,11 +32,12 @@ import torch
 
 from .. import rng as rngmod
 from ..diffusion import KIND_STEP, DiffusionModel
-from ..entropy import decode_categorical, encode_categorical, logistic_bin_probs, symbols_crc
+from ..entropy import CategoricalDecoder, CategoricalEncoder, logistic_bin_probs, symbols_crc
 from ..errors import DecodeError
 from ..networks import UNetConfig
 from ..schedule import LOG2, posterior_coefficients
 from .base import Section
+from .context import DIRECTIONS, context_np, context_t, from_blocks, second_pass, to_blocks
 from .noise_basis import BASES, NoiseBasis
 
 SQRT12 = math.sqrt(12.0)
@@ -72,7 +73,8 @@ class UQDM(DiffusionModel):
 
     def __init__(self, unet: UNetConfig | None = None, num_steps: int = 4, gamma_min: float = -12.3,
                  gamma_max: float = 6.0, noise_basis: str = "rgb", scale_offsets: bool = False,
-                 scale_offset_steps: int | None = None):
+                 scale_offset_steps: int | None = None, context: str | None = None,
+                 context_steps: int | None = None):
         super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max, num_steps=num_steps)
         if noise_basis not in BASES:
             raise ValueError(f"unknown noise basis {noise_basis!r} (choose from {', '.join(BASES)})")
@@ -95,6 +97,16 @@ class UQDM(DiffusionModel):
             p = self.basis.block
             n = int(scale_offset_steps or num_steps)
             self.scale_offset = torch.nn.Parameter(torch.zeros(n, self.channels, p, p))
+        if context not in (None, "checkerboard"):
+            raise ValueError(f"unknown uqdm context {context!r} (choose from: checkerboard)")
+        self.context = context
+        if context:
+            # two-pass (checkerboard) step priors, context.py: per step of the grid they were fitted on
+            # (``context_steps``, default T; interpolated in gamma), zero = no change of the prior
+            p, c = self.basis.block, self.channels
+            n = int(context_steps or num_steps)
+            self.context_weight = torch.nn.Parameter(torch.zeros(n, c, p, p, len(DIRECTIONS), p, p))
+            self.context_adapt = torch.nn.Parameter(torch.zeros(n, c, p, p, 2))
 
     @property
     def downscale(self) -> int:
@@ -106,7 +118,8 @@ class UQDM(DiffusionModel):
         return cls(UNetConfig.from_dict(cfg["unet"]), num_steps=int(cfg["num_steps"]),
                    gamma_max=float(cfg.get("gamma_max", 6.0)), noise_basis=cfg.get("noise_basis", "rgb"),
                    scale_offsets=bool(cfg.get("scale_offsets", False)),
-                   scale_offset_steps=cfg.get("scale_offset_steps"))
+                   scale_offset_steps=cfg.get("scale_offset_steps"), context=cfg.get("context"),
+                   context_steps=cfg.get("context_steps"))
 
     def config_dict(self) -> dict:
         out = super().config_dict()
@@ -116,16 +129,32 @@ class UQDM(DiffusionModel):
             out["scale_offsets"] = True
             if self.scale_offset.shape[0] != self.num_steps:
                 out["scale_offset_steps"] = int(self.scale_offset.shape[0])
+        if self.context:
+            out["context"] = self.context
+            if self.context_weight.shape[0] != self.num_steps:
+                out["context_steps"] = int(self.context_weight.shape[0])
         return out
 
-    def _offset_blend(self, gamma) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For gamma values: the steps whose offsets blend, (i, j), and the weight w of j, linear in
-        gamma between the steps of the offsets' grid and held beyond them.  np.interp is exact at its
-        knots, so at a step of that grid w = 0 and the offsets are that step's own, bit for bit."""
-        knots = self.gamma_grid(self.scale_offset.shape[0])[1:]
-        f = np.interp(np.asarray(gamma, dtype=np.float64), knots, np.arange(len(knots), dtype=np.float64))
+    def _blend(self, knots: int, gamma) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For gamma values: the steps of a ``knots``-step grid whose per-step parameters blend, (i, j),
+        and the weight w of j, linear in gamma between the grid's steps and held beyond them.  np.interp
+        is exact at its knots, so at a step of that grid w = 0 and the parameters are that step's own,
+        bit for bit."""
+        grid = self.gamma_grid(knots)[1:]
+        f = np.interp(np.asarray(gamma, dtype=np.float64), grid, np.arange(len(grid), dtype=np.float64))
         i = np.floor(f).astype(np.int64)
-        return i, np.minimum(i + 1, len(knots) - 1), f - i
+        return i, np.minimum(i + 1, len(grid) - 1), f - i
+
+    def param_at(self, param: torch.Tensor, gamma_t):
+        """A per-step parameter (scale offsets, context) at gamma_t: float64 numpy for a float gamma_t
+        (coding), or torch (training, differentiable) with one row per gamma of a tensor."""
+        if isinstance(gamma_t, torch.Tensor):
+            i, j, w = self._blend(param.shape[0], gamma_t.detach().reshape(-1).cpu().double().numpy())
+            w = torch.as_tensor(w, dtype=param.dtype, device=param.device).view(-1, *[1] * (param.dim() - 1))
+            return ((1 - w) * param[torch.as_tensor(i)] + w * param[torch.as_tensor(j)]).to(gamma_t.dtype)
+        i, j, w = self._blend(param.shape[0], float(gamma_t))
+        v = param.detach().to(torch.float64).numpy()
+        return (1.0 - w) * v[i] + w * v[j]
 
     def log_scale_offset(self, gamma_t, shape):
         """The scale offsets at gamma_t tiled over latents of ``shape`` (0 without offsets).
@@ -136,15 +165,8 @@ class UQDM(DiffusionModel):
             return 0.0
         p = self.basis.block
         reps = (1, 1, shape[2] // p, shape[3] // p)
-        if isinstance(gamma_t, torch.Tensor):
-            i, j, w = self._offset_blend(gamma_t.detach().reshape(-1).cpu().double().numpy())
-            off = self.scale_offset
-            w = torch.as_tensor(w, dtype=off.dtype, device=off.device)[:, None, None, None]
-            o = (1 - w) * off[torch.as_tensor(i)] + w * off[torch.as_tensor(j)]
-            return o.to(gamma_t.dtype).repeat(*reps)
-        i, j, w = self._offset_blend(float(gamma_t))
-        off = self.scale_offset.detach().to(torch.float64).numpy()
-        return np.tile(((1.0 - w) * off[i] + w * off[j])[None], reps)
+        off = self.param_at(self.scale_offset, gamma_t)
+        return off.repeat(*reps) if isinstance(off, torch.Tensor) else np.tile(off[None], reps)
 
     def _scale_np(self, aux: np.ndarray, gamma_t: float, b: float) -> np.ndarray:
         aux = aux + self.log_scale_offset(gamma_t, aux.shape) if self.scale_offsets else aux
@@ -199,6 +221,14 @@ class UQDM(DiffusionModel):
                 aux = aux + self.log_scale_offset(gam[idx], aux.shape)
             scale = _base_scale(g_t, b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
             d = basis.forward_t(z_s - mu_p)  # the coded coordinates
+            if self.context:  # the second pass's prior, moved and rescaled by the first pass's values
+                p = basis.block
+                db, sb = to_blocks(d, p), to_blocks(scale, p)
+                m, s2 = context_t(db, sb, self.param_at(self.context_weight, gam[idx]),
+                                  self.param_at(self.context_adapt, gam[idx]))
+                sel = torch.as_tensor(second_pass(*db.shape[-2:]), device=d.device)
+                d = from_blocks(torch.where(sel, db - m, db))
+                scale = from_blocks(torch.where(sel, s2, sb))
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             step_nats = step_nats + nll.flatten(1).sum(1)
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
@@ -242,9 +272,9 @@ class UQDM(DiffusionModel):
         return _Step(a * z + b * x_hat, scale, SQRT12 * beta, a, b), eps, aux
 
     @staticmethod
-    def _table(scale: np.ndarray, delta: float, u: np.ndarray, half_width: int):
+    def _table(scale: np.ndarray, delta: float, u: np.ndarray, half_width: int, mean: np.ndarray | None = None):
         """Table function for k in [-R, R] given a step's scale and D and the dither u (flat arrays),
-        P(k) logistic * uniform."""
+        P(k) logistic * uniform; ``mean``: the prior's shift from mu_P (the context's second pass)."""
         ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
         scale = scale.reshape(-1)
 
@@ -253,6 +283,8 @@ class UQDM(DiffusionModel):
             # numpy loop per row of K.  Every operation is element-wise, so the values are those of
             # the (n, K) formula bit for bit.
             lo = (ks[:, None] - u[None, sl]) * delta  # y_k - mu_P
+            if mean is not None:
+                lo -= mean[None, sl]
             hi = lo + 0.5 * delta
             lo -= 0.5 * delta
             s = scale[None, sl]
@@ -299,12 +331,14 @@ class UQDM(DiffusionModel):
             raise ValueError("step symbol out of range (model unsuited to this image)")
         k = k.astype(np.int64)
         z_s = self._z_s(st, k, u, z.shape)
-        table = self._table(st.scale, st.delta, u, half_width)  # holds neither mu_p nor z: freed now
+        passes = self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape)  # holds neither mu_p nor z
 
         def finish() -> Section:
-            payload, ideal = encode_categorical(k + half_width, 2 * half_width + 1, table)
-            return Section(KIND_STEP, self.num_steps - i + 1, struct.pack("<H", half_width), payload,
-                           symbols_crc(k), ideal)
+            enc = CategoricalEncoder()
+            for idx, table in passes:
+                enc.encode(k[idx] + half_width, 2 * half_width + 1, table(half_width))
+            return Section(KIND_STEP, self.num_steps - i + 1, struct.pack("<H", half_width), enc.finish(),
+                           symbols_crc(k), enc.ideal)
 
         return z_s, finish
 
@@ -316,12 +350,35 @@ class UQDM(DiffusionModel):
         if not 1 <= half_width <= self._max_half_width(st):  # a forged width would only cost time
             raise DecodeError(f"corrupt parameters in section {sec.index} (symbol range {half_width})")
         u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
-        table = self._table(st.scale, st.delta, u, half_width)
-        sym = decode_categorical(sec.payload, z.size, 2 * half_width + 1, table)
-        k = sym.astype(np.int64) - half_width
+        k = np.zeros(z.size, dtype=np.int64)
+        dec = CategoricalDecoder(sec.payload)
+        # the passes are built lazily: the second pass's tables need the first pass's symbols in k
+        for idx, table in self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape):
+            k[idx] = dec.decode(idx.size, 2 * half_width + 1, table(half_width)).astype(np.int64) - half_width
         if symbols_crc(k) != sec.symbols_crc:
             raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
         return self._z_s(st, k, u, z.shape)
+
+    def _passes(self, step_scale: np.ndarray, delta: float, k: np.ndarray, u: np.ndarray, gamma_t: float, shape):
+        """Yield the coding passes of a step, (flat indices, half_width -> table function): one pass
+        over every coordinate, or with the checkerboard context the first-pass blocks and then the
+        second-pass blocks under the prior their neighbours' decoded values give (context.py).  A
+        generator: the second pass is built only once the caller has filled the first pass into k."""
+        scale = step_scale.reshape(-1)
+        if not self.context:
+            yield np.arange(k.size), lambda hw: self._table(scale, delta, u, hw)
+            return
+        p = self.basis.block
+        n, c, h, w = shape
+        sel = np.broadcast_to(np.kron(second_pass(h // p, w // p), np.ones((p, p), dtype=bool)), shape).reshape(-1)
+        first, second = np.flatnonzero(~sel), np.flatnonzero(sel)
+        yield first, lambda hw: self._table(scale[first], delta, u[first], hw)
+        e = np.zeros(k.size, dtype=np.float64)
+        e[first] = (k[first] - u[first]) * delta  # the first pass's decoded values, zero elsewhere
+        m, s2 = context_np(to_blocks(e.reshape(shape), p), to_blocks(step_scale.reshape(shape), p),
+                           self.param_at(self.context_weight, gamma_t), self.param_at(self.context_adapt, gamma_t))
+        m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
+        yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m)
 
     def _z_s(self, st: _Step, k: np.ndarray, u: np.ndarray, shape) -> np.ndarray:
         """z_s = mu_P + M^T (k - u) D: both sides, the same float64 operations."""

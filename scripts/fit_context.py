@@ -1,0 +1,139 @@
+"""Fit a UQDM model's checkerboard context (two-pass step priors, ``codecs/context.py``).
+
+    python scripts/fit_context.py MODEL OUT.safetensors [--data ../shared/data/train]
+                                  [--crops 48] [--crop 96] [--threads 2]
+
+Why: a step's prior is predicted from z_t alone, but the network's error is spatially correlated,
+so once half of the blocks are decoded their values predict the other half's (context.py).  This
+script walks the model's own forward chain on crops of the trainer's *training* split (not its
+held-out photos, which choose between models, and never Kodak) and fits, per step and coordinate
+(channel, frequency) of a block: the mean weights W by least squares of the second-pass shifts on
+the four neighbouring blocks' decoded values of the same channel, then the scale adaptation
+(A0, A1) by a grid search of the exact expected code length.  The network, and every
+reconstruction, are unchanged; the result is a new model (the context is weights: another hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from diffcodec.codecs.context import EPS, neighbours, second_pass, to_blocks
+from diffcodec.codecs.uqdm import UQDM, expected_step_bits
+from diffcodec.data import CropSampler, list_images, split_files, validation_batch
+from diffcodec.models import build_model, load_model, read_metadata, save_model
+from diffcodec.train import evaluate_bpd
+
+SLOPES = [0.1 * i for i in range(8)]
+COARSE = torch.linspace(-2.0, 1.0, 25).tolist()
+FINE = torch.linspace(-0.125, 0.125, 11).tolist()
+QUAD = 16
+
+
+def bits(r: torch.Tensor, s: torch.Tensor, delta: float) -> float:
+    return float(expected_step_bits(r, s, delta, quad=QUAD).mean())
+
+
+def fit_step(model: UQDM, d: torch.Tensor, scale: torch.Tensor, delta: float):
+    """(W (C, p, p, 4, p, p), A (C, p, p, 2), bits per pixel before / after) for one step's shifts d
+    and prior scales (coded basis, (B, C, H, W)) on training crops."""
+    p, C = model.basis.block, model.channels
+    db, sb = to_blocks(d, p), to_blocks(scale, p)
+    eb = db + delta * (torch.rand_like(db) - 0.5)  # the decoded values (k - u) D: shift + uniform noise
+    sel = torch.as_tensor(second_pass(*db.shape[-2:]))
+    hb, wb = db.shape[-2:]
+    W = torch.zeros(C, p, p, 4, p, p, dtype=d.dtype)
+    A = torch.zeros(C, p, p, 2, dtype=d.dtype)
+    # the features of every coordinate: the four neighbours' values of all coefficients of its channel
+    nbs = torch.stack(neighbours(eb), 1)  # (B, 4, C, p, p, HB, WB)
+    before = after = 0.0
+    npix = db.shape[0] * hb * wb * p * p
+    for c in range(C):
+        feats = nbs[:, :, c][..., sel]  # (B, 4, p, p, n)
+        feats = feats.permute(0, 4, 1, 2, 3).reshape(-1, 4 * p * p)
+        mag = nbs[:, :, c].abs().sum(1)  # (B, p, p, HB, WB)
+        for i in range(p):
+            for j in range(p):
+                y = db[:, c, i, j][:, sel].reshape(-1)
+                s = sb[:, c, i, j][:, sel].reshape(-1)
+                w = torch.linalg.lstsq(feats, y[:, None]).solution[:, 0]
+                g = torch.log(EPS + mag[:, i, j][:, sel].reshape(-1) / (4.0 * s))
+                gm = float(g.mean())
+                fits = []
+                for wc in (w, torch.zeros_like(w)):  # least squares minimises errors, not bits: keep it if it helps
+                    resid = y - feats @ wc
+
+                    def cost(a0: float, a1: float, resid=resid, s=s, g=g) -> float:
+                        return bits(resid, s * torch.exp(a0 + a1 * g), delta)
+
+                    grid = [(0.0, 0.0)] + [(-a1 * gm + o, a1) for a1 in SLOPES for o in COARSE]
+                    ad = min(grid, key=lambda a: cost(*a))
+                    ad = min([ad] + [(ad[0] + f, ad[1]) for f in FINE], key=lambda a: cost(*a))
+                    fits.append((cost(*ad), wc, ad))
+                cost_ij, wc, ad = min(fits, key=lambda f: f[0])
+                W[c, i, j] = wc.reshape(4, p, p)
+                A[c, i, j, 0], A[c, i, j, 1] = ad
+                n = y.numel()
+                before += bits(y, s, delta) * n
+                after += cost_ij * n
+    anchors = float(expected_step_bits(db[..., ~sel], sb[..., ~sel], delta, quad=QUAD).sum())
+    return W, A, (anchors + before) / npix, (anchors + after) / npix
+
+
+def fit(model: UQDM, x: torch.Tensor) -> list[dict]:
+    """Fit the context of ``model`` (in place) on crops x; per-step bits per pixel before / after."""
+    report = []
+    with torch.no_grad():
+        for j, r_rgb, scale, delta in model.step_residuals(x):  # the model's own chain
+            W, A, before, after = fit_step(model, model.basis.forward_t(r_rgb), scale, delta)
+            model.context_weight[j - 1] = W
+            model.context_adapt[j - 1] = A
+            report.append({"step": model.num_steps - j + 1, "bits_per_pixel_before": round(before, 4),
+                           "bits_per_pixel_after": round(after, 4)})
+            print(json.dumps(report[-1]), flush=True)
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "train"))
+    ap.add_argument("--crops", type=int, default=48)
+    ap.add_argument("--crop", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    src = load_model(a.model)
+    if src.codec_id != "uqdm":
+        sys.exit(f"{a.model} is a {src.codec_id} model; the context is for uqdm")
+    cfg = {**src.config_dict(), "context": "checkerboard"}
+    cfg.pop("context_steps", None)  # fitted on the model's own grid
+    model = build_model(cfg).double().eval()
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("context_")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"context_weight", "context_adapt"}:
+        sys.exit(f"unexpected weights: missing {missing}, unexpected {unexpected}")
+    train_files, _ = split_files(list_images(a.data))
+    x = CropSampler(train_files, a.crop, seed=12345).batch(a.crops).double()
+    report = fit(model, x)
+    val = validation_batch(a.data, a.crop, 64)
+    card = dict(read_metadata(src.path)["card"])
+    card["context"] = {"fitted_from": src.model_id, "fitted_from_hash": src.model_hash, "crops": a.crops,
+                       "crop": a.crop, "per_step": report,
+                       "val_bpd_before": round(evaluate_bpd(src.float(), val.float()), 4)}
+    card["val_bpd_fp32"] = card["val_bpd_stored"] = round(evaluate_bpd(model.float(), val.float()), 4)
+    h = save_model(model.float(), a.out, card=card, half=True)
+    card["val_bpd_stored"] = round(evaluate_bpd(load_model(a.out).float(), val.float()), 4)
+    save_model(load_model(a.out).float(), a.out, card=card, half=True)
+    print(json.dumps({"out": a.out, "hash": h, "val_bpd_before": card["context"]["val_bpd_before"],
+                      "val_bpd_fp32": card["val_bpd_fp32"], "val_bpd_stored": card["val_bpd_stored"]}))
+
+
+if __name__ == "__main__":
+    main()
