@@ -171,3 +171,26 @@ def test_init_with_scale_offsets_at_another_step_count(tmp_path, image_folder):
     moved = load_model(str(out / "model.safetensors"))
     assert moved.num_steps == 8 and moved.config_dict()["scale_offset_steps"] == src.num_steps
     assert torch.equal(moved.scale_offset.float(), src.scale_offset.float())
+
+
+def test_init_with_a_context_at_another_step_count_and_basis(tmp_path, image_folder):
+    """--init of a uqdm model with a fitted context: --num-steps keeps the context's grid; another
+    --noise-basis drops the offsets and context (fitted to the old coordinates)."""
+    import torch
+
+    from conftest import make_tiny
+    from diffcodec.models import load_model, save_model
+
+    src = make_tiny("uqdm", seed=1, noise_basis="opponent-dct4", scale_offsets=True, context="checkerboard")
+    with torch.no_grad():
+        src.context_weight.uniform_(-0.1, 0.1)
+    save_model(src, tmp_path / "src.safetensors")
+    base = ["train", "--data", str(image_folder), "--crop", "16", "--batch", "2", "--val-batch", "2", "-q",
+            "--init", str(tmp_path / "src.safetensors"), "--iters", "1", "--lr", "0"]
+    assert main([*base, "--out", str(tmp_path / "t8"), "--num-steps", "8"]) == 0
+    moved = load_model(str(tmp_path / "t8" / "model.safetensors"))
+    assert moved.num_steps == 8 and moved.config_dict()["context_steps"] == src.num_steps
+    assert torch.equal(moved.context_weight.float(), src.context_weight.float())
+    assert main([*base, "--out", str(tmp_path / "rgb"), "--noise-basis", "rgb"]) == 0
+    rgb = load_model(str(tmp_path / "rgb" / "model.safetensors"))
+    assert rgb.noise_basis == "rgb" and not rgb.context and not rgb.scale_offsets

@@ -214,6 +214,8 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
         if mcfg.get("scale_offsets") and cfg.codec == "uqdm":
             # the fitted scale offsets keep the grid they were fitted on (interpolated in gamma)
             mcfg["scale_offset_steps"] = int(src.scale_offset.shape[0])
+        if mcfg.get("context") and cfg.codec == "uqdm":  # so does the fitted context
+            mcfg["context_steps"] = int(src.context_weight.shape[0])
         mcfg["num_steps"] = cfg.num_steps
     state = {k: v.float() for k, v in src.state_dict().items()}
     if cfg.noise_basis and cfg.codec == "uqdm" and cfg.noise_basis != mcfg.get("noise_basis", "rgb"):
@@ -221,6 +223,11 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
         # scales now belong to the new coordinates and are retrained by the fine-tune
         mcfg["noise_basis"] = cfg.noise_basis
         state.pop("noise_basis_code", None)
+        # fitted scale offsets and context belong to the old coordinates: dropped (fit them again)
+        for key in ("scale_offsets", "scale_offset_steps", "context", "context_steps"):
+            mcfg.pop(key, None)
+        for key in ("scale_offset", "context_weight", "context_adapt"):
+            state.pop(key, None)
         if cfg.noise_basis != "rgb":
             state["noise_basis_code"] = torch.tensor(NoiseBasis(cfg.noise_basis).code, dtype=torch.int8)
     return mcfg, state, {"model": cfg.init, "model_hash": src.model_hash}

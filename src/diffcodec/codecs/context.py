@@ -77,10 +77,12 @@ def context_np(e: np.ndarray, scale: np.ndarray, weight: np.ndarray, adapt: np.n
     nbs = neighbours(e)
     p = e.shape[2]
     m = np.zeros_like(e)
-    for n, nb in enumerate(nbs):
+    term = np.empty_like(e)
+    for n, nb in enumerate(nbs):  # m += W * e_n term by term, in a fixed order, into reused buffers
         for i in range(p):
             for j in range(p):
-                m = m + weight[None, :, :, :, n, i, j, None, None] * nb[:, :, i:i + 1, j:j + 1]
+                np.multiply(weight[None, :, :, :, n, i, j, None, None], nb[:, :, i:i + 1, j:j + 1], out=term)
+                m += term
     mag = np.abs(nbs[0]) + np.abs(nbs[1]) + np.abs(nbs[2]) + np.abs(nbs[3])
     g = np.log(EPS + mag / (4.0 * scale))
     a0, a1 = adapt[None, ..., 0, None, None], adapt[None, ..., 1, None, None]
