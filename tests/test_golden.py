@@ -18,6 +18,7 @@ CASES = {
     "uqdm-medium2": dict(codec="uqdm", lossless=True),
     "uqdm-medium3": dict(codec="uqdm", lossless=True),
     "uqdm-medium4": dict(codec="uqdm", lossless=True),
+    "uqdm-medium5": dict(codec="uqdm", lossless=True),
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),

@@ -17,6 +17,10 @@ optionally with a 4x4 DCT of each channel): z_s = mu_Q + M^T D u, and M (z_s - m
 per coordinate.  The network's errors are smooth and mostly luminance, so far fewer bits are spent
 in a basis that compacts them; x, z, x_hat, the lossless term and the reconstructions stay in RGB.
 
+Checkerboard context (``context.py``).  A model may code each step in two passes over the basis
+blocks, in one range-coder stream: the second half of the blocks under a prior moved and rescaled
+by their decoded neighbours.  k and z_s do not depend on the prior, so only the bits change.
+
 The training loss is the exact expected code length of that procedure, in bits per dimension:
 since z_s is exactly uniform around mu_Q, E[-log2 P(k)] = E_{z_s ~ q}[-log2(D p(z_s | z_t))].
 """
