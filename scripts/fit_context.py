@@ -15,18 +15,13 @@ reconstruction, are unchanged; the result is a new model (the context is weights
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
+from diffcodec.calibrate import load_for_fit, parse_args, save_fitted, training_crops
 from diffcodec.codecs.context import EPS, neighbours, second_pass, to_blocks
 from diffcodec.codecs.uqdm import UQDM, expected_step_bits
-from diffcodec.data import CropSampler, list_images, split_files, validation_batch
-from diffcodec.models import build_model, load_model, read_metadata, save_model
-from diffcodec.train import evaluate_bpd
 
 SLOPES = [0.1 * i for i in range(8)]
 COARSE = torch.linspace(-2.0, 1.0, 25).tolist()
@@ -99,40 +94,11 @@ def fit(model: UQDM, x: torch.Tensor) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("out")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "train"))
-    ap.add_argument("--crops", type=int, default=48)
-    ap.add_argument("--crop", type=int, default=96)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    src = load_model(a.model)
-    if src.codec_id != "uqdm":
-        sys.exit(f"{a.model} is a {src.codec_id} model; the context is for uqdm")
-    cfg = {**src.config_dict(), "context": "checkerboard"}
-    cfg.pop("context_steps", None)  # fitted on the model's own grid
-    model = build_model(cfg).double().eval()
-    state = {k: v for k, v in src.state_dict().items() if not k.startswith("context_")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"context_weight", "context_adapt"}:
-        sys.exit(f"unexpected weights: missing {missing}, unexpected {unexpected}")
-    train_files, _ = split_files(list_images(a.data))
-    x = CropSampler(train_files, a.crop, seed=12345).batch(a.crops).double()
-    report = fit(model, x)
-    val = validation_batch(a.data, a.crop, 64)
-    card = dict(read_metadata(src.path)["card"])
-    card["context"] = {"fitted_from": src.model_id, "fitted_from_hash": src.model_hash, "crops": a.crops,
-                       "crop": a.crop, "per_step": report,
-                       "val_bpd_before": round(evaluate_bpd(src.float(), val.float()), 4)}
-    card["val_bpd_fp32"] = card["val_bpd_stored"] = round(evaluate_bpd(model.float(), val.float()), 4)
-    h = save_model(model.float(), a.out, card=card, half=True)
-    card["val_bpd_stored"] = round(evaluate_bpd(load_model(a.out).float(), val.float()), 4)
-    save_model(load_model(a.out).float(), a.out, card=card, half=True)
-    print(json.dumps({"out": a.out, "hash": h, "val_bpd_before": card["context"]["val_bpd_before"],
-                      "val_bpd_fp32": card["val_bpd_fp32"], "val_bpd_stored": card["val_bpd_stored"]}))
+    a = parse_args(__doc__)
+    src, model = load_for_fit(a.model, "the context", {"context": "checkerboard"}, ("context_steps",),
+                              ("context_weight", "context_adapt"))
+    report = fit(model, training_crops(a.data, a.crop, a.crops))
+    save_fitted(src, model, a, "context", report)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,30 @@ def test_fit_context_never_costs_bits_on_its_crops():
     img = synthetic_image(16, 20, seed=5)
     assert np.array_equal(diffcodec.decompress(diffcodec.compress(img, model=model, lossless=True).data,
                                                model=model), img)
+
+
+def test_calibration_frame_loads_and_saves_a_fitted_model(tmp_path, image_folder):
+    """diffcodec.calibrate: the source's weights carry over into a model with the fitted weights added,
+    the other codecs are refused, and the saved model's card records the fit."""
+    import argparse
+
+    from diffcodec.calibrate import load_for_fit, save_fitted, training_crops
+    from diffcodec.models import read_metadata
+
+    src_model = make_tiny("uqdm", seed=2, noise_basis="opponent-dct4")
+    save_model(src_model, tmp_path / "src.safetensors")
+    src, model = load_for_fit(str(tmp_path / "src.safetensors"), "the context", {"context": "checkerboard"},
+                              ("context_steps",), ("context_weight", "context_adapt"))
+    assert model.context == "checkerboard" and model.context_weight.dtype == torch.float64
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k].float(), v.float()), k
+    x = training_crops(str(image_folder), 16, 2)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float64
+    a = argparse.Namespace(data=str(image_folder), crop=16, crops=2, out=str(tmp_path / "out.safetensors"))
+    save_fitted(src, model, a, "context", [{"step": 1}])
+    card = read_metadata(tmp_path / "out.safetensors")["card"]
+    assert card["context"]["fitted_from_hash"] == src.model_hash and "val_bpd_before" in card["context"]
+    assert load_model(a.out).context == "checkerboard"
+    save_model(make_tiny("diffc"), tmp_path / "d.safetensors")
+    with pytest.raises(SystemExit):
+        load_for_fit(str(tmp_path / "d.safetensors"), "the context", {}, (), ())
