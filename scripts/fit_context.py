@@ -19,18 +19,13 @@ import json
 
 import torch
 
-from diffcodec.calibrate import load_for_fit, parse_args, save_fitted, training_crops
-from diffcodec.codecs.context import EPS, neighbours, second_pass, to_blocks
-from diffcodec.codecs.uqdm import UQDM, expected_step_bits
+from diffcodec.calibrate import load_for_fit, mean_bits, parse_args, save_fitted, training_crops
+from diffcodec.codecs.context import log_magnitude, neighbours, second_pass, to_blocks
+from diffcodec.codecs.uqdm import UQDM
 
 SLOPES = [0.1 * i for i in range(8)]
 COARSE = torch.linspace(-2.0, 1.0, 25).tolist()
 FINE = torch.linspace(-0.125, 0.125, 11).tolist()
-QUAD = 16
-
-
-def bits(r: torch.Tensor, s: torch.Tensor, delta: float) -> float:
-    return float(expected_step_bits(r, s, delta, quad=QUAD).mean())
 
 
 def fit_step(model: UQDM, d: torch.Tensor, scale: torch.Tensor, delta: float):
@@ -56,14 +51,14 @@ def fit_step(model: UQDM, d: torch.Tensor, scale: torch.Tensor, delta: float):
                 y = db[:, c, i, j][:, sel].reshape(-1)
                 s = sb[:, c, i, j][:, sel].reshape(-1)
                 w = torch.linalg.lstsq(feats, y[:, None]).solution[:, 0]
-                g = torch.log(EPS + mag[:, i, j][:, sel].reshape(-1) / (4.0 * s))
+                g = log_magnitude(mag[:, i, j][:, sel].reshape(-1), s)
                 gm = float(g.mean())
                 fits = []
                 for wc in (w, torch.zeros_like(w)):  # least squares minimises errors, not bits: keep it if it helps
                     resid = y - feats @ wc
 
                     def cost(a0: float, a1: float, resid=resid, s=s, g=g) -> float:
-                        return bits(resid, s * torch.exp(a0 + a1 * g), delta)
+                        return mean_bits(resid, s * torch.exp(a0 + a1 * g), delta)
 
                     grid = [(0.0, 0.0)] + [(-a1 * gm + o, a1) for a1 in SLOPES for o in COARSE]
                     ad = min(grid, key=lambda a: cost(*a))
@@ -73,9 +68,9 @@ def fit_step(model: UQDM, d: torch.Tensor, scale: torch.Tensor, delta: float):
                 W[c, i, j] = wc.reshape(4, p, p)
                 A[c, i, j, 0], A[c, i, j, 1] = ad
                 n = y.numel()
-                before += bits(y, s, delta) * n
+                before += mean_bits(y, s, delta) * n
                 after += cost_ij * n
-    anchors = float(expected_step_bits(db[..., ~sel], sb[..., ~sel], delta, quad=QUAD).sum())
+    anchors = mean_bits(db[..., ~sel], sb[..., ~sel], delta) * db[..., ~sel].numel()
     return W, A, (anchors + before) / npix, (anchors + after) / npix
 
 

@@ -21,23 +21,17 @@ import math
 
 import torch
 
-from diffcodec.calibrate import load_for_fit, parse_args, save_fitted, training_crops
-from diffcodec.codecs.uqdm import UQDM, expected_step_bits
+from diffcodec.calibrate import load_for_fit, mean_bits, parse_args, save_fitted, training_crops
+from diffcodec.codecs.context import to_blocks
+from diffcodec.codecs.uqdm import UQDM
 
 COARSE = torch.linspace(-3.0, 3.0, 25).tolist()  # candidate offsets (natural log), steps of 0.25 ...
 FINE = torch.linspace(-0.25, 0.25, 21).tolist()  # ... then steps of 0.025 around the best
-QUAD = 16
-
-
-def expected_bits(r: torch.Tensor, s: torch.Tensor, delta: float) -> torch.Tensor:
-    """Mean expected bits of universally quantized coordinates (shift r, prior scale s)."""
-    return expected_step_bits(r, s, delta, quad=QUAD).mean(-1)
 
 
 def by_coordinate(v: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (C, p, p, N): the values of each coordinate of a p x p block."""
-    b, c, h, w = v.shape
-    return v.reshape(b, c, h // p, p, w // p, p).permute(1, 3, 5, 0, 2, 4).reshape(c, p, p, -1)
+    return to_blocks(v, p).permute(1, 2, 3, 0, 4, 5).reshape(v.shape[1], p, p, -1)
 
 
 def fit(model: UQDM, x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
@@ -52,12 +46,12 @@ def fit(model: UQDM, x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
             for i in range(p):
                 for k in range(p):
                     rc, sc = r[c, i, k], s[c, i, k]
-                    best = min(COARSE, key=lambda o: float(expected_bits(rc, sc * math.exp(o), delta)))
+                    best = min(COARSE, key=lambda o: mean_bits(rc, sc * math.exp(o), delta))
                     best = min((best + f for f in FINE),
-                               key=lambda o: float(expected_bits(rc, sc * math.exp(o), delta)))
+                               key=lambda o: mean_bits(rc, sc * math.exp(o), delta))
                     offsets[j - 1, c, i, k] = best
-                    before += float(expected_bits(rc, sc, delta))
-                    after += float(expected_bits(rc, sc * math.exp(best), delta))
+                    before += mean_bits(rc, sc, delta)
+                    after += mean_bits(rc, sc * math.exp(best), delta)
         report.append({"step": T - j + 1, "bits_per_pixel_before": before / (p * p),
                        "bits_per_pixel_after": after / (p * p)})
         print(json.dumps(report[-1]), flush=True)

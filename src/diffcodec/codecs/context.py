@@ -66,6 +66,12 @@ def neighbours(e):
     return out
 
 
+def log_magnitude(mag, scale):
+    """The scale feature: log(EPS + sum_n |e_n| / (4 s)) for the four neighbours' summed magnitudes
+    (numpy or torch; the fit in scripts/fit_context.py uses the same)."""
+    return (torch.log if isinstance(mag, torch.Tensor) else np.log)(EPS + mag / (4.0 * scale))
+
+
 def context_np(e: np.ndarray, scale: np.ndarray, weight: np.ndarray, adapt: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
     """Prior mean shift m and scale s' of every coordinate from the first-pass values.
@@ -84,7 +90,7 @@ def context_np(e: np.ndarray, scale: np.ndarray, weight: np.ndarray, adapt: np.n
                 np.multiply(weight[None, :, :, :, n, i, j, None, None], nb[:, :, i:i + 1, j:j + 1], out=term)
                 m += term
     mag = np.abs(nbs[0]) + np.abs(nbs[1]) + np.abs(nbs[2]) + np.abs(nbs[3])
-    g = np.log(EPS + mag / (4.0 * scale))
+    g = log_magnitude(mag, scale)
     a0, a1 = adapt[None, ..., 0, None, None], adapt[None, ..., 1, None, None]
     o = quantize_to_grid(a0 + a1 * g, LOG_SCALE_BITS)
     return m, scale * np.exp(o)
@@ -96,6 +102,6 @@ def context_t(e: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, adapt:
     parameters: weight (B, C, p, p, 4, p, p), adapt (B, C, p, p, 2)."""
     nbs = torch.stack(neighbours(e), 1)  # (B, 4, C, p, p, HB, WB)
     m = torch.einsum("bcijnkl,bncklyx->bcijyx", weight, nbs)
-    g = torch.log(EPS + nbs.abs().sum(1) / (4.0 * scale))
+    g = log_magnitude(nbs.abs().sum(1), scale)
     o = adapt[..., 0, None, None] + adapt[..., 1, None, None] * g
     return m, scale * torch.exp(o)
