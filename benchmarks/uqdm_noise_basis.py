@@ -75,7 +75,7 @@ def main() -> None:
     rows = []
     for j, r, scale, delta in model.step_residuals(x):  # the model's own chain, in its own basis
         npix = r.shape[0] * r.shape[2] * r.shape[3]
-        row = {"step": T - j + 1, "own": float(step_cost(model.basis.forward_t(r), scale, delta).sum()) / npix}
+        row = {"step": T - j + 1, "own": float(step_cost(model.step_basis(j).forward_t(r), scale, delta).sum()) / npix}
         for p in (1, 2, 4, 8):
             rb = blocks(r, p)
             sb = blocks(scale, p).log().mean(0).exp()

@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from diffcodec.calibrate import load_for_fit, mean_bits, parse_args, save_fitted, training_crops
+from diffcodec.calibrate import load_for_fit, mean_bits, parse_args, save_fitted, selected, training_crops
 from diffcodec.codecs.context import log_magnitude, neighbours, second_pass, to_blocks
 from diffcodec.codecs.uqdm import UQDM
 
@@ -74,12 +74,15 @@ def fit_step(model: UQDM, d: torch.Tensor, scale: torch.Tensor, delta: float):
     return W, A, (anchors + before) / npix, (anchors + after) / npix
 
 
-def fit(model: UQDM, x: torch.Tensor) -> list[dict]:
-    """Fit the context of ``model`` (in place) on crops x; per-step bits per pixel before / after."""
+def fit(model: UQDM, x: torch.Tensor, steps=lambda j: True) -> list[dict]:
+    """Fit the context of ``model`` (in place) on crops x, of the steps j that ``steps(j)`` selects; per-step
+    bits per pixel before / after."""
     report = []
     with torch.no_grad():
         for j, r_rgb, scale, delta in model.step_residuals(x):  # the model's own chain
-            W, A, before, after = fit_step(model, model.basis.forward_t(r_rgb), scale, delta)
+            if not steps(j):
+                continue
+            W, A, before, after = fit_step(model, model.step_basis(j).forward_t(r_rgb), scale, delta)
             model.context_weight[j - 1] = W
             model.context_adapt[j - 1] = A
             report.append({"step": model.num_steps - j + 1, "bits_per_pixel_before": round(before, 4),
@@ -91,8 +94,8 @@ def fit(model: UQDM, x: torch.Tensor) -> list[dict]:
 def main() -> None:
     a = parse_args(__doc__)
     src, model = load_for_fit(a.model, "the context", {"context": "checkerboard"}, ("context_steps",),
-                              ("context_weight", "context_adapt"))
-    report = fit(model, training_crops(a.data, a.crop, a.crops))
+                              ("context_weight", "context_adapt"), a.final_basis)
+    report = fit(model, training_crops(a.data, a.crop, a.crops), lambda j: selected(a, model, j))
     save_fitted(src, model, a, "context", report)
 
 

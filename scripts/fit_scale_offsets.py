@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from diffcodec.calibrate import load_for_fit, mean_bits, parse_args, save_fitted, training_crops
+from diffcodec.calibrate import load_for_fit, mean_bits, parse_args, save_fitted, selected, training_crops
 from diffcodec.codecs.context import to_blocks
 from diffcodec.codecs.uqdm import UQDM
 
@@ -34,13 +34,17 @@ def by_coordinate(v: torch.Tensor, p: int) -> torch.Tensor:
     return to_blocks(v, p).permute(1, 2, 3, 0, 4, 5).reshape(v.shape[1], p, p, -1)
 
 
-def fit(model: UQDM, x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """Offsets (T, C, p, p) and per-step bits per pixel before / after, on crops x."""
+def fit(model: UQDM, x: torch.Tensor, steps=lambda j: True) -> tuple[torch.Tensor, list[dict]]:
+    """Offsets (T, C, p, p) of the steps j that ``steps(j)`` selects (the others': the model's own) and
+    per-step bits per pixel before / after, on crops x.  The selected steps' offsets must be zero in
+    ``model``: they are fitted on top of the network's own scales."""
     T, p = model.num_steps, model.basis.block
-    offsets = torch.zeros(T, model.channels, p, p, dtype=torch.float64)
+    offsets = model.scale_offset.detach().clone().double()
     report = []
     for j, r_rgb, scale, delta in model.step_residuals(x):  # the model's own chain
-        r, s = by_coordinate(model.basis.forward_t(r_rgb), p), by_coordinate(scale, p)
+        if not steps(j):
+            continue
+        r, s = by_coordinate(model.step_basis(j).forward_t(r_rgb), p), by_coordinate(scale, p)
         before = after = 0.0
         for c in range(model.channels):
             for i in range(p):
@@ -61,10 +65,12 @@ def fit(model: UQDM, x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
 def main() -> None:
     a = parse_args(__doc__)
     src, model = load_for_fit(a.model, "scale offsets", {"scale_offsets": True}, ("scale_offset_steps",),
-                              ("scale_offset",))
+                              ("scale_offset",), a.final_basis)
     with torch.no_grad():  # fitted on top of the network's own scales, not of earlier offsets
-        model.scale_offset.zero_()
-    offsets, report = fit(model, training_crops(a.data, a.crop, a.crops))
+        for j in range(1, model.num_steps + 1):
+            if selected(a, model, j):
+                model.scale_offset[j - 1] = 0.0
+    offsets, report = fit(model, training_crops(a.data, a.crop, a.crops), lambda j: selected(a, model, j))
     with torch.no_grad():
         model.scale_offset.copy_(offsets)
     save_fitted(src, model, a, "scale_offsets", report)

@@ -137,7 +137,7 @@ def test_symbol_checksum_catches_desync(tiny_model, other_model_path, image):
 
 def _tables(threads: int, model: UQDM, z: np.ndarray):
     torch.set_num_threads(threads)
-    st, eps, aux = model._step(z, -4.0, 1.0)
+    st, eps, aux = model._step(z, -4.0, 1.0, 2)
     u = np.linspace(-0.5, 0.5, z.size, endpoint=False)
     return eps, aux, model._table(st.scale, st.delta, u, 8)(slice(0, z.size))
 
@@ -216,13 +216,15 @@ np.save(sys.argv[4], diffcodec.decompress(data, model=sys.argv[1]))
 """
 
 
-@pytest.mark.parametrize("basis", ["rgb", "opponent-dct4"])
+@pytest.mark.parametrize("basis", ["rgb", "opponent-dct4", "opponent-dct4+opponent"])
 def test_cross_process_thread_count_determinism(tiny_model_path, tmp_path, basis):
-    """Encode with 1 thread, decode in another process with 2 (every noise basis: its transforms too)."""
+    """Encode with 1 thread, decode in another process with 2 (every noise basis: its transforms too;
+    "+opponent": the last step in the opponent basis and the lossless section's box enumeration)."""
     path = tiny_model_path
     if basis != "rgb":
         path = tmp_path / f"tiny-{basis}.safetensors"
-        save_model(make_tiny("uqdm", noise_basis=basis), path)
+        noise, _, final = basis.partition("+")
+        save_model(make_tiny("uqdm", noise_basis=noise, final_basis=final or None), path)
     img = synthetic_image(40, 36, seed=5)
     np.save(tmp_path / "img.npy", img)
     subprocess.run([sys.executable, "-c", _ENC.format(threads=1), str(path), str(tmp_path / "img.npy"),

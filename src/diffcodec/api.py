@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -320,10 +321,12 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
         return _decode_rvgc(m, hd, step_secs, shape, deterministic, sampler_steps, eta, progress)
     if deterministic or sampler_steps is not None or eta is not None:
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
-    state = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
-    if final and state.remaining == 0:
-        pix = m.decode_final(state.z, final[0], (hd.channels, hd.height, hd.width))
-        return np.ascontiguousarray(pix.transpose(1, 2, 0))
+    # the lossless section may condition on the last step's prior: its network evaluation is remembered
+    with m.reuse_evaluations() if final else contextlib.nullcontext():
+        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
+        if final and state.remaining == 0:
+            pix = m.decode_final(state, final[0], (hd.channels, hd.height, hd.width), hd.seed)
+            return np.ascontiguousarray(pix.transpose(1, 2, 0))
     return _to_image(m, hd, state, method, nfe, channel_aware)
 
 

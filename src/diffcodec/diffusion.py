@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -56,7 +57,9 @@ class Received(NamedTuple):
     ``z`` at ``gamma`` is the chain latent: what the next step and the lossless section condition on,
     bit for bit the encoder's.  ``z_view`` at ``gamma_view`` is what reconstructions start from: the
     same latent for an exact channel (UQDM), for DiffC the chain latent with the channel coder's
-    shortfall undone (:meth:`diffcodec.codecs.diffc.DiffC.decode_step_view`).
+    shortfall undone (:meth:`diffcodec.codecs.diffc.DiffC.decode_step_view`).  ``z_prev`` is the chain
+    latent before the last decoded step (the lossless section of a UQDM model with a final basis
+    conditions on it).
     """
 
     z: np.ndarray
@@ -64,6 +67,7 @@ class Received(NamedTuple):
     remaining: int
     z_view: np.ndarray
     gamma_view: float
+    z_prev: np.ndarray | None = None
 
     def latent(self, channel_aware: bool = True) -> tuple[np.ndarray, float]:
         """(latent, gamma) to reconstruct from: the view, or the chain latent as received."""
@@ -89,7 +93,7 @@ class DiffusionModel(nn.Module):
         self.num_steps = num_steps
         self.schedule = LinearGammaSchedule(gamma_min, gamma_max, learn_min=learn_gamma_min)
         self.net = DenoiserUNet(unet or UNetConfig())
-        self._eval_memo: dict | None = None  # see reuse_evaluations
+        self._eval_memos: dict[int, dict] = {}  # per thread, see reuse_evaluations
 
     # ------------------------------------------------------------------ config
     def config_dict(self) -> dict:
@@ -194,6 +198,12 @@ class DiffusionModel(nn.Module):
             memo.update(key=key, out=out)
         return memo["out"]
 
+    @property
+    def _eval_memo(self) -> dict | None:
+        """The calling thread's memo (None outside :meth:`reuse_evaluations`): a model shared by threads
+        (``api.get_model`` caches models) never returns one thread's evaluation to another."""
+        return self._eval_memos.get(threading.get_ident())
+
     @contextlib.contextmanager
     def reuse_evaluations(self) -> Iterator[None]:
         """Remember the last network evaluation while inside this context.
@@ -205,11 +215,16 @@ class DiffusionModel(nn.Module):
         memo holds two latent-sized arrays.
         A cached result is the same array a fresh evaluation would return (same process, same input).
         """
-        prev, self._eval_memo = self._eval_memo, {}
+        key = threading.get_ident()
+        prev = self._eval_memos.get(key)
+        self._eval_memos[key] = {}
         try:
             yield
         finally:
-            self._eval_memo = prev
+            if prev is None:
+                self._eval_memos.pop(key, None)
+            else:
+                self._eval_memos[key] = prev
 
     @torch.inference_mode()
     def evaluate_network(self, z: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -385,34 +400,45 @@ class DiffusionModel(nn.Module):
 
         sections: list[Section] = []
         pending = None
+        final = None
         coder = pool("coder", 1)
-        try:
-            for i in range(T, T - num_steps, -1):
-                z, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
+        z_prev = z
+        # a lossless section may condition on the last step's prior (UQDM's final basis): its network
+        # evaluation is then remembered instead of repeated
+        with self.reuse_evaluations() if lossless else contextlib.nullcontext():
+            try:
+                for i in range(T, T - num_steps, -1):
+                    z_prev = z
+                    z, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
+                    if pending is not None:
+                        sections.append(pending.result())
+                        pending = None
+                    if pipelined:
+                        pending = coder.submit(finished, finish)
+                        continue
+                    sections.append(finished(finish))
+                    if stop is not None and not lossless and stop(sections):
+                        break
+                if lossless:  # coded here while the last step finishes in the coder thread
+                    final = self.encode_final(pixels, region or pixels.shape, z_prev, z, gam, seed)
                 if pending is not None:
                     sections.append(pending.result())
                     pending = None
-                if pipelined:
-                    pending = coder.submit(finished, finish)
-                    continue
-                sections.append(finished(finish))
-                if stop is not None and not lossless and stop(sections):
-                    break
-            final = None
-            if lossless:  # coded here while the last step finishes in the coder thread
-                c, h, w = region or pixels.shape
-                sym = pixels[:c, :h, :w].reshape(-1).astype(np.int64)
-                payload, ideal = encode_categorical(sym, 256, self._data_table(z[0, :c, :h, :w], float(gam[0])))
-                final = Section(KIND_FINAL, T + 1, b"", payload, symbols_crc(sym), ideal)
-            if pending is not None:
-                sections.append(pending.result())
-                pending = None
-        finally:
-            if pending is not None and not pending.cancel():  # an error in the main thread:
-                pending.exception()  # let the coder finish before unwinding
+            finally:
+                if pending is not None and not pending.cancel():  # an error in the main thread:
+                    pending.exception()  # let the coder finish before unwinding
         if final is not None:
             sections.append(final)
         return sections
+
+    def encode_final(self, pixels: np.ndarray, region: tuple[int, int, int], z_prev: np.ndarray, z0: np.ndarray,
+                     gam: np.ndarray, seed: int) -> Section:
+        """The lossless section: the ``region`` of uint8 ``pixels`` (C, H, W) under p(x | z_0), given the
+        chain's z_0 (and z_prev, the latent before the last step, which this default does not use)."""
+        c, h, w = region
+        sym = pixels[:c, :h, :w].reshape(-1).astype(np.int64)
+        payload, ideal = encode_categorical(sym, 256, self._data_table(z0[0, :c, :h, :w], float(gam[0])))
+        return Section(KIND_FINAL, self.num_steps + 1, b"", payload, symbols_crc(sym), ideal)
 
     def _data_table(self, z0: np.ndarray, gamma0: float):
         flat = z0.reshape(-1)
@@ -434,9 +460,10 @@ class DiffusionModel(nn.Module):
                 break
             if sec.index != T - i + 1 or i < 1:
                 raise DecodeError("step sections out of order")
+            z_prev = z
             z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
             i -= 1
-            yield Received(z, float(gam[i]), i, z_view, gamma_view)
+            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_prev)
 
     def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None) -> Received:
         """Replay the step sections; returns the last :class:`Received` state."""
@@ -449,11 +476,12 @@ class DiffusionModel(nn.Module):
             state = Received(z, g, self.num_steps, z, g)
         return state
 
-    def decode_final(self, z0: np.ndarray, sec: Section, region: tuple[int, int, int]) -> np.ndarray:
-        """Pixels (c, h, w) of ``region`` from the lossless section, coded under p(x | z_0)."""
+    def decode_final(self, state: Received, sec: Section, region: tuple[int, int, int], seed: int) -> np.ndarray:
+        """Pixels (c, h, w) of ``region`` from the lossless section, given the decoder's state after the
+        last step (``state.z`` = z_0); this default codes them under p(x | z_0)."""
         gam0 = float(self.gamma_grid(self.num_steps)[0])
         c, h, w = region
-        z0c = z0[0, :c, :h, :w]
+        z0c = state.z[0, :c, :h, :w]
         sym = decode_categorical(sec.payload, z0c.size, 256, self._data_table(z0c, gam0))
         if symbols_crc(sym.astype(np.int64)) != sec.symbols_crc:
             raise DecodeError("lossless section decoded inconsistently (model or platform mismatch)")

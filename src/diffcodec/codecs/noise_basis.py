@@ -144,3 +144,35 @@ class NoiseBasis:
         self.check_shape(v.shape)
         c, d = self._mats(v)
         return _apply_t(c.T, self._blocks(v, d.T, _apply_t), 1)
+
+
+def variance_mix(src: NoiseBasis, dst: NoiseBasis) -> tuple[np.ndarray, np.ndarray]:
+    """The squared matrices that take variances of independent coordinates of ``src`` to the variances
+    of the coordinates of a per-pixel basis ``dst``: (DCT^T)^2 along each block's rows and columns,
+    then (C_dst C_src^T)^2 across the channels.  Element by element in a fixed order (no BLAS), so
+    that every process computes the same float64 constants."""
+    if dst.block != 1:
+        raise ValueError(f"variances can be carried to a per-pixel basis only, not {dst.name!r}")
+    mix = np.zeros((3, 3))
+    for k in range(3):
+        for c in range(3):
+            acc = 0.0
+            for j in range(3):
+                acc = acc + dst.color[k, j] * src.color[c, j]
+            mix[k, c] = acc * acc
+    return src.dct.T ** 2, mix
+
+
+def carry_variance(src: NoiseBasis, dst: NoiseBasis, var):
+    """Variances of the coordinates of per-pixel basis ``dst`` of a vector whose coordinates in ``src``
+    are independent with variances ``var`` (N, 3, H, W): the diagonal of D M_src^T diag(var) M_src D^T.
+
+    Why: a UQDM model whose last step codes in a per-pixel basis (``final_basis``) keeps the prior scales
+    its network predicts in its own basis and carries them over; numpy (coding, fixed-order
+    multiply-adds) or torch (training)."""
+    sq, mix = variance_mix(src, dst)
+    if isinstance(var, torch.Tensor):
+        sq_t = torch.as_tensor(sq, dtype=var.dtype, device=var.device)
+        mix_t = torch.as_tensor(mix, dtype=var.dtype, device=var.device)
+        return _apply_t(mix_t, src._blocks(var, sq_t, _apply_t), 1)
+    return np.ascontiguousarray(_apply_np(mix, src._blocks(var, sq, _apply_np), 1))

@@ -35,19 +35,28 @@ import numpy as np
 import torch
 
 from .. import rng as rngmod
-from ..diffusion import KIND_STEP, DiffusionModel
-from ..entropy import CategoricalDecoder, CategoricalEncoder, logistic_bin_probs, symbols_crc
+from ..diffusion import KIND_FINAL, KIND_STEP, DiffusionModel
+from ..entropy import (
+    CategoricalDecoder,
+    CategoricalEncoder,
+    decode_categorical,
+    encode_categorical,
+    logistic_bin_probs,
+    symbols_crc,
+)
 from ..errors import DecodeError
 from ..networks import UNetConfig
-from ..schedule import LOG2, posterior_coefficients
+from ..schedule import LOG2, pixel_to_unit, posterior_coefficients
 from .base import Section
 from .context import DIRECTIONS, context_np, context_t, from_blocks, second_pass, to_blocks
-from .noise_basis import BASES, NoiseBasis
+from .noise_basis import BASES, NoiseBasis, carry_variance
 
 SQRT12 = math.sqrt(12.0)
 LOGISTIC_STD_TO_SCALE = math.sqrt(3.0) / math.pi
 AUX_MIN, AUX_MAX = -10.0, 5.0
 MAX_HALF_WIDTH = 1 << 15
+FINAL_BASES = ("rgb", "opponent")  # per-pixel bases: the lossless section can enumerate their boxes
+MAX_BOX_RADIUS = 2
 
 
 def _base_scale(gamma_t, b):
@@ -78,7 +87,7 @@ class UQDM(DiffusionModel):
     def __init__(self, unet: UNetConfig | None = None, num_steps: int = 4, gamma_min: float = -12.3,
                  gamma_max: float = 6.0, noise_basis: str = "rgb", scale_offsets: bool = False,
                  scale_offset_steps: int | None = None, context: str | None = None,
-                 context_steps: int | None = None):
+                 context_steps: int | None = None, final_basis: str | None = None):
         super().__init__(unet, gamma_min=gamma_min, gamma_max=gamma_max, num_steps=num_steps)
         if noise_basis not in BASES:
             raise ValueError(f"unknown noise basis {noise_basis!r} (choose from {', '.join(BASES)})")
@@ -103,6 +112,21 @@ class UQDM(DiffusionModel):
             self.scale_offset = torch.nn.Parameter(torch.zeros(n, self.channels, p, p))
         if context not in (None, "checkerboard"):
             raise ValueError(f"unknown uqdm context {context!r} (choose from: checkerboard)")
+        self.final_basis = final_basis
+        self.final = None
+        if final_basis is not None:
+            # the last step (to z_0) in a per-pixel basis, so that the lossless section can code x under
+            # the exact posterior given that step's box (``encode_final``); the prior scales the network
+            # predicts in the model's basis are carried over (noise_basis.carry_variance)
+            if final_basis not in FINAL_BASES:
+                raise ValueError(f"unknown final basis {final_basis!r} (choose from {', '.join(FINAL_BASES)})")
+            if self.channels != 3:
+                raise ValueError("a final basis needs a 3-channel network")
+            self.final = NoiseBasis(final_basis)
+            self.register_buffer("final_basis_code", torch.tensor(self.final.code, dtype=torch.int8))
+            # the box term has no gradient in gamma_0 (which sets the box's width): trained, gamma_min
+            # would only follow the steps' costs, which fall as it rises; it stays where it was fitted
+            self.schedule.gamma_min.requires_grad_(False)
         self.context = context
         if context:
             # two-pass (checkerboard) step priors, context.py: per step of the grid they were fitted on
@@ -123,7 +147,7 @@ class UQDM(DiffusionModel):
                    gamma_max=float(cfg.get("gamma_max", 6.0)), noise_basis=cfg.get("noise_basis", "rgb"),
                    scale_offsets=bool(cfg.get("scale_offsets", False)),
                    scale_offset_steps=cfg.get("scale_offset_steps"), context=cfg.get("context"),
-                   context_steps=cfg.get("context_steps"))
+                   context_steps=cfg.get("context_steps"), final_basis=cfg.get("final_basis"))
 
     def config_dict(self) -> dict:
         out = super().config_dict()
@@ -137,7 +161,13 @@ class UQDM(DiffusionModel):
             out["context"] = self.context
             if self.context_weight.shape[0] != self.num_steps:
                 out["context_steps"] = int(self.context_weight.shape[0])
+        if self.final_basis:
+            out["final_basis"] = self.final_basis
         return out
+
+    def step_basis(self, i: int) -> NoiseBasis:
+        """The basis step t_i -> t_{i-1} is coded in: the final basis for the last step (i = 1), if any."""
+        return self.final if self.final is not None and i == 1 else self.basis
 
     def _blend(self, knots: int, gamma) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For gamma values: the steps of a ``knots``-step grid whose per-step parameters blend, (i, j),
@@ -172,9 +202,27 @@ class UQDM(DiffusionModel):
         off = self.param_at(self.scale_offset, gamma_t)
         return off.repeat(*reps) if isinstance(off, torch.Tensor) else np.tile(off[None], reps)
 
-    def _scale_np(self, aux: np.ndarray, gamma_t: float, b: float) -> np.ndarray:
+    def _scale_np(self, aux: np.ndarray, gamma_t: float, b: float, final: bool = False) -> np.ndarray:
+        """Prior scales of the coded coordinates; ``final``: of the last step in the final basis (the
+        network's scales carried over, then the scale offsets, which act on the coded coordinates)."""
+        if final:
+            s = _base_scale(np.float64(gamma_t), b) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
+            s = np.sqrt(carry_variance(self.basis, self.final, s * s))
+            return s * np.exp(self.log_scale_offset(gamma_t, aux.shape)) if self.scale_offsets else s
         aux = aux + self.log_scale_offset(gamma_t, aux.shape) if self.scale_offsets else aux
         return _base_scale(np.float64(gamma_t), b) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
+
+    def _scale_t(self, aux: torch.Tensor, gamma_t: torch.Tensor, b, final: torch.Tensor | None = None):
+        """torch version of :meth:`_scale_np` for per-example gammas (B,); ``final`` (B,) bool marks the
+        examples whose step is the last one, coded in the final basis."""
+        off = self.log_scale_offset(gamma_t, aux.shape) if self.scale_offsets else 0.0
+        g = gamma_t.view(-1, 1, 1, 1)
+        scale = _base_scale(g, b) * torch.exp(torch.clamp(aux + off, AUX_MIN, AUX_MAX))
+        if self.final is None or final is None or not bool(final.any()):
+            return scale
+        s = _base_scale(g, b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
+        s = torch.sqrt(carry_variance(self.basis, self.final, s * s)) * torch.exp(torch.as_tensor(off))
+        return torch.where(final.view(-1, 1, 1, 1), s, scale)
 
     # ------------------------------------------------------------------ training loss
     def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None
@@ -201,7 +249,7 @@ class UQDM(DiffusionModel):
         for j in range(T, 0, -1):
             a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
             mu_q = a * z + b * x
-            z = mu_q + SQRT12 * beta * basis.inverse_t(torch.rand_like(x) - 0.5)
+            z = mu_q + SQRT12 * beta * self.step_basis(j).inverse_t(torch.rand_like(x) - 0.5)
             chain[j - 1] = z
         if all_steps:
             steps = [torch.full((B,), j, device=x.device, dtype=torch.long) for j in range(1, T + 1)]
@@ -212,6 +260,7 @@ class UQDM(DiffusionModel):
         zs_all = torch.stack(chain)  # (T+1, B, C, H, W)
         ar = torch.arange(B, device=x.device)
         step_nats = torch.zeros(B, dtype=x.dtype, device=x.device)
+        last_prior = None  # (mu_P, scale) of the last step, where every example evaluated it
         for idx in steps:
             z_t, z_s = zs_all[idx, ar], zs_all[idx - 1, ar]
             g_t = gam[idx].view(B, 1, 1, 1)
@@ -221,10 +270,13 @@ class UQDM(DiffusionModel):
             a, b, beta = posterior_coefficients(g_s, g_t)
             mu_p = a * z_t + b * x_hat
             half = 0.5 * SQRT12 * beta
-            if self.scale_offsets:
-                aux = aux + self.log_scale_offset(gam[idx], aux.shape)
-            scale = _base_scale(g_t, b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX))
+            fin = idx == 1 if self.final is not None else None
+            scale = self._scale_t(aux, gam[idx], b, fin)
             d = basis.forward_t(z_s - mu_p)  # the coded coordinates
+            if fin is not None and bool(fin.any()):
+                d = torch.where(fin.view(B, 1, 1, 1), self.final.forward_t(z_s - mu_p), d)
+                if bool(fin.all()):
+                    last_prior = (mu_p, scale)
             if self.context:  # the second pass's prior, moved and rescaled by the first pass's values
                 p = basis.block
                 db, sb = to_blocks(d, p), to_blocks(scale, p)
@@ -236,7 +288,10 @@ class UQDM(DiffusionModel):
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             step_nats = step_nats + nll.flatten(1).sum(1)
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
-        data_nats = self.data_nll(chain[0], gam[0], x_int).flatten(1).sum(1)
+        if self.final is not None:
+            data_nats = self.box_data_nll(x_int, chain[1], chain[0], gam[0], gam[1], last_prior)
+        else:
+            data_nats = self.data_nll(chain[0], gam[0], x_int).flatten(1).sum(1)
         total = weight * step_nats + data_nats
         norm = dims * LOG2
         return {
@@ -252,7 +307,8 @@ class UQDM(DiffusionModel):
         t_j -> t_{j-1} from the coarsest, (j, r, scale, D): the shift r = mu_Q - mu_P in RGB (the coded
         coordinates are ``basis.forward_t(r)``), the prior scale of every coded coordinate (offsets
         included) and the box width D.  For benchmarks and calibration (scripts/fit_scale_offsets.py);
-        draws z_T and the step noise from torch's generator, in x's dtype."""
+        draws z_T and the step noise from torch's generator, in x's dtype.  The coded coordinates of
+        step j are ``step_basis(j).forward_t(r)``."""
         T = self.num_steps
         gam = self.schedule(torch.arange(T + 1, dtype=x.dtype) / T).detach()
         z = torch.randn_like(x)
@@ -262,17 +318,17 @@ class UQDM(DiffusionModel):
             mu_p = a * z + b * self.x_hat_from_eps(z, eps, gam[j])
             mu_q = a * z + b * x
             delta = float(SQRT12 * beta)
-            if self.scale_offsets:
-                aux = aux + self.log_scale_offset(gam[j].reshape(1), aux.shape)
-            yield j, mu_q - mu_p, _base_scale(gam[j], b) * torch.exp(torch.clamp(aux, AUX_MIN, AUX_MAX)), delta
-            z = mu_q + delta * self.basis.inverse_t(torch.rand_like(x) - 0.5)
+            fin = torch.full((x.shape[0],), j == 1 and self.final is not None)
+            yield j, mu_q - mu_p, self._scale_t(aux, gam[j].expand(x.shape[0]), b, fin), delta
+            z = mu_q + delta * self.step_basis(j).inverse_t(torch.rand_like(x) - 0.5)
 
     # ------------------------------------------------------------------ coding helpers
-    def _step(self, z: np.ndarray, gamma_s: float, gamma_t: float) -> tuple[_Step, np.ndarray, np.ndarray]:
+    def _step(self, z: np.ndarray, gamma_s: float, gamma_t: float, i: int) -> tuple[_Step, np.ndarray, np.ndarray]:
+        """Step t_i -> t_{i-1}'s prior from the shared z_t (one network evaluation)."""
         eps, aux = self.eval_f64(z, gamma_t)
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
-        scale = self._scale_np(aux, gamma_t, b)
+        scale = self._scale_np(aux, gamma_t, b, final=self.final is not None and i == 1)
         return _Step(a * z + b * x_hat, scale, SQRT12 * beta, a, b), eps, aux
 
     @staticmethod
@@ -298,7 +354,7 @@ class UQDM(DiffusionModel):
 
         return table
 
-    def _max_half_width(self, st: _Step) -> int:
+    def _max_half_width(self, st: _Step, basis: NoiseBasis) -> int:
         """The largest |k| any image can produce at this step, known to both sides.
 
         mu_Q - mu_P = b (x - x_hat) with x and x_hat in [-1, 1], so a coded coordinate, a row m of
@@ -306,8 +362,7 @@ class UQDM(DiffusionModel):
         rounding).  The decoder refuses wider symbol ranges: table work grows with the range, and a
         forged section must not turn a normal decode into hours.
         """
-        l1 = self.basis.max_row_l1
-        return max(1, math.ceil(2.0 * l1 * st.b / st.delta + 0.5))
+        return max(1, math.ceil(2.0 * basis.max_row_l1 * st.b / st.delta + 0.5))
 
     def sample_reverse_step(self, z, eps, aux, gamma_s, gamma_t, rng):
         x_hat = self.x_hat_f64(z, eps, gamma_t)
@@ -326,15 +381,15 @@ class UQDM(DiffusionModel):
         """The symbols and z_s now; their entropy coding in ``finish`` (may run in another thread)."""
         if options:
             raise ValueError(f"uqdm has no encoder options {sorted(options)}")
-        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
-        u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
-        mu_q = st.a * z + st.b * x
-        k = np.round(self.basis.forward(mu_q - st.mu_p).reshape(-1) / st.delta + u)
+        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
+        basis = self.step_basis(i)
+        u = self._dither(seed, i, z.size)
+        k = self._symbols(st, basis, z, x, u)
         half_width = int(max(1, np.abs(k).max()))
-        if half_width > min(MAX_HALF_WIDTH, self._max_half_width(st)):
+        if half_width > min(MAX_HALF_WIDTH, self._max_half_width(st, basis)):
             raise ValueError("step symbol out of range (model unsuited to this image)")
         k = k.astype(np.int64)
-        z_s = self._z_s(st, k, u, z.shape)
+        z_s = self._z_s(st, basis, k, u, z.shape)
         passes = self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape)  # holds neither mu_p nor z
 
         def finish() -> Section:
@@ -350,10 +405,11 @@ class UQDM(DiffusionModel):
         if len(sec.params) != 2:
             raise DecodeError(f"malformed parameters in section {sec.index}")
         (half_width,) = struct.unpack("<H", sec.params)
-        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]))
-        if not 1 <= half_width <= self._max_half_width(st):  # a forged width would only cost time
+        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
+        basis = self.step_basis(i)
+        if not 1 <= half_width <= self._max_half_width(st, basis):  # a forged width would only cost time
             raise DecodeError(f"corrupt parameters in section {sec.index} (symbol range {half_width})")
-        u = rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((z.size,)) - 0.5
+        u = self._dither(seed, i, z.size)
         k = np.zeros(z.size, dtype=np.int64)
         dec = CategoricalDecoder(sec.payload)
         # the passes are built lazily: the second pass's tables need the first pass's symbols in k
@@ -361,7 +417,7 @@ class UQDM(DiffusionModel):
             k[idx] = dec.decode(idx.size, 2 * half_width + 1, table(half_width)).astype(np.int64) - half_width
         if symbols_crc(k) != sec.symbols_crc:
             raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
-        return self._z_s(st, k, u, z.shape)
+        return self._z_s(st, basis, k, u, z.shape)
 
     def _passes(self, step_scale: np.ndarray, delta: float, k: np.ndarray, u: np.ndarray, gamma_t: float, shape):
         """Yield the coding passes of a step, (flat indices, half_width -> table function): one pass
@@ -384,9 +440,150 @@ class UQDM(DiffusionModel):
         m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
         yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m)
 
-    def _z_s(self, st: _Step, k: np.ndarray, u: np.ndarray, shape) -> np.ndarray:
+    @staticmethod
+    def _dither(seed: int, i: int, n: int) -> np.ndarray:
+        """Step i's dither u ~ U(-1/2, 1/2), from the shared seed."""
+        return rngmod.SeededStream(seed, rngmod.DITHER, i).uniform((n,)) - 0.5
+
+    @staticmethod
+    def _symbols(st: _Step, basis: NoiseBasis, z: np.ndarray, x: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """k = round(M (mu_Q - mu_P) / D + u), flat float64, for x of z's shape or broadcasting to it.
+
+        The lossless section of a model with a final basis evaluates this for candidate images:
+        element-wise operations in a fixed order, so a candidate equal to x gives x's k bit for bit."""
+        mu_q = st.a * z + st.b * x
+        return np.round(basis.forward(mu_q - st.mu_p).reshape(-1) / st.delta + u)
+
+    @staticmethod
+    def _z_s(st: _Step, basis: NoiseBasis, k: np.ndarray, u: np.ndarray, shape) -> np.ndarray:
         """z_s = mu_P + M^T (k - u) D: both sides, the same float64 operations."""
-        return st.mu_p + self.basis.inverse((k.reshape(shape) - u.reshape(shape)) * st.delta)
+        return st.mu_p + basis.inverse((k.reshape(shape) - u.reshape(shape)) * st.delta)
+
+
+    # ------------------------------------------------------------------ the lossless section, final basis
+    # With a final basis the last step's box lies along per-pixel axes, so the pixels y that the last
+    # step would have coded into the same symbols k (its box around z_0) can be listed: at most
+    # (2R + 1)^3 per pixel.  x is coded as one of them, under the last step's own prior; the 256-way
+    # Gaussian p(x | z_0) of the other models cannot use the box and spends about 0.25 bits per
+    # sub-pixel more (README, UQDM final basis).
+
+    def _box_offsets(self, r: int, channels: int) -> np.ndarray:
+        """(K, 3) candidate offsets from the rounded box centre: all combinations for an RGB image, equal
+        ones for a gray image (its channels are repeated into the model's three)."""
+        d = np.arange(-r, r + 1, dtype=np.int64)
+        if channels == 1:
+            return np.repeat(d[:, None], 3, axis=1)
+        return np.stack(np.meshgrid(d, d, d, indexing="ij"), -1).reshape(-1, 3)
+
+    def _box_radius(self, width_levels: float, from_centre: bool) -> int:
+        """How many levels per channel a pixel inside the box can lie from the rounded box centre
+        (``from_centre``) or from another pixel inside it: a coded coordinate spans ``width_levels``
+        (D / b, in pixel levels), so a channel spans at most l1 times that, l1 the largest column
+        L1 norm of the colour matrix."""
+        l1 = float(np.abs(self.final.color).sum(0).max())
+        r = math.floor(l1 * width_levels / 2 + 0.5 + 1e-9) if from_centre else math.floor(l1 * width_levels + 1e-9)
+        if r > MAX_BOX_RADIUS:
+            raise ValueError(f"the last step's box is too wide for the lossless section ({width_levels:.3f} levels)")
+        return max(r, 1)  # the range coder needs two symbols or more, even where only one pixel fits
+
+    def _final_setup(self, z_prev: np.ndarray, z0: np.ndarray, gam: np.ndarray, seed: int, region):
+        """What encoder and decoder share for the lossless section: (step, offsets, base, table function)."""
+        st, _, _ = self._step(z_prev, float(gam[0]), float(gam[1]), 1)
+        u = self._dither(seed, 1, z0.size)
+        k = np.round(self.final.forward(z0 - st.mu_p).reshape(-1) / st.delta + u)  # the last step's symbols
+        c, h, w = region
+        r = self._box_radius(st.delta / st.b * 128.0, from_centre=True)
+        off = self._box_offsets(r, c)
+
+        def px(v: np.ndarray) -> np.ndarray:  # (1, 3, H, W) or flat -> (3, n) over the region
+            return np.ascontiguousarray(v.reshape(z0.shape)[0, :, :h, :w].reshape(3, -1))
+
+        z1r, mupr, sr, ur, kr = px(z_prev), px(st.mu_p), px(st.scale), px(u), px(k)
+        centre = np.round(((px(z0) - st.a * z1r) / st.b + 1.0) * 128.0 - 0.5)
+        base = np.clip(centre, 0, 255).astype(np.int64)
+        if c == 1:
+            base[1:] = base[0]
+
+        def table(sl: slice) -> np.ndarray:
+            y = base[:, sl, None] + off.T[:, None, :]  # (3, n, K) candidate pixels
+            coded = self.final.forward((st.a * z1r[:, sl, None] + st.b * pixel_to_unit(y.astype(np.float64))
+                                        - mupr[:, sl, None])[None])[0]
+            feasible = np.all(np.round(coded / st.delta + ur[:, sl, None]) == kr[:, sl, None], axis=0)
+            feasible &= np.all((y >= 0) & (y <= 255), axis=0)
+            t = coded / sr[:, sl, None]
+            lp = -t[0] - 2.0 * np.logaddexp(0.0, -t[0])  # the logistic prior's log-density, channel by channel
+            for ch in (1, 2):
+                lp = lp + (-t[ch] - 2.0 * np.logaddexp(0.0, -t[ch]))
+            lp = np.where(feasible, lp, -np.inf)
+            p = np.exp(lp - lp.max(axis=1, keepdims=True))
+            return p / p.sum(axis=1, keepdims=True)
+
+        return st, off, base, r, table
+
+    def encode_final(self, pixels: np.ndarray, region, z_prev: np.ndarray, z0: np.ndarray, gam: np.ndarray,
+                     seed: int) -> Section:
+        if self.final is None:
+            return super().encode_final(pixels, region, z_prev, z0, gam, seed)
+        st, off, base, r, table = self._final_setup(z_prev, z0, gam, seed, region)
+        x = pixel_to_unit(pixels.astype(np.float64))[None]
+        u = self._dither(seed, 1, z0.size)
+        if not np.array_equal(self._symbols(st, self.final, z_prev, x, u),
+                              np.round(self.final.forward(z0 - st.mu_p).reshape(-1) / st.delta + u)):
+            raise RuntimeError("the lossless section does not follow from the last step (internal error)")
+        c, h, w = region
+        digits = pixels[:, :h, :w].reshape(3, -1).astype(np.int64) - base + r
+        if digits.min() < 0 or digits.max() > 2 * r:
+            raise RuntimeError("a pixel lies outside its last step's box (internal error)")
+        n = 2 * r + 1
+        sym = digits[0] if c == 1 else (digits[0] * n + digits[1]) * n + digits[2]
+        payload, ideal = encode_categorical(sym, len(off), table)
+        return Section(KIND_FINAL, self.num_steps + 1, b"", payload, symbols_crc(sym), ideal)
+
+    def decode_final(self, state, sec: Section, region, seed: int) -> np.ndarray:
+        if self.final is None:
+            return super().decode_final(state, sec, region, seed)
+        if state.z_prev is None:
+            raise DecodeError("the lossless section needs the latent before the last step")
+        st, off, base, r, table = self._final_setup(state.z_prev, state.z, self.gamma_grid(self.num_steps), seed,
+                                                    region)
+        c, h, w = region
+        sym = decode_categorical(sec.payload, h * w, len(off), table)
+        if symbols_crc(sym.astype(np.int64)) != sec.symbols_crc:
+            raise DecodeError("lossless section decoded inconsistently (model or platform mismatch)")
+        y = base + off[sym.astype(np.int64)].T
+        return y[:c].reshape(c, h, w).astype(np.uint8)
+
+    def box_data_nll(self, x_int: torch.Tensor, z1: torch.Tensor, z0: torch.Tensor, gamma0, gamma1,
+                     prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """torch: the lossless section's code length (nats per example) for a model with a final basis.
+
+        x among the pixels y whose last step gives the same box around z_0 (|F (a z_1 + b y - z_0)| <= D/2
+        per coordinate), weighted by the last step's logistic prior ``prior`` = (mu_P, scale) as coded,
+        or, without it (training evaluates one random step per example), uniformly: an upper bound,
+        about 0.02 bits per sub-pixel above (it has no gradient: gamma_0 is frozen in these models)."""
+        a, b, beta = (float(v) for v in posterior_coefficients(gamma0.detach().double(), gamma1.detach().double()))
+        half = 0.5 * SQRT12 * beta
+        r = self._box_radius(2 * half / b * 128.0, from_centre=False)
+        off = torch.as_tensor(self._box_offsets(r, 3), device=x_int.device)  # (K, 3), offset 0 in the middle
+        K = off.shape[0]
+        C = torch.as_tensor(self.final.color, dtype=z0.dtype, device=z0.device)
+        out = []
+        for n in range(x_int.shape[0]):  # one example at a time: K candidates per pixel
+            y = x_int[n, :, :, :, None] + off.T[:, None, None, :]  # (3, H, W, K)
+            yu = 2.0 * (y.to(z0.dtype) + 0.5) / 256.0 - 1.0
+            coded = torch.einsum("kc,chwn->khwn", C, a * z1[n, ..., None] + b * yu - z0[n, ..., None])
+            feasible = (coded.abs() <= half).all(0) & ((y >= 0) & (y <= 255)).all(0)
+            feasible[..., K // 2] = True  # x itself (on the boundary only by rounding)
+            if prior is None:
+                lp = torch.zeros_like(coded[0])
+            else:
+                mu_p, scale = prior
+                t = torch.einsum("kc,chwn->khwn", C, a * z1[n, ..., None] + b * yu - mu_p[n, ..., None])
+                t = t / scale[n, ..., None]
+                lp = (-t - 2.0 * torch.nn.functional.softplus(-t)).sum(0)
+            lp = lp.masked_fill(~feasible, float("-inf"))
+            out.append((torch.logsumexp(lp, -1) - lp[..., K // 2]).sum())
+        return torch.stack(out)
 
 
 def expected_step_bits(r: torch.Tensor, scale: torch.Tensor, delta: float, quad: int = 16) -> torch.Tensor:
