@@ -183,3 +183,18 @@ def test_fit_scripts_convert_and_fit_only_the_last_step(tmp_path, image_folder, 
             assert torch.equal(b.state_dict()[k].half(), v.half()), k
     img = synthetic_image(16, 20, seed=5)
     assert np.array_equal(diffcodec.decompress(diffcodec.compress(img, model=b, lossless=True).data, model=b), img)
+
+
+def test_lossless_section_reuses_the_last_steps_network_evaluation(monkeypatch):
+    """Encoder and decoder evaluate the network once per step: the lossless section's prior is the
+    last step's, remembered (per thread) rather than evaluated again."""
+    m = _model("opponent").double().eval()
+    calls = []
+    real = m.evaluate_network
+    monkeypatch.setattr(m, "evaluate_network", lambda z, g: calls.append(g) or real(z, g))
+    img = synthetic_image(16, 16, seed=1)
+    data = diffcodec.compress(img, model=m, lossless=True).data
+    assert len(calls) == m.num_steps
+    calls.clear()
+    assert np.array_equal(diffcodec.decompress(data, model=m), img)
+    assert len(calls) == m.num_steps and m._eval_memo is None

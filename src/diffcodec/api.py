@@ -321,8 +321,8 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
         return _decode_rvgc(m, hd, step_secs, shape, deterministic, sampler_steps, eta, progress)
     if deterministic or sampler_steps is not None or eta is not None:
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
-    # the lossless section may condition on the last step's prior: its network evaluation is remembered
-    with m.reuse_evaluations() if final else contextlib.nullcontext():
+    # a lossless section that conditions on the last step's prior remembers its network evaluation
+    with m.reuse_evaluations() if final and m.final_uses_last_step else contextlib.nullcontext():
         state = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
         if final and state.remaining == 0:
             pix = m.decode_final(state, final[0], (hd.channels, hd.height, hd.width), hd.seed)
@@ -398,6 +398,8 @@ def list_models() -> list[dict]:
         extra = {"q_range": cfg["q_range"]} if "q_range" in cfg else {}
         if cfg.get("codec") == "uqdm":
             extra["noise_basis"] = cfg.get("noise_basis", "rgb")
+            if cfg.get("final_basis"):
+                extra["final_basis"] = cfg["final_basis"]
         out.append({"name": name, "codec": cfg.get("codec"), "steps": cfg.get("num_steps"), **extra,
                     "default": DEFAULT_MODELS.get(cfg.get("codec")) == name,
                     "file_bytes": path.stat().st_size, **{k: v for k, v in card.items() if k != "train"}})

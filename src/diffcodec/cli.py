@@ -121,6 +121,8 @@ def cmd_models(a) -> int:
         knob = f"q={m['q_range'][0]:g}..{m['q_range'][1]:g}" if "q_range" in m else f"steps={m.get('steps')}"
         if "noise_basis" in m:
             knob += f" basis={m['noise_basis']}"
+            if "final_basis" in m:
+                knob += f" last-step={m['final_basis']}"
         print(f"{star} {m['name']:<14} codec={m.get('codec')} {knob} "
               f"size={m.get('file_bytes', 0) / 1e6:.2f} MB  {m.get('summary', '')}")
     return 0

@@ -403,9 +403,8 @@ class DiffusionModel(nn.Module):
         final = None
         coder = pool("coder", 1)
         z_prev = z
-        # a lossless section may condition on the last step's prior (UQDM's final basis): its network
-        # evaluation is then remembered instead of repeated
-        with self.reuse_evaluations() if lossless else contextlib.nullcontext():
+        # a lossless section that conditions on the last step's prior remembers its network evaluation
+        with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
             try:
                 for i in range(T, T - num_steps, -1):
                     z_prev = z
@@ -430,6 +429,12 @@ class DiffusionModel(nn.Module):
         if final is not None:
             sections.append(final)
         return sections
+
+    @property
+    def final_uses_last_step(self) -> bool:
+        """Whether the lossless section conditions on the last step's prior (one network evaluation at
+        z_prev, which encoder and decoder then remember from the step instead of repeating it)."""
+        return False
 
     def encode_final(self, pixels: np.ndarray, region: tuple[int, int, int], z_prev: np.ndarray, z0: np.ndarray,
                      gam: np.ndarray, seed: int) -> Section:

@@ -467,6 +467,10 @@ class UQDM(DiffusionModel):
     # Gaussian p(x | z_0) of the other models cannot use the box and spends about 0.25 bits per
     # sub-pixel more (README, UQDM final basis).
 
+    @property
+    def final_uses_last_step(self) -> bool:
+        return self.final is not None
+
     def _box_offsets(self, r: int, channels: int) -> np.ndarray:
         """(K, 3) candidate offsets from the rounded box centre: all combinations for an RGB image, equal
         ones for a gray image (its channels are repeated into the model's three)."""
