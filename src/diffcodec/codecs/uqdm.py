@@ -459,7 +459,6 @@ class UQDM(DiffusionModel):
         """z_s = mu_P + M^T (k - u) D: both sides, the same float64 operations."""
         return st.mu_p + basis.inverse((k.reshape(shape) - u.reshape(shape)) * st.delta)
 
-
     # ------------------------------------------------------------------ the lossless section, final basis
     # With a final basis the last step's box lies along per-pixel axes, so the pixels y that the last
     # step would have coded into the same symbols k (its box around z_0) can be listed: at most
@@ -491,7 +490,8 @@ class UQDM(DiffusionModel):
         return max(r, 1)  # the range coder needs two symbols or more, even where only one pixel fits
 
     def _final_setup(self, z_prev: np.ndarray, z0: np.ndarray, gam: np.ndarray, seed: int, region):
-        """What encoder and decoder share for the lossless section: (step, offsets, base, table function)."""
+        """What encoder and decoder share for the lossless section: the last step's prior, dither and
+        symbols (read back from z_0), the candidate offsets, the rounded box centres and the table function."""
         st, _, _ = self._step(z_prev, float(gam[0]), float(gam[1]), 1)
         u = self._dither(seed, 1, z0.size)
         k = np.round(self.final.forward(z0 - st.mu_p).reshape(-1) / st.delta + u)  # the last step's symbols
@@ -522,17 +522,15 @@ class UQDM(DiffusionModel):
             p = np.exp(lp - lp.max(axis=1, keepdims=True))
             return p / p.sum(axis=1, keepdims=True)
 
-        return st, off, base, r, table
+        return st, u, k, off, base, r, table
 
     def encode_final(self, pixels: np.ndarray, region, z_prev: np.ndarray, z0: np.ndarray, gam: np.ndarray,
                      seed: int) -> Section:
         if self.final is None:
             return super().encode_final(pixels, region, z_prev, z0, gam, seed)
-        st, off, base, r, table = self._final_setup(z_prev, z0, gam, seed, region)
+        st, u, k, off, base, r, table = self._final_setup(z_prev, z0, gam, seed, region)
         x = pixel_to_unit(pixels.astype(np.float64))[None]
-        u = self._dither(seed, 1, z0.size)
-        if not np.array_equal(self._symbols(st, self.final, z_prev, x, u),
-                              np.round(self.final.forward(z0 - st.mu_p).reshape(-1) / st.delta + u)):
+        if not np.array_equal(self._symbols(st, self.final, z_prev, x, u), k):  # x must be a candidate
             raise RuntimeError("the lossless section does not follow from the last step (internal error)")
         c, h, w = region
         digits = pixels[:, :h, :w].reshape(3, -1).astype(np.int64) - base + r
@@ -548,8 +546,8 @@ class UQDM(DiffusionModel):
             return super().decode_final(state, sec, region, seed)
         if state.z_prev is None:
             raise DecodeError("the lossless section needs the latent before the last step")
-        st, off, base, r, table = self._final_setup(state.z_prev, state.z, self.gamma_grid(self.num_steps), seed,
-                                                    region)
+        _, _, _, off, base, _, table = self._final_setup(state.z_prev, state.z, self.gamma_grid(self.num_steps),
+                                                         seed, region)
         c, h, w = region
         sym = decode_categorical(sec.payload, h * w, len(off), table)
         if symbols_crc(sym.astype(np.int64)) != sec.symbols_crc:
@@ -563,8 +561,8 @@ class UQDM(DiffusionModel):
 
         x among the pixels y whose last step gives the same box around z_0 (|F (a z_1 + b y - z_0)| <= D/2
         per coordinate), weighted by the last step's logistic prior ``prior`` = (mu_P, scale) as coded,
-        or, without it (training evaluates one random step per example), uniformly: an upper bound,
-        about 0.02 bits per sub-pixel above (it has no gradient: gamma_0 is frozen in these models)."""
+        or, without it (training evaluates one random step per example), uniformly: a stand-in for the
+        training loss, which has no gradient in either form (gamma_0 is frozen in these models)."""
         a, b, beta = (float(v) for v in posterior_coefficients(gamma0.detach().double(), gamma1.detach().double()))
         half = 0.5 * SQRT12 * beta
         r = self._box_radius(2 * half / b * 128.0, from_centre=False)
