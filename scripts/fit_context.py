@@ -1,7 +1,10 @@
 """Fit a UQDM model's checkerboard context (two-pass step priors, ``codecs/context.py``).
 
     python scripts/fit_context.py MODEL OUT.safetensors [--data ../shared/data/train]
-                                  [--crops 48] [--crop 96] [--threads 2]
+                                  [--crops 48] [--crop 96] [--threads 2] [--steps 4] [--final-basis B]
+
+``--steps`` fits only those steps (1 = the coarsest) and keeps the model's context for the others
+(after a conversion to a final basis, ``--steps 4`` refits the last step's context in its new coordinates).
 
 Why: a step's prior is predicted from z_t alone, but the network's error is spatially correlated,
 so once half of the blocks are decoded their values predict the other half's (context.py).  This

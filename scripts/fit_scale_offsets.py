@@ -2,6 +2,11 @@
 
     python scripts/fit_scale_offsets.py MODEL OUT.safetensors [--data ../shared/data/train]
                                         [--crops 48] [--crop 96] [--threads 2]
+                                        [--steps 4] [--final-basis opponent]
+
+``--steps`` fits only those steps (1 = the coarsest) and keeps the model's offsets for the others;
+``--final-basis`` first gives the model that per-pixel basis for its last step (README, UQDM final
+basis): ``--final-basis opponent --steps 4`` on a 4-step model converts it and refits that step's offsets.
 
 Why: in a DCT noise basis the network must learn one prior scale per frequency of each 4x4 block.
 ``uqdm-medium3`` as first trained had learned them least for its coarsest step: this script, run on

@@ -198,3 +198,17 @@ def test_lossless_section_reuses_the_last_steps_network_evaluation(monkeypatch):
     calls.clear()
     assert np.array_equal(diffcodec.decompress(data, model=m), img)
     assert len(calls) == m.num_steps and m._eval_memo is None
+
+
+def test_ancestral_last_step_samples_in_the_final_basis():
+    """The ancestral reconstruction's step to t = 0 draws its noise in the final basis with the carried
+    scales: same network and seed, another sample than without a final basis; steps above t = 0 alike."""
+    img = synthetic_image(16, 24, seed=2)
+    plain, final = _model(None), _model("opponent")
+    final.load_state_dict({**final.state_dict(), **plain.state_dict()})
+    T = plain.num_steps
+    runs = [diffcodec.compress(img, model=m, steps=T - 1, seed=5) for m in (plain, final)]
+    one = [diffcodec.decompress(r.data, model=m, method="ancestral") for r, m in zip(runs, (plain, final))]
+    assert not np.array_equal(one[0], one[1])
+    again = diffcodec.decompress(runs[1].data, model=final, method="ancestral")
+    assert np.array_equal(one[1], again)

@@ -365,12 +365,15 @@ class UQDM(DiffusionModel):
         return max(1, math.ceil(2.0 * basis.max_row_l1 * st.b / st.delta + 0.5))
 
     def sample_reverse_step(self, z, eps, aux, gamma_s, gamma_t, rng):
+        """A sample of p(z_s | z_t) (ancestral reconstruction); a step that ends at t = 0 is the model's last
+        step, in its final basis if it has one."""
         x_hat = self.x_hat_f64(z, eps, gamma_t)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gamma_s), np.float64(gamma_t)))
-        scale = self._scale_np(aux, gamma_t, b)
+        final = self.final is not None and gamma_s <= float(self.schedule.gammas_f64([0.0])[0])
+        scale = self._scale_np(aux, gamma_t, b, final=final)
         mu_p = a * z + b * x_hat
         noise = scale * rng.logistic(z.shape) + SQRT12 * beta * (rng.uniform(z.shape) - 0.5)
-        return mu_p + self.basis.inverse(noise)
+        return mu_p + (self.final if final else self.basis).inverse(noise)
 
     def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Universal quantization of step t_i -> t_{i-1}; returns (z_s, section)."""
