@@ -19,6 +19,8 @@ CASES = {
     "uqdm-medium3": dict(codec="uqdm", lossless=True),
     "uqdm-medium4": dict(codec="uqdm", lossless=True),
     "uqdm-medium5": dict(codec="uqdm", lossless=True),
+    "uqdm-medium6": dict(codec="uqdm", lossless=True),
+    "uqdm-medium7": dict(codec="uqdm", lossless=True),
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),
