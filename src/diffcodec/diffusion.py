@@ -58,8 +58,8 @@ class Received(NamedTuple):
     bit for bit the encoder's.  ``z_view`` at ``gamma_view`` is what reconstructions start from: the
     same latent for an exact channel (UQDM), for DiffC the chain latent with the channel coder's
     shortfall undone (:meth:`diffcodec.codecs.diffc.DiffC.decode_step_view`).  ``z_prev`` is the chain
-    latent before the last decoded step (the lossless section of a UQDM model with a final basis
-    conditions on it).
+    latent before the last decoded step, kept only for a model whose lossless section conditions on it
+    (UQDM with a final basis; otherwise None).
     """
 
     z: np.ndarray
@@ -402,12 +402,12 @@ class DiffusionModel(nn.Module):
         pending = None
         final = None
         coder = pool("coder", 1)
-        z_prev = z
+        z_prev = None  # the latent before the last step, kept only for a lossless section (memory)
         # a lossless section that conditions on the last step's prior remembers its network evaluation
         with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
             try:
                 for i in range(T, T - num_steps, -1):
-                    z_prev = z
+                    z_prev = z if lossless else None
                     z, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
                     if pending is not None:
                         sections.append(pending.result())
@@ -460,12 +460,13 @@ class DiffusionModel(nn.Module):
         gam = self.gamma_grid(T)
         z = self.initial_latent(shape, seed)
         i = T
+        keep = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
         for sec in sections:
             if sec.kind != KIND_STEP:
                 break
             if sec.index != T - i + 1 or i < 1:
                 raise DecodeError("step sections out of order")
-            z_prev = z
+            z_prev = z if keep else None
             z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
             i -= 1
             yield Received(z, float(gam[i]), i, z_view, gamma_view, z_prev)
