@@ -212,3 +212,22 @@ def test_ancestral_last_step_samples_in_the_final_basis():
     assert not np.array_equal(one[0], one[1])
     again = diffcodec.decompress(runs[1].data, model=final, method="ancestral")
     assert np.array_equal(one[1], again)
+
+
+def test_fine_tuning_keeps_the_final_basis_and_gamma_min(tmp_path, image_folder):
+    """train --init of a model with a final basis: the run trains the network, offsets and context (the
+    last step's included) but not gamma_min, and its model still round-trips losslessly."""
+    from diffcodec.train import TrainConfig, train
+
+    src = tmp_path / "final.safetensors"
+    save_model(_model("opponent"), src)
+    out = tmp_path / "run"
+    train(TrainConfig(codec="uqdm", data=str(image_folder), out=str(out), init=str(src), iters=3, batch=2, crop=16,
+                      val_batch=2, ckpt_every=1, warmup=1, lr=1e-3), quiet=True)
+    a, b = load_model(str(src)), load_model(str(out / "model.safetensors"))
+    assert b.final_basis == "opponent"
+    assert float(b.schedule.gamma_min) == float(a.schedule.gamma_min)
+    assert not torch.equal(a.context_weight[0].float(), b.context_weight[0].float())  # the last step's context
+    assert not torch.equal(a.scale_offset[0].float(), b.scale_offset[0].float())
+    img = synthetic_image(16, 20, seed=4)
+    assert np.array_equal(diffcodec.decompress(diffcodec.compress(img, model=b, lossless=True).data, model=b), img)
