@@ -59,6 +59,18 @@ def tiny_model(tiny_model_path):
     return load_model(str(tiny_model_path))
 
 
+def load_repo_module(folder: str, name: str):
+    """A script of the repository (``benchmarks/`` or ``scripts/``, not a package) imported as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_image_folder(root, size: int = 24, n: int = 3):
     """A folder of ``n`` synthetic size x size training images under ``root``."""
     from PIL import Image

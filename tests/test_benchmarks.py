@@ -1,15 +1,10 @@
 """Helpers of the benchmark scripts (the scripts themselves need the bundled models and Kodak)."""
 
-import importlib.util
-from pathlib import Path
+from conftest import load_repo_module
 
 
 def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_repo_module("benchmarks", name)
 
 
 def _run(enc: float, dec: float, peak: float) -> dict:
@@ -156,10 +151,7 @@ def test_fit_scale_offsets_lowers_the_expected_bits():
     import diffcodec
     from conftest import make_tiny, synthetic_image
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fit_scale_offsets.py"
-    spec = importlib.util.spec_from_file_location("fit_scale_offsets", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_repo_module("scripts", "fit_scale_offsets")
     model = make_tiny("uqdm", noise_basis="opponent-dct4", scale_offsets=True).double().eval()
     x = torch.from_numpy(np.stack([synthetic_image(16, 16, seed=i) for i in range(2)])).permute(0, 3, 1, 2)
     offsets, report = mod.fit(model, x.double() * (2 / 256) + (1 / 256 - 1))

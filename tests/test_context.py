@@ -1,15 +1,13 @@
 """UQDM's checkerboard context (codecs/context.py): numpy and torch agree, files round-trip, only
 the bits change, and the fit script never costs bits on its own crops."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import load_repo_module, make_tiny, synthetic_image
 from diffcodec.codecs.context import context_np, context_t, from_blocks, second_pass, to_blocks
 from diffcodec.codecs.uqdm import UQDM
 from diffcodec.models import load_model, save_model
@@ -107,10 +105,7 @@ def test_context_is_in_the_training_loss():
 
 
 def test_fit_context_never_costs_bits_on_its_crops():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "fit_context.py"
-    spec = importlib.util.spec_from_file_location("fit_context", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_repo_module("scripts", "fit_context")
     model = _with_context(zero=True).double().eval()
     x = torch.from_numpy(np.stack([synthetic_image(16, 16, seed=i) for i in range(3)])).permute(0, 3, 1, 2)
     report = mod.fit(model, x.double() * (2 / 256) + (1 / 256 - 1))

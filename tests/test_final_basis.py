@@ -3,15 +3,13 @@ codes x among the pixels consistent with that step's box.  Files round-trip exac
 the earlier steps are untouched, the training loss is the coder's code length, the carried scales
 are the right variances, and the fit scripts convert a model and fit only the steps asked for."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import load_repo_module, make_tiny, synthetic_image
 from diffcodec import container
 from diffcodec.codecs.noise_basis import NoiseBasis, carry_variance
 from diffcodec.codecs.uqdm import UQDM
@@ -151,14 +149,6 @@ def test_lossless_section_needs_the_previous_latent():
                           img.transpose(2, 0, 1))
 
 
-def _script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_fit_scripts_convert_and_fit_only_the_last_step(tmp_path, image_folder, monkeypatch):
     """``--final-basis opponent --steps 4``: the converted model keeps every other step's offsets and
     context and the network bit for bit, fits the last step's, and still round-trips."""
@@ -172,7 +162,7 @@ def test_fit_scripts_convert_and_fit_only_the_last_step(tmp_path, image_folder, 
         if name == "fit_scale_offsets":
             args += ["--final-basis", "opponent"]
         monkeypatch.setattr(sys, "argv", args)
-        _script(name).main()
+        load_repo_module("scripts", name).main()
     s, b = load_model(str(tmp_path / "src.safetensors")), load_model(str(tmp_path / "b.safetensors"))
     assert b.final_basis == "opponent"
     for k, v in s.state_dict().items():  # (the fits save float16 weights)
