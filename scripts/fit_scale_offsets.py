@@ -41,9 +41,13 @@ def by_coordinate(v: torch.Tensor, p: int) -> torch.Tensor:
 
 def fit(model: UQDM, x: torch.Tensor, steps=lambda j: True) -> tuple[torch.Tensor, list[dict]]:
     """Offsets (T, C, p, p) of the steps j that ``steps(j)`` selects (the others': the model's own) and
-    per-step bits per pixel before / after, on crops x.  The selected steps' offsets must be zero in
-    ``model``: they are fitted on top of the network's own scales."""
+    per-step bits per pixel before / after, on crops x.  The selected steps' offsets in ``model`` are
+    zeroed first: they are fitted on top of the network's own scales, not of earlier offsets."""
     T, p = model.num_steps, model.basis.block
+    with torch.no_grad():
+        for j in range(1, T + 1):
+            if steps(j):
+                model.scale_offset[j - 1] = 0.0
     offsets = model.scale_offset.detach().clone().double()
     report = []
     for j, r_rgb, scale, delta in model.step_residuals(x):  # the model's own chain
@@ -71,10 +75,6 @@ def main() -> None:
     a = parse_args(__doc__)
     src, model = load_for_fit(a.model, "scale offsets", {"scale_offsets": True}, ("scale_offset_steps",),
                               ("scale_offset",), a.final_basis)
-    with torch.no_grad():  # fitted on top of the network's own scales, not of earlier offsets
-        for j in range(1, model.num_steps + 1):
-            if selected(a, model, j):
-                model.scale_offset[j - 1] = 0.0
     offsets, report = fit(model, training_crops(a.data, a.crop, a.crops), lambda j: selected(a, model, j))
     with torch.no_grad():
         model.scale_offset.copy_(offsets)
