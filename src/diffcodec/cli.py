@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gan-weight", dest="gan_weight", type=float,
                    help="rvgc: decoder fine-tuning (implies --decoder-only) with an adversarial loss of "
                    "this weight beside the MSE")
+    t.add_argument("--detail-weight", dest="detail_weight", type=float,
+                   help="rvgc: decoder fine-tuning (implies --decoder-only) with a detail-energy loss of this "
+                   "weight (relative to the MSE): fine texture of the right strength (texture.py)")
     t.add_argument("--disc-lr", dest="disc_lr", type=float, help="discriminator learning rate (default 1e-4)")
     t.add_argument("--decoder-width", dest="decoder_width", type=int,
                    help="rvgc decoder fine-tuning: first widen the --init model's g_s to this many hidden "

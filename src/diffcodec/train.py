@@ -9,8 +9,9 @@ the loss in bits/dim, and a ``log.jsonl`` of all metrics.
 With ``decoder_only`` the run fine-tunes only the decoder of an ``--init`` model (its
 ``decoder_parameters()``, on the latents the decoder really receives); ``gan_weight`` > 0 adds an
 adversarial loss against a latent-conditioned patch discriminator (adversarial.py) that is
-checkpointed with the run; ``decoder_width`` / ``decoder_refine`` first grow the init model's
-decoder (``RVGC.with_decoder``), which starts out computing what the old one did.
+checkpointed with the run, ``detail_weight`` > 0 a detail-energy loss (texture.py);
+``decoder_width`` / ``decoder_refine`` first grow the init model's decoder (``RVGC.with_decoder``),
+which starts out computing what the old one did.
 
 Distributed: when started by ``torchrun`` (``WORLD_SIZE`` set) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on CUDA); every rank samples its own crops and only
@@ -90,6 +91,7 @@ class TrainConfig:
     init: str = ""  # fine-tune: start from this model's weights (bundled name or .safetensors), step 0
     decoder_only: bool = False  # fine-tune only the decoder of the --init model (rvgc; coded sections stay the same)
     gan_weight: float = 0.0  # > 0: ... with an adversarial loss (implies decoder_only; adversarial.py)
+    detail_weight: float = 0.0  # > 0: ... with a detail-energy loss of this weight (implies decoder_only; texture.py)
     disc_lr: float = 1e-4  # learning rate of the discriminator (adversarial fine-tuning)
     decoder_width: int = 0  # > 0: grow the --init model's g_s to this many hidden channels (rvgc, decoder-only)
     decoder_refine: int = 0  # > 0: ... and give it a full-resolution head of this many channels
@@ -233,6 +235,11 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
     return mcfg, state, {"model": cfg.init, "model_hash": src.model_hash}
 
 
+def _decoder_only(cfg: TrainConfig) -> bool:
+    """Whether the run fine-tunes only a decoder: asked for, or implied by a decoder-only loss term."""
+    return cfg.decoder_only or cfg.gan_weight > 0 or cfg.detail_weight > 0
+
+
 def _grow_decoder(cfg: TrainConfig, model, resumed: bool):
     """The --init model with a wider g_s / a full-resolution head that starts out decoding like it.
 
@@ -240,7 +247,7 @@ def _grow_decoder(cfg: TrainConfig, model, resumed: bool):
     match it, so that they are never silently ignored."""
     if not hasattr(model, "with_decoder"):
         raise DiffcodecError(f"--decoder-width / --decoder-refine are for rvgc models, not {cfg.codec}")
-    if not (cfg.decoder_only or cfg.gan_weight > 0):
+    if not _decoder_only(cfg):
         raise DiffcodecError("--decoder-width / --decoder-refine grow the decoder of a decoder fine-tune: "
                              "add --decoder-only")
     width = cfg.decoder_width or model.N_s
@@ -402,7 +409,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     for p in ema.parameters():
         p.requires_grad_(False)
     disc = opt_d = None
-    decoder_only = cfg.decoder_only or cfg.gan_weight > 0
+    decoder_only = _decoder_only(cfg)
     if decoder_only:
         params, disc, opt_d = _decoder_setup(cfg, model, ck is not None, device)
     else:
@@ -456,7 +463,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             g["lr"] = lr_at(step, cfg)
         x = sampler.batch(cfg.batch).to(device)
         if decoder_only:
-            res = net(x, decoder=True)
+            res = net(x, decoder=True, detail_weight=cfg.detail_weight)
             if disc is not None:
                 res = _adversarial_step(cfg, res, x, dnet, disc, opt_d, lr_at(step, cfg) / cfg.lr)
             res = {k: v for k, v in res.items() if v.dim() <= 1}  # per-example terms (not the images)

@@ -47,6 +47,7 @@ from ..entropy import (
 from ..errors import DecodeError, DiffcodecError, FormatError
 from ..networks import DenoiserUNet, UNetConfig
 from ..schedule import LOG2, unit_to_pixel
+from ..texture import detail_energy_loss
 from ..transforms import Analysis, HyperAnalysis, HyperSynthesis, RateEmbedding, Synthesis, widen_synthesis
 from .base import Section
 from .uqdm import log_logistic_bin_t
@@ -256,14 +257,16 @@ class RVGC(nn.Module):
         return out[:, :, :h, :w]
 
     # ------------------------------------------------------------------ training loss
-    def forward(self, x: torch.Tensor, all_steps: bool = False, decoder: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, all_steps: bool = False, decoder: bool = False,
+                detail_weight: float = 0.0) -> dict[str, torch.Tensor]:
         """Per-example training loss (``loss``) and its parts; ``all_steps`` is accepted for the trainer.
 
-        ``decoder=True`` is the decoder fine-tuning pass instead (``decoder_forward``); it goes through
-        ``forward`` so that DistributedDataParallel synchronises its gradients.
+        ``decoder=True`` is the decoder fine-tuning pass instead (``decoder_forward``, with its
+        ``detail_weight``); it goes through ``forward`` so that DistributedDataParallel synchronises its
+        gradients.
         """
         if decoder:
-            return self.decoder_forward(x)
+            return self.decoder_forward(x, detail_weight)
         B = x.shape[0]
         lo, hi = (math.log(v) for v in self.q_range)
         q = torch.exp(lo + (hi - lo) * torch.rand(B, device=x.device, dtype=x.dtype))
@@ -333,7 +336,7 @@ class RVGC(nn.Module):
         qv = q.view(B, 1, 1, 1)
         return mu + torch.round((y - mu) / qv) * qv
 
-    def decoder_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decoder_forward(self, x: torch.Tensor, detail_weight: float = 0.0) -> dict[str, torch.Tensor]:
         """One decoder fine-tuning pass through both decoders the codec uses, at a random q per example.
 
         The decoders get the *really quantised* latent y_hat (``quantized_latent``), not the training
@@ -344,7 +347,10 @@ class RVGC(nn.Module):
         g_s(y_s, clean level)`` decodes the latent the model's own sampler (``sampler_walk``, its
         default steps and eta) recovers from y_hat, i.e. exactly what the default decoder feeds g_s.
         Both are returned with y_hat (``y_t``) for a latent-conditioned discriminator.  The frozen
-        parts run without gradients; ``loss`` is per example lambda(q) (MSE + MSE_sampled).
+        parts run without gradients; ``loss`` is per example lambda(q) (MSE + MSE_sampled), plus, with a
+        ``detail_weight`` W, lambda(q) W (D + D_sampled) where D is the detail-energy loss of each
+        decoder's output (``texture.detail_energy_loss``, in the MSE's units): texture of the right
+        strength where the MSE alone would smooth it away.
         """
         B = x.shape[0]
         lo, hi = (math.log(v) for v in self.q_range)
@@ -359,7 +365,13 @@ class RVGC(nn.Module):
         x_sampled = self.g_s(y_s, emb_clean)
         mse = (x_hat - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
         mse_sampled = (x_sampled - x).pow(2).flatten(1).mean(1) * PIXEL_SCALE2
-        return {"loss": self.lmbda(q) * (mse + mse_sampled), "mse": mse, "mse_sampled": mse_sampled, "q": q,
+        loss = mse + mse_sampled
+        extra = {}
+        if detail_weight > 0:
+            detail = (detail_energy_loss(x_hat, x) + detail_energy_loss(x_sampled, x)) * PIXEL_SCALE2
+            loss = loss + detail_weight * detail
+            extra["detail"] = detail
+        return {"loss": self.lmbda(q) * loss, "mse": mse, "mse_sampled": mse_sampled, "q": q, **extra,
                 "psnr": 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)),
                 "psnr_sampled": 10 * torch.log10(255.0**2 / mse_sampled.clamp_min(1e-10)),
                 "x_hat": x_hat, "x_sampled": x_sampled, "y_t": y_t}
