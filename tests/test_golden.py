@@ -32,6 +32,7 @@ CASES = {
     "rvgc-small5": dict(codec="rvgc", q=2.0),
     "rvgc-small6": dict(codec="rvgc", q=2.0),
     "rvgc-small7": dict(codec="rvgc", q=2.0),
+    "rvgc-small8": dict(codec="rvgc", q=2.0),
 }
 
 
