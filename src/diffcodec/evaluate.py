@@ -829,6 +829,9 @@ class QSweepAdapter(CodecAdapter):
         self.codec, self.model, self.methods, self.seed = codec, model, methods, int(seed)
         self.sampler_steps = sampler_steps
         self.model_id, self.model_hash = m.model_id, m.model_hash
+        # the decoder defaults are not in the hash (it covers the tensors): a model re-exported with other
+        # defaults decodes the same files differently, so they are part of the cache key
+        self.decoder_defaults = f"{m.sampler_steps},{m.eta},{m.sampler_max_q}"
 
     def curves(self) -> list[str]:
         return [f"{self.model_id}-{method}" for method in self.methods]
@@ -841,7 +844,8 @@ class QSweepAdapter(CodecAdapter):
 
     @property
     def config(self) -> str:
-        return f"rvgc:{self.model_hash}:seed={self.seed}:sampler_steps={self.sampler_steps}"
+        return (f"rvgc:{self.model_hash}:seed={self.seed}:sampler_steps={self.sampler_steps}"
+                f":defaults={self.decoder_defaults}")
 
     def groups(self) -> list[Group]:
         return [(q, [(c, q) for c in self.curves()]) for q in self.qs]
