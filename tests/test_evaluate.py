@@ -342,3 +342,15 @@ def test_load_images_downscales(tmp_path):
     assert list(imgs) == ["a", "b"]
     assert imgs["a"].shape == (10, 6, 3) and imgs["b"].shape == (6, 10, 3) and imgs["a"].dtype == np.uint8
     assert list(load_images(tmp_path, limit=1)) == ["a"]
+
+
+def test_rvgc_cache_key_covers_the_decoder_defaults(monkeypatch):
+    """A model re-exported with other decoder defaults (same weights and hash) must not reuse cached points."""
+    from diffcodec import evaluate
+
+    a = evaluate.QSweepAdapter(model="rvgc-small8")
+    m = evaluate._load_model("rvgc-small8", "rvgc")
+    monkeypatch.setattr(m, "sampler_max_q", 4.0)
+    monkeypatch.setattr(evaluate, "_load_model", lambda *_: m)
+    b = evaluate.QSweepAdapter(model="rvgc-small8")
+    assert a.model_hash == b.model_hash and a.config != b.config
