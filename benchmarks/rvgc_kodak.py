@@ -8,8 +8,10 @@ For every q: each image is compressed once (whole-file bpp); the *same file* is 
 ``deterministic=True`` (the plain synthesis g_s(y_hat)) and with the stochastic latent sampler at
 each requested step count.  Reported per q and decoder: mean bpp, PSNR (RGB), MS-SSIM, and the
 sliced Wasserstein distance (multi-scale Laplacian patches, x1e3, lower = more realistic) between
-the original set and the decoded set; decode seconds per image and per sampler step (the extra time
-of the sampler divided by its steps).  The script also checks that the rate is monotone in q for
+the original set and the decoded set; the RMS of the finest Laplacian level (``band_rms``, 0-255
+units, mean over images; also of the originals, ``band_rms_original``): how much fine detail a decoder
+renders; decode seconds per image and per sampler step (the extra time of the sampler divided by its
+steps).  The script also checks that the rate is monotone in q for
 every image.
 """
 
@@ -28,7 +30,12 @@ import torch
 import diffcodec
 from diffcodec.data import list_images, split_files
 from diffcodec.evaluate import load_images
-from diffcodec.metrics import ms_ssim, psnr, sliced_wasserstein
+from diffcodec.metrics import _laplacian_pyramid, ms_ssim, psnr, sliced_wasserstein
+
+
+def band_rms(img: np.ndarray) -> float:
+    """RMS of the finest level of the image's Laplacian pyramid (the one SWD's finest level samples)."""
+    return float(np.sqrt(np.mean(_laplacian_pyramid(img.transpose(2, 0, 1).astype(np.float32), 2)[0] ** 2)))
 
 
 def run(model, images: dict[str, np.ndarray], qs: list[float], sampler_steps: list[int], eta: float | None) -> dict:
@@ -37,7 +44,7 @@ def run(model, images: dict[str, np.ndarray], qs: list[float], sampler_steps: li
     bpp_by_image: dict[str, list[float]] = {k: [] for k in images}
     for q in qs:
         recs: dict[str, list[np.ndarray]] = {d: [] for d in decoders}
-        per = {d: {"psnr": [], "ms-ssim": [], "decode_s": []} for d in decoders}
+        per = {d: {"psnr": [], "ms-ssim": [], "band_rms": [], "decode_s": []} for d in decoders}
         bpps, enc_s = [], []
         for name, img in images.items():
             t0 = time.perf_counter()
@@ -53,6 +60,7 @@ def run(model, images: dict[str, np.ndarray], qs: list[float], sampler_steps: li
                 per[d]["decode_s"].append(time.perf_counter() - t0)
                 per[d]["psnr"].append(psnr(img, out))
                 per[d]["ms-ssim"].append(ms_ssim(img, out))
+                per[d]["band_rms"].append(band_rms(out))
                 recs[d].append(out)
         refs = list(images.values())
         row = {"q": q, "bpp": float(np.mean(bpps)), "encode_s": float(np.mean(enc_s)), "decoders": {}}
@@ -69,7 +77,8 @@ def run(model, images: dict[str, np.ndarray], qs: list[float], sampler_steps: li
             f"{d}: {v['psnr']:.2f} dB / MS-SSIM {v['ms-ssim']:.4f} / SWD {v['swd']:.1f}"
             for d, v in row["decoders"].items()), flush=True)
     monotone = all(all(a > b for a, b in zip(v, v[1:])) for v in bpp_by_image.values())
-    return {"rows": rows, "rate_monotone_in_q": monotone, "bpp_by_image": bpp_by_image}
+    return {"rows": rows, "rate_monotone_in_q": monotone, "bpp_by_image": bpp_by_image,
+            "band_rms_original": float(np.mean([band_rms(v) for v in images.values()]))}
 
 
 def to_compressai(model_id: str, out: dict) -> list[dict]:

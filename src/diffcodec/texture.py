@@ -2,9 +2,10 @@
 
 Why: a decoder trained on MSE alone outputs (roughly) the conditional mean of the image given its
 latent, so wherever the latent cannot say *where* the fine texture is (its phase), the fine bands
-lose their energy. Measured on `rvgc-small5` at q 4 (0.45 bpp on kodak-small): the finest Laplacian
-band of its reconstructions has a standard deviation of 17.6 against the originals' 20.2 (0-255
-units), and the finest level is where its SWD trails JPEG's (docs/results/kodak-small/swd_levels.txt).
+lose their energy. Measured on `rvgc-small5` at q 4 (0.45 bpp on kodak-small, default decoder): the
+finest Laplacian level of its reconstructions has an RMS of 9.6 against the originals' 14.2 (0-255
+units; `benchmarks/rvgc_kodak.py`, `benchmarks/results/rvgc-detail-energy/`), and the finest level is
+where its SWD trails JPEG's (docs/results/kodak-small/swd_levels.txt).
 
 This loss compares the *local energy* of each band (its mean square over small windows), not the
 band's values: it asks the decoder for texture of the right strength in the right places without
@@ -21,13 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_BINOMIAL = (1.0, 4.0, 6.0, 4.0, 1.0)
+from .metrics import _BINOMIAL  # the SWD pyramid's filter, so the loss sees the bands the metric samples
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
     """Separable 5-tap binomial blur per channel, reflect-padded (x: (B, C, H, W), H, W >= 3)."""
     c = x.shape[1]
-    k = torch.tensor(_BINOMIAL, dtype=x.dtype, device=x.device) / 16.0
+    k = torch.as_tensor(_BINOMIAL, dtype=x.dtype, device=x.device)
     x = F.pad(x, (2, 2, 2, 2), mode="reflect")
     x = F.conv2d(x, k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
     return F.conv2d(x, k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
