@@ -100,3 +100,10 @@ def synthetic_image(h: int = 20, w: int = 28, c: int = 3, seed: int = 0) -> np.n
 @pytest.fixture
 def image():
     return synthetic_image()
+
+
+def launcher_errors(stderr: str) -> str:
+    """A failed torchrun's stderr without the launcher's own traceback: the workers' messages (e.g. gloo's
+    ``terminate called ... what(): ...``) come first and would be cut off by a plain tail."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and "torch/distributed/" not in ln]
+    return "\n".join(lines[:40] + ["..."] + lines[-20:]) if len(lines) > 60 else "\n".join(lines)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from conftest import make_image_folder, synthetic_image
+from conftest import launcher_errors, make_image_folder, synthetic_image
 from diffcodec.adversarial import PatchDiscriminator, disc_loss, gen_loss
 from diffcodec.cli import main
 from diffcodec.models import load_model
@@ -119,7 +119,7 @@ def test_torchrun_adversarial_fine_tuning(tmp_path):
                         "--out", str(out), "--init", str(src / "model.safetensors"), "--gan-weight", "1",
                         "--iters", "2", "--batch", "2", "--crop", "32", "--val-batch", "2", "-q"],
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, launcher_errors(p.stderr)
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_image
+from conftest import launcher_errors, synthetic_image
 from diffcodec.cli import main
 
 
@@ -150,6 +150,6 @@ def test_torchrun_ddp_training(tmp_path, image_folder):
                         "-m", "diffcodec.cli", "--threads", "1", "train", "--data", str(data), "--out", str(out),
                         "--preset", "tiny", "--iters", "2", "--batch", "2", "--crop", "16", "--val-batch", "2",
                         "--ckpt-every", "2", "--val-every", "2", "-q"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, launcher_errors(p.stderr)
     assert (out / "model.safetensors").exists()
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]

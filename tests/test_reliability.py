@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import launcher_errors, make_tiny, synthetic_image
 from diffcodec import api, container
 from diffcodec.cli import main
 from diffcodec.codecs.base import Section
@@ -417,7 +417,7 @@ def test_bit_exact_in_another_process_with_2_threads(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # 2 threads on a busy machine: sleep, do not spin
     p = subprocess.run([sys.executable, "-c", _DECODE_2_THREADS, str(out), *args], capture_output=True, text=True,
                        timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, launcher_errors(p.stderr)
     there = np.load(out)
     assert sorted(there.files) == sorted(here)
     for key, val in here.items():
@@ -567,7 +567,7 @@ def test_training_survives_sigkill_at_any_moment(tmp_path, image_folder):
         proc.stderr.close()
         _check_run_dir(out)
     p = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, launcher_errors(p.stderr)
     assert _check_run_dir(out) == iters
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, iters + 1))

@@ -519,6 +519,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if distributed:
         import torch.distributed as dist
 
+        # every rank waits here until rank 0 has validated and saved: a rank that tears its gloo pairs down
+        # while a peer still holds them open can be aborted by gloo (seen once in CI: rank 1, SIGABRT)
+        del net, dnet
+        dist.barrier()
         dist.destroy_process_group()
     metrics.update(step=step, train_bpd=run_bpd, elapsed=elapsed)
     return metrics
