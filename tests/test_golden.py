@@ -52,3 +52,11 @@ def test_golden_file_decodes_and_reencodes_identically(name):
         assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / f"{name}.decoded.png"))
     res = diffcodec.compress(_png(GOLDEN / "input.png"), model=name, seed=7, **CASES[name])
     assert res.data == data
+
+
+@pytest.mark.parametrize("method", ["denoise", "flow"])
+def test_golden_uqdm_box_reconstruction(method):
+    """uqdm's channel-aware reconstruction of a cut file (codecs/box.py), pinned when it was added."""
+    data = (GOLDEN / "uqdm-medium7.dfc").read_bytes()
+    expect = _png(GOLDEN / f"uqdm-medium7.steps2.{method}.aware.png")
+    assert np.array_equal(diffcodec.decompress(data, steps=2, method=method), expect)

@@ -287,7 +287,8 @@ def _to_image(m, hd: container.Header, state, method: str, nfe: int | None, chan
     """uint8 (H, W, C) reconstruction of a received state, cropped, gray files averaged to 1 channel."""
     rng = SeededStream(hd.seed, ANCESTRAL)
     z, gamma = state.latent(channel_aware)
-    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, state.remaining))
+    pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, state.remaining),
+                        box=state.box if channel_aware else None)
     return _crop(pix, hd)
 
 
@@ -303,10 +304,12 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
     ancestral/flow (default: the codec's remaining steps).  ``max_pixels``: refuse files declaring
     a larger image before allocating anything (default: ``$DIFFCODEC_MAX_PIXELS`` or 25 MP);
     ``info(data)["complete"]`` tells whether a file holds all its sections.
-    ``channel_aware`` (diffc files): reconstruct from the last step with the reverse channel coder's
-    shortfall undone (:func:`diffcodec.codecs.diffc.undo_shortfall`); ``False`` reconstructs from the
-    received latent as it is (what the decoder did before channel-aware reconstruction; the files and
-    the lossless finish are the same either way).
+    ``channel_aware``: diffc files reconstruct from the last step with the reverse channel coder's
+    shortfall undone (:func:`diffcodec.codecs.diffc.undo_shortfall`); uqdm files use the box the last
+    step puts x in (``denoise``: the posterior mean inside it, ``flow``/``ancestral``: projected onto
+    it; :mod:`diffcodec.codecs.box`).  ``False`` reconstructs from the received latent as it is (what the
+    decoder did before channel-aware reconstruction; the files and the lossless finish are the same
+    either way).
 
     rvgc files: the latent is reversed to a sample by the few-step stochastic sampler
     (``sampler_steps`` network evaluations, default from the model; randomness ``eta`` in [0, 1])
@@ -317,7 +320,7 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
     hd, m, step_secs, final, shape = _open(data, model, steps, max_pixels)
     if hd.codec == "rvgc":
         if not channel_aware:
-            raise DiffcodecError("channel_aware applies to diffc files (rvgc's latent is entropy coded exactly)")
+            raise DiffcodecError("channel_aware applies to diffc and uqdm files (rvgc has no steps)")
         return _decode_rvgc(m, hd, step_secs, shape, deterministic, sampler_steps, eta, progress)
     if deterministic or sampler_steps is not None or eta is not None:
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")

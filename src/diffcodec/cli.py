@@ -268,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, help="decode only the first K step sections")
     d.add_argument("--method", default="denoise", choices=["denoise", "ancestral", "flow"])
     d.add_argument("--nfe", type=int, help="network evaluations for ancestral/flow")
-    d.add_argument("--no-channel-aware", dest="channel_aware", action="store_false", help="diffc: reconstruct "
-                   "from the received latent as it is, without undoing the channel coder's shortfall")
+    d.add_argument("--no-channel-aware", dest="channel_aware", action="store_false", help="reconstruct "
+                   "from the received latent as it is: diffc without undoing the channel coder's shortfall, uqdm "
+                   "without the box its last step puts the image in (x_hat of the latent)")
     d.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: steps of the latent sampler "
                    "(default: the model's; rvgc-small5 uses 2 up to q 5.66 and the plain synthesis above)")
     d.add_argument("--eta", type=float, help="rvgc: randomness of the sampler in [0, 1] (default: the model's)")
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(rvgc: deterministic,sampler,default); CODEC:METHOD applies to one codec only (default: denoise)")
     ev.add_argument("--nfe", type=int, help="network evaluations of flow/ancestral (default: remaining steps)")
     ev.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
-                    help="diffc: reconstruct from the received latents as they are (see decompress)")
+                    help="diffc/uqdm: reconstruct from the received latents as they are (see decompress)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "
                     "beyond a model's T are ignored; every step is still encoded; default: all)")
     ev.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: sampler network evaluations")

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ class Received(NamedTuple):
     same latent for an exact channel (UQDM), for DiffC the chain latent with the channel coder's
     shortfall undone (:meth:`diffcodec.codecs.diffc.DiffC.decode_step_view`).  ``z_prev`` is the chain
     latent before the last decoded step, kept only for a model whose lossless section conditions on it
-    (UQDM with a final basis; otherwise None).
+    (UQDM with a final basis; otherwise None).  ``box`` is what the last step says about x beyond the
+    latent, for a channel-aware reconstruction (UQDM: :class:`diffcodec.codecs.box.StepBox`; else None).
     """
 
     z: np.ndarray
@@ -68,6 +69,7 @@ class Received(NamedTuple):
     z_view: np.ndarray
     gamma_view: float
     z_prev: np.ndarray | None = None
+    box: Any = None
 
     def latent(self, channel_aware: bool = True) -> tuple[np.ndarray, float]:
         """(latent, gamma) to reconstruct from: the view, or the chain latent as received."""
@@ -275,10 +277,15 @@ class DiffusionModel(nn.Module):
         return p / p.sum(axis=1, keepdims=True)
 
     @staticmethod
-    def z0_to_pixels(z0: np.ndarray, gamma0: float) -> np.ndarray:
-        """Mode of p(x | z_0): the pixel level nearest to z_0 / alpha_0."""
+    def z0_to_unit(z0: np.ndarray, gamma0: float) -> np.ndarray:
+        """z_0 / alpha_0: rounded to the pixel grid (:func:`unit_to_pixel`), the mode of p(x | z_0)."""
         alpha0, _ = alpha_sigma(np.float64(gamma0))
-        return unit_to_pixel(z0 / alpha0)
+        return z0 / alpha0
+
+    @classmethod
+    def z0_to_pixels(cls, z0: np.ndarray, gamma0: float) -> np.ndarray:
+        """Mode of p(x | z_0): the pixel level nearest to z_0 / alpha_0."""
+        return unit_to_pixel(cls.z0_to_unit(z0, gamma0))
 
     # ------------------------------------------------------------------ reconstructions
     def sample_reverse_step(
@@ -295,22 +302,29 @@ class DiffusionModel(nn.Module):
         nfe: int | None = None,
         rng: SeededStream | None = None,
         default_steps: int = 1,
+        box: Any = None,
     ) -> np.ndarray:
         """Pixels (uint8, N C H W) from a received latent z at gamma_t.
 
         ``nfe`` is the number of network evaluations for ``ancestral``/``flow``: the remaining
         interval [0, t] is split uniformly in t into that many steps (default ``default_steps``,
-        the codec's remaining step count).
+        the codec's remaining step count).  ``box``: the last step's :attr:`Received.box`, which a
+        codec may use (UQDM, :meth:`diffcodec.codecs.uqdm.UQDM.reconstruct_unit`); this default ignores it.
         """
+        return unit_to_pixel(self.reconstruct_unit(z, gamma_t, method, nfe, rng, default_steps, box))
+
+    def reconstruct_unit(self, z: np.ndarray, gamma_t: float, method: str = "denoise", nfe: int | None = None,
+                         rng: SeededStream | None = None, default_steps: int = 1, box: Any = None) -> np.ndarray:
+        """:meth:`reconstruct` before rounding: x at unit scale (float64, N C H W; clipped by the rounding)."""
         if method not in RECONSTRUCTION_METHODS:
             raise ValueError(f"unknown reconstruction method {method!r}; choose from {RECONSTRUCTION_METHODS}")
         g0 = float(self.schedule.gammas_f64([0.0])[0])
         g1 = float(self.schedule.gammas_f64([1.0])[0])
         if method == "denoise" or gamma_t <= g0:
             if gamma_t <= g0:
-                return self.z0_to_pixels(z, g0)
+                return self.z0_to_unit(z, g0)
             eps, _ = self.eval_f64(z, gamma_t)
-            return unit_to_pixel(self.x_hat_f64(z, eps, gamma_t))
+            return self.x_hat_f64(z, eps, gamma_t)
         n = max(1, int(nfe or default_steps))
         t_now = (gamma_t - g0) / (g1 - g0)
         ts = np.linspace(t_now, 0.0, n + 1)
@@ -326,7 +340,7 @@ class DiffusionModel(nn.Module):
                 if rng is None:
                     raise ValueError("ancestral reconstruction needs a random stream")
                 z = self.sample_reverse_step(z, eps, aux, float(gs), float(gt), rng)
-        return self.z0_to_pixels(z, g0)
+        return self.z0_to_unit(z, g0)
 
     # ------------------------------------------------------------------ progressive coding
     def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
@@ -466,10 +480,15 @@ class DiffusionModel(nn.Module):
                 break
             if sec.index != T - i + 1 or i < 1:
                 raise DecodeError("step sections out of order")
-            z_prev = z if keep else None
+            z_before = z
             z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
+            box = self.step_box(z_before, z, i, gam)
             i -= 1
-            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_prev)
+            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep else None, box)
+
+    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> Any:
+        """What decoded step t_i -> t_{i-1} says about x beyond z_s (:attr:`Received.box`); None here."""
+        return None
 
     def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None) -> Received:
         """Replay the step sections; returns the last :class:`Received` state."""

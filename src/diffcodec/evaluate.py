@@ -729,8 +729,9 @@ class ProgressiveAdapter(CodecAdapter):
         if nfe is not None and nfe < 1:
             raise ValueError("nfe must be >= 1")
         self.codec, self.model, self.seed, self.nfe = m.codec_id, model, int(seed), nfe
-        # only diffc's channel is inexact: for uqdm the view is the received latent itself
-        self.channel_aware = bool(channel_aware) and m.codec_id == "diffc"
+        # diffc: reconstructions from the latent with the channel coder's shortfall undone; uqdm: from the
+        # received latent, kept inside the box its last step puts x in (codecs/box.py)
+        self.channel_aware = bool(channel_aware)
         self.methods = tuple(dict.fromkeys(methods))
         self.model_id, self.model_hash, self.num_steps = m.model_id, m.model_hash, int(m.num_steps)
         all_steps = range(1, self.num_steps + 1)
@@ -744,9 +745,12 @@ class ProgressiveAdapter(CodecAdapter):
     def curve_description(self, curve: str) -> str:
         method = self.methods[self.curves().index(curve)]
         nfe = "" if method == "denoise" else f" with nfe = {self.nfe or 'the remaining step count'}"
-        if self.channel_aware:
+        if self.channel_aware and self.codec == "diffc":
             nfe += " from the channel-aware latent"
-        elif self.codec == "diffc":
+        elif self.channel_aware:
+            nfe += (", the posterior mean inside the last step's box" if method == "denoise"
+                    else ", projected onto the last step's box")
+        else:
             nfe += " from the received latent as it is (--no-channel-aware)"
         return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction{nfe}; "
                 f"one file per image with all {self.num_steps} steps, point k = that file cut after step section "
@@ -754,7 +758,8 @@ class ProgressiveAdapter(CodecAdapter):
 
     @property
     def config(self) -> str:
-        # records made before channel-aware reconstruction existed were of the received latent: same config
+        # records made before channel-aware reconstruction existed (diffc, then uqdm) were of the received
+        # latent: same config as --no-channel-aware
         aware = ":channel-aware" if self.channel_aware else ""
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}"
 

@@ -48,6 +48,7 @@ from ..errors import DecodeError
 from ..networks import UNetConfig
 from ..schedule import LOG2, pixel_to_unit, posterior_coefficients
 from .base import Section
+from .box import StepBox, truncated_logistic_mean
 from .context import DIRECTIONS, context_np, context_t, from_blocks, second_pass, to_blocks
 from .noise_basis import BASES, NoiseBasis, carry_variance
 
@@ -442,6 +443,47 @@ class UQDM(DiffusionModel):
                            self.param_at(self.context_weight, gamma_t), self.param_at(self.context_adapt, gamma_t))
         m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
         yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m)
+
+    # ------------------------------------------------------------------ channel-aware reconstruction (box.py)
+    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> StepBox | None:
+        """The box decoded step t_i -> t_{i-1} puts M x in (box.py); None for the last step, whose latent
+        z_0 is reconstructed without the network."""
+        if i < 2:
+            return None
+        a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gam[i - 1]), np.float64(gam[i])))
+        basis = self.step_basis(i)
+        return StepBox(basis, basis.forward(z_s - a * z_t) / b, SQRT12 * beta / (2.0 * b), float(gam[i - 2]),
+                       self.step_basis(i - 1) is basis)
+
+    def box_posterior_mean(self, x_hat: np.ndarray, aux: np.ndarray, gamma_s: float, box: StepBox) -> np.ndarray:
+        """E[x | z_s, box] (unit scale, clipped to [-1, 1]): per coordinate of the box's basis, the next
+        step's prior around x_hat (its logistic scale over b'), truncated to the box.  When the next step
+        is coded in another basis (the final one), the network's scales in its own basis are used as they
+        are, without the scale offsets, which were fitted to the other basis's coordinates."""
+        _, b_next, _ = (float(v) for v in posterior_coefficients(np.float64(box.gamma_next), np.float64(gamma_s)))
+        if box.next_in_basis:
+            scale = self._scale_np(aux, gamma_s, b_next)
+        else:
+            scale = _base_scale(np.float64(gamma_s), b_next) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
+        m = truncated_logistic_mean(box.basis.forward(x_hat), scale / b_next, box.center - box.half_width,
+                                    box.center + box.half_width)
+        return np.clip(box.basis.inverse(m), -1.0, 1.0)
+
+    def reconstruct_unit(self, z: np.ndarray, gamma_t: float, method: str = "denoise", nfe: int | None = None,
+                         rng=None, default_steps: int = 1, box: StepBox | None = None) -> np.ndarray:
+        """As :meth:`DiffusionModel.reconstruct_unit`, using the last step's ``box`` when given: ``denoise``
+        is the posterior mean inside it (:meth:`box_posterior_mean`) instead of x_hat(z); a ``flow`` or
+        ``ancestral`` result is projected onto it (x lies in the box, so the projection, onto a convex set,
+        never moves a reconstruction away from x)."""
+        if box is not None and method == "denoise":
+            eps, aux = self.eval_f64(z, gamma_t)
+            return self.box_posterior_mean(self.x_hat_f64(z, eps, gamma_t), aux, gamma_t, box)
+        x = super().reconstruct_unit(z, gamma_t, method, nfe, rng, default_steps)
+        if box is None:
+            return x
+        m = np.clip(box.basis.forward(np.clip(x, -1.0, 1.0)), box.center - box.half_width,
+                    box.center + box.half_width)
+        return np.clip(box.basis.inverse(m), -1.0, 1.0)
 
     @staticmethod
     def _dither(seed: int, i: int, n: int) -> np.ndarray:

@@ -1,0 +1,107 @@
+"""UQDM's channel-aware reconstruction (codecs/box.py): the box a step puts x in, the posterior mean of a
+logistic inside it, and the reconstructions that use them."""
+
+import numpy as np
+import pytest
+import torch
+
+import diffcodec
+from conftest import make_tiny, synthetic_image
+from diffcodec.codecs.box import truncated_logistic_mean
+from diffcodec.schedule import pixel_to_unit
+
+
+def _quadrature_mean(mu: float, s: float, lo: float, hi: float) -> float:
+    """E[X | lo <= X <= hi], X ~ Logistic(mu, s), by the trapezoid rule on a fine grid (in log-density
+    relative to the box's maximum, so that far tails do not underflow)."""
+    x = np.linspace(lo, hi, 400_001)
+    t = (x - mu) / s
+    logp = -t - 2.0 * np.logaddexp(0.0, -t)
+    w = np.exp(logp - logp.max())
+    return float(np.trapezoid(x * w, x) / np.trapezoid(w, x))
+
+
+@pytest.mark.parametrize("mu,s,lo,hi", [
+    (0.0, 1.0, -1.0, 2.0), (0.0, 1.0, 5.0, 6.0), (0.0, 1.0, -50.0, -40.0), (0.0, 1.0, 40.0, 45.0),
+    (3.0, 2.0, -1.0, 0.5), (0.0, 1.0, -800.0, -790.0), (0.0, 1.0, 0.3, 0.30001), (0.1, 0.01, -1.0, 1.0),
+    (0.0, 1.0, -31.0, -29.0), (0.0, 1.0, -0.5, 0.5), (-2.0, 0.5, -2.1, 40.0),
+])
+def test_truncated_logistic_mean_against_quadrature(mu, s, lo, hi):
+    got = truncated_logistic_mean(np.array([mu]), np.array([s]), np.array([lo]), np.array([hi]))[0]
+    assert lo <= got <= hi
+    assert got == pytest.approx(_quadrature_mean(mu, s, lo, hi), abs=1e-6 * max(1.0, s, hi - lo))
+
+
+def test_truncated_logistic_mean_limits():
+    """A box far wider than the logistic around its mode gives the mode; a scale far larger than the box
+    gives the box's centre; mirroring the problem mirrors the answer exactly."""
+    rng = np.random.default_rng(0)
+    mu, s = rng.normal(size=1000), np.exp(rng.normal(size=1000))
+    lo, hi = mu - 200 * s - rng.uniform(size=1000), mu + 200 * s + rng.uniform(size=1000)
+    assert np.allclose(truncated_logistic_mean(mu, s, lo, hi), mu, atol=1e-9 * 200 * s.max())
+    lo = mu + rng.normal(size=1000)
+    hi = lo + 0.1 + np.abs(rng.normal(size=1000))
+    wide = truncated_logistic_mean(mu, 1e7 * s, lo, hi)
+    assert np.allclose(wide, 0.5 * (lo + hi), atol=1e-6 * (hi - lo).max())
+    a = truncated_logistic_mean(mu, s, lo, hi)
+    b = truncated_logistic_mean(-mu, s, -hi, -lo)
+    assert np.array_equal(a, -b)
+
+
+@pytest.fixture(scope="module")
+def dct_model():
+    m = make_tiny("uqdm", noise_basis="opponent-dct4", final_basis="opponent", context="checkerboard",
+                  scale_offsets=True)
+    m.model_id, m.model_hash = "tiny-box", "0123456789abcdef"
+    return m
+
+
+def _states(model, img, seed=3):
+    res = diffcodec.compress(img, model=model, lossless=True, seed=seed)
+    cont = diffcodec.container.unpack(res.data)
+    x = pixel_to_unit(img.transpose(2, 0, 1).astype(np.float64))[None]
+    return res, list(model.iter_latents(x.shape, seed, cont.sections)), x
+
+
+def test_every_step_box_holds_the_image(dct_model):
+    img = synthetic_image(24, 32, seed=2)
+    _, states, x = _states(dct_model, img)
+    T = dct_model.num_steps
+    assert [s.box is None for s in states] == [False] * (T - 1) + [True]  # z_0 needs no network
+    for st in states[:-1]:
+        b = st.box
+        mx = b.basis.forward(x)
+        assert np.all(np.abs(mx - b.center) <= b.half_width * (1 + 1e-9))
+        assert b.half_width > 0 and b.gamma_next < st.gamma
+
+
+def test_box_reconstructions(dct_model):
+    """denoise with the box is the posterior mean inside it (closer to x than x_hat on this image); flow and
+    ancestral results are projected onto it, which never moves them away from x."""
+    img = synthetic_image(24, 32, seed=2)
+    res, states, x = _states(dct_model, img)
+    st = states[1]
+    for method in ("denoise", "flow", "ancestral"):
+        rng = lambda: diffcodec.rng.SeededStream(3, diffcodec.rng.ANCESTRAL)  # noqa: E731
+        plain = dct_model.reconstruct_unit(st.z, st.gamma, method, rng=rng())
+        boxed = dct_model.reconstruct_unit(st.z, st.gamma, method, rng=rng(), box=st.box)
+        assert not np.array_equal(plain, boxed)
+        err_plain, err_boxed = np.sum((np.clip(plain, -1, 1) - x) ** 2), np.sum((boxed - x) ** 2)
+        assert err_boxed <= err_plain * (1 + 1e-12), method
+    # the API: channel_aware=False is x_hat of the received latent; the default uses the box
+    aware = diffcodec.decompress(res.data, model=dct_model, steps=2)
+    unaware = diffcodec.decompress(res.data, model=dct_model, steps=2, channel_aware=False)
+    assert np.array_equal(unaware, dct_model.reconstruct(st.z, st.gamma)[0].transpose(1, 2, 0))
+    assert np.array_equal(aware, dct_model.reconstruct(st.z, st.gamma, box=st.box)[0].transpose(1, 2, 0))
+    assert not np.array_equal(aware, unaware)
+
+
+def test_box_reconstruction_is_thread_count_independent(dct_model):
+    img = synthetic_image(24, 32, seed=6)
+    res = diffcodec.compress(img, model=dct_model, steps=2, seed=1)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append([diffcodec.decompress(res.data, model=dct_model, method=m) for m in ("denoise", "flow")])
+    torch.set_num_threads(1)
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
