@@ -65,8 +65,13 @@ def test_steps_and_bpp_options(png, tmp_path, tiny_model_path, capsys):
                      "--steps", str(k), "--json"]) == 0
         sizes.append(json.loads(capsys.readouterr().out)["bpp"])
     assert main(["compress", str(png), "-o", str(tmp_path / "b.dfc"), "--model", str(tiny_model_path),
-                 "--bpp", str(sizes[1] + 1e-6), "--json"]) == 0
+                 "--bpp", str(sizes[1] + 1e-6), "--parts", "none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2
+    # by default a bpp target may end inside a step (uqdm step parts): between the 1- and 2-step files here
+    assert main(["compress", str(png), "-o", str(tmp_path / "c.dfc"), "--model", str(tiny_model_path),
+                 "--bpp", str(sizes[1] + 1e-6), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sizes[0] < out["bpp"] <= sizes[1] + 1e-6 and out["sections"][-1]["kind"] == "part"
 
 
 @pytest.mark.parametrize("content,msg", [(b"", "empty file"), (b"GIF89a....", "not a .dfc"),

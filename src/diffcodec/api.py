@@ -27,7 +27,8 @@ from .rng import ANCESTRAL, SeededStream
 
 __all__ = ["EncodeResult", "compress", "decompress", "decode_steps", "info", "list_models", "get_model"]
 
-KIND_NAMES = {0: "step", 1: "lossless", 2: "hyper-latent", 3: "latent"}
+KIND_NAMES = {0: "step", 1: "lossless", 2: "hyper-latent", 3: "latent", 4: "part"}
+DEFAULT_PARTS = (0.05, 0.2, 0.35)  # uqdm step parts of a file coded to a bpp target (README, UQDM step parts)
 MAX_CODE_PIXELS = 25 * 10**6  # a 24 MP photo; = container.DEFAULT_MAX_PIXELS (benchmarks/large_image.py: RAM)
 
 
@@ -114,9 +115,11 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     of ``codec`` (default codec: uqdm).
 
     Quality is chosen by exactly one of ``steps`` (diffusion steps sent, 1..T), ``bpp`` (the
-    largest step count whose whole file fits) or ``lossless`` (every step plus the exact final
+    longest prefix of the file that fits) or ``lossless`` (every step plus the exact final
     section).  With none, the model card's ``default_steps`` is used.  ``options`` are the codec's
-    encoder choices (diffc: ``c_max``, ``pad``); ``None`` values are ignored.
+    encoder choices (diffc: ``c_max``, ``pad``; uqdm: ``parts``, the fractions of each step's
+    coordinates after which the file may be cut, default :data:`DEFAULT_PARTS` with ``bpp`` and none
+    otherwise); ``None`` values are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
@@ -135,24 +138,32 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     T = model.num_steps
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed),
                               params=model.header_params())
+    if "parts" in options:
+        options["parts"] = _check_parts(options["parts"], codec)
+    elif codec == "uqdm" and bpp is not None:
+        options["parts"] = DEFAULT_PARTS
     if bpp is not None:
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
         head = len(container.header_bytes(header))
-        total = [head]  # running file size, updated as sections arrive
+        sizes: list[int] = []  # the sections' sizes in the file, as they arrive
 
         def over_budget(secs) -> bool:
-            total[0] += len(container.section_bytes(secs[-1]))
-            return 8.0 * total[0] / (h * w) > bpp
+            sizes.extend(len(container.section_bytes(sec)) for sec in secs[len(sizes):])
+            return 8.0 * (head + sum(sizes)) / (h * w) > bpp
 
         sections = model.encode(pixels, seed, T, lossless=False, region=(ch, h, w), progress=progress,
                                 stop=over_budget, **options)
-        # encoding stops at the first section over budget: all but that one fit
-        if 8.0 * total[0] / (h * w) > bpp:
-            sections = sections[:-1]
-        if not sections:
-            raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: "
-                                 f"one step already takes {8.0 * total[0] / (h * w):.3f} bpp")
+        over_budget(sections)
+        # encoding stops after the first step over budget: keep the longest prefix that fits
+        total, n = head, 0
+        while n < len(sections) and 8.0 * (total + sizes[n]) / (h * w) <= bpp:
+            total += sizes[n]
+            n += 1
+        if n == 0:
+            raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: its first section "
+                                 f"already takes {8.0 * (head + sizes[0]) / (h * w):.3f} bpp")
+        sections = sections[:n]
     else:
         if steps is None and not lossless:
             steps = int(getattr(model, "card", {}).get("default_steps", max(1, T // 2)))
@@ -161,9 +172,38 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
         sections = model.encode(pixels, seed, steps or T, lossless=lossless, region=(ch, h, w),
                                 progress=progress, **options)
     data = container.pack(header, sections)
-    reports = [_section_report(s, len(container.section_bytes(s)), i + 1) for i, s in enumerate(sections)]
+    steps_of = _section_steps(sections)
+    reports = [_section_report(s, len(container.section_bytes(s)), k) for s, k in zip(sections, steps_of)]
     n_steps = sum(1 for s in sections if s.kind == 0)
     return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports)
+
+
+def _check_parts(parts, codec: str) -> tuple[float, ...]:
+    """uqdm step parts as a tuple of increasing fractions in (0, 1) (a comma list or a sequence; "none" or
+    an empty sequence: whole steps)."""
+    if codec != "uqdm":
+        raise DiffcodecError(f"parts apply to uqdm models, not {codec}")
+    if isinstance(parts, str) and parts.strip().lower() in ("", "none"):
+        return ()  # whole steps only
+    try:
+        fr = tuple(float(f) for f in (parts.split(",") if isinstance(parts, str) else parts))
+    except (TypeError, ValueError):
+        raise DiffcodecError(f"parts must be fractions in (0, 1), got {parts!r}") from None
+    if not all(0.0 < f < 1.0 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
+        raise DiffcodecError(f"parts must be increasing fractions in (0, 1), got {parts!r}")
+    return fr
+
+
+def _section_steps(sections) -> list[int | None]:
+    """The step each section belongs to (a part: the step it is part of; the lossless section: None)."""
+    out, done = [], 0
+    for sec in sections:
+        if sec.kind == 0:
+            done += 1
+            out.append(done)
+        else:
+            out.append(done + 1 if sec.kind == 4 else None)
+    return out
 
 
 def _compress_rvgc(model, pixels, h, w, ch, seed, bpp, q, progress, options) -> EncodeResult:
@@ -256,16 +296,17 @@ def _open(data: bytes, model, steps: int | None, max_pixels: int | None = None):
             raise DiffcodecError("rvgc files have no steps to choose")
         shape = (1, m.M, (hd.height + (-hd.height % d)) // d, (hd.width + (-hd.width % d)) // d)
         return hd, m, cont.sections, [], shape
-    step_secs = [s for s in cont.sections if s.kind == 0]
+    step_secs = [s for s in cont.sections if s.kind in (0, 4)]  # steps and step parts
     final = [s for s in cont.sections if s.kind == 1]
     if not step_secs:
         raise DecodeError("the file holds no complete section to decode")
     if steps is not None:
         if steps < 1:
             raise DiffcodecError("steps must be >= 1")
-        if steps > len(step_secs):
-            raise DiffcodecError(f"the file holds only {len(step_secs)} step(s); cannot decode {steps}")
-        step_secs, final = step_secs[:steps], []
+        ends = [n for n, s in enumerate(step_secs, 1) if s.kind == 0]
+        if steps > len(ends):
+            raise DiffcodecError(f"the file holds only {len(ends)} complete step(s); cannot decode {steps}")
+        step_secs, final = step_secs[: ends[steps - 1]], []
     shape = (1, m.channels, hd.height + (-hd.height % d), hd.width + (-hd.width % d))
     return hd, m, step_secs, final, shape
 
@@ -344,12 +385,15 @@ def _decode_rvgc(m, hd, sections, shape, deterministic, sampler_steps, eta, prog
 
 
 def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",), nfe: int | None = None,
-                 at: set[int] | None = None, max_pixels: int | None = None, channel_aware: bool = True):
+                 at: set[int] | None = None, max_pixels: int | None = None, channel_aware: bool = True,
+                 parts: bool = False):
     """Decode the step sections once, yielding ``(k, {method: image})`` after step k.
 
     Each image equals ``decompress(data, steps=k, method=method, nfe=nfe, channel_aware=...)`` (a file cut after
-    section k), without decoding the file again for every k: for progressive display and RD
-    measurements.  ``at`` restricts which k are reconstructed (all are still decoded).
+    step k), without decoding the file again for every k: for progressive display and RD
+    measurements.  ``at`` restricts which k are reconstructed (all are still decoded).  ``parts=True``
+    yields after every section instead, k counting the sections (uqdm step parts included): each image
+    is what the file cut after its k-th section decodes to.
     """
     for method in methods:
         _check_method(method)
@@ -359,7 +403,11 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     # x_hat(z_k) and step k+1's prior evaluate the network at the same z_k (unless a diffc reconstruction
     # starts from the channel-aware latent instead)
     with m.reuse_evaluations():
-        for k, state in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+        k = 0
+        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+            if not parts and state.part:
+                continue
+            k = n if parts else k + 1
             if at is None or k in at:
                 yield k, {method: _to_image(m, hd, state, method, nfe, channel_aware) for method in methods}
 
@@ -373,11 +421,9 @@ def info(data: bytes, max_pixels: int | None = None) -> dict:
     cont = container.unpack(bytes(data), limits=container.Limits.default(max_pixels))
     hd = cont.header
     secs = []
-    step = 0
-    for sec, off, size in zip(cont.sections, cont.offsets, cont.sizes):
-        step += sec.kind == 0
+    for sec, step, off, size in zip(cont.sections, _section_steps(cont.sections), cont.offsets, cont.sizes):
         secs.append({"index": sec.index, "kind": KIND_NAMES.get(sec.kind, str(sec.kind)),
-                     "step": step if sec.kind == 0 else None, "offset": off, "bytes": size})
+                     "step": step, "offset": off, "bytes": size})
     return {
         "format_version": container.FORMAT_VERSION, "codec": hd.codec, "model": hd.model_id,
         "model_hash": hd.model_hash, "width": hd.width, "height": hd.height, "channels": hd.channels,

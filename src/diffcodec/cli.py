@@ -45,7 +45,7 @@ def cmd_compress(a) -> int:
     try:
         res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
                        seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max,
-                       pad=a.pad, q=a.q_step)
+                       pad=a.pad, q=a.q_step, parts=a.parts)
     finally:
         if bar:
             bar.close()
@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="bundled model name or .safetensors path (default: the codec's default)")
     q = c.add_mutually_exclusive_group()
     q.add_argument("--steps", type=int, help="diffusion steps to send (1..T)")
-    q.add_argument("--bpp", type=float, help="best quality whose file fits this many bits/pixel (uqdm/diffc: "
-                   "largest step count; rvgc: smallest q)")
+    q.add_argument("--bpp", type=float, help="best quality whose file fits this many bits/pixel (uqdm: longest "
+                   "prefix of steps and step parts; diffc: largest step count; rvgc: smallest q)")
     q.add_argument("--lossless", action="store_true", help="all steps plus the exact final section")
     c.add_argument("--q", dest="q_step", type=float, help="rvgc: quantisation step (the rate knob; larger = "
                    "fewer bits), any value in the model's range")
@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(8..16; larger = slower, closer to an exact sample)")
     c.add_argument("--pad", type=float, help="diffc: bits of slack between a chunk's KL and c_max (default 2; "
                    "benchmarks/diffc_pad.py measures the trade-off)")
+    c.add_argument("--parts", help="uqdm: write each step in parts, ending after these fractions of its "
+                   "coordinates (largest prior scale first), e.g. 0.05,0.2,0.35: a file cut after a part decodes "
+                   "to the step so far (default with --bpp: 0.05,0.2,0.35, so the target is met more closely; none: "
+                   "whole steps)")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
     c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")

@@ -37,6 +37,7 @@ AUX_GRID_BITS = 8  # raw log-scale outputs
 
 RECONSTRUCTION_METHODS = ("denoise", "ancestral", "flow")
 KIND_STEP, KIND_FINAL = 0, 1  # section kinds of the progressive codecs
+KIND_PART = 4  # a leading part of a step written as several sections (UQDM step parts); its last part is a step
 
 # Tiled evaluation (multiples of every supported network's downscale factor).  A halo of 32
 # pixels covers the effective receptive field of the full-resolution denoisers well; networks
@@ -61,6 +62,8 @@ class Received(NamedTuple):
     latent before the last decoded step, kept only for a model whose lossless section conditions on it
     (UQDM with a final basis; otherwise None).  ``box`` is what the last step says about x beyond the
     latent, for a channel-aware reconstruction (UQDM: :class:`diffcodec.codecs.box.StepBox`; else None).
+    ``part`` marks the state after a leading part of a step: ``z``, ``gamma`` and ``remaining`` are still
+    those before the step, and the view holds what its parts so far sent.
     """
 
     z: np.ndarray
@@ -70,6 +73,7 @@ class Received(NamedTuple):
     gamma_view: float
     z_prev: np.ndarray | None = None
     box: Any = None
+    part: bool = False
 
     def latent(self, channel_aware: bool = True) -> tuple[np.ndarray, float]:
         """(latent, gamma) to reconstruct from: the view, or the chain latent as received."""
@@ -406,11 +410,11 @@ class DiffusionModel(nn.Module):
         z = self.initial_latent(x.shape, seed)
         pipelined = (stop is None or lossless) and x.size <= PIPELINE_MAX_ELEMENTS
 
-        def finished(finish):
-            sec = finish()
+        def finished(finish) -> list[Section]:
+            sec = finish()  # a section, or a step's parts
             if progress:
                 progress(1)
-            return sec
+            return sec if isinstance(sec, list) else [sec]
 
         sections: list[Section] = []
         pending = None
@@ -424,18 +428,18 @@ class DiffusionModel(nn.Module):
                     z_prev = z if lossless else None
                     z, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
                     if pending is not None:
-                        sections.append(pending.result())
+                        sections.extend(pending.result())
                         pending = None
                     if pipelined:
                         pending = coder.submit(finished, finish)
                         continue
-                    sections.append(finished(finish))
+                    sections.extend(finished(finish))
                     if stop is not None and not lossless and stop(sections):
                         break
                 if lossless:  # coded here while the last step finishes in the coder thread
                     final = self.encode_final(pixels, region or pixels.shape, z_prev, z, gam, seed)
                 if pending is not None:
-                    sections.append(pending.result())
+                    sections.extend(pending.result())
                     pending = None
             finally:
                 if pending is not None and not pending.cancel():  # an error in the main thread:
@@ -468,23 +472,46 @@ class DiffusionModel(nn.Module):
         to t = 0, and the latent reconstructions start from) after each.
 
         Every prefix of a file is a valid file, so every yielded latent is what a file cut after
-        that section decodes to (progressive display, benchmarks).
+        that section decodes to (progressive display, benchmarks).  A step written in parts yields a
+        state after each part (``part=True`` before its last one).
         """
         T = self.num_steps
         gam = self.gamma_grid(T)
         z = self.initial_latent(shape, seed)
         i = T
         keep = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
+        parts = None  # the step being decoded part by part
         for sec in sections:
-            if sec.kind != KIND_STEP:
+            if sec.kind not in (KIND_STEP, KIND_PART):
                 break
-            if sec.index != T - i + 1 or i < 1:
+            if i < 1:
                 raise DecodeError("step sections out of order")
-            z_before = z
-            z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
-            box = self.step_box(z_before, z, i, gam)
+            if sec.kind == KIND_PART or parts is not None:
+                if parts is None:
+                    parts = self.begin_decode_parts(z, i, gam, seed)
+                self.decode_part(parts, sec, gam)
+                z_s, z_view, box = self.part_view(parts, z, gam)
+                if sec.kind == KIND_PART:
+                    yield Received(z, float(gam[i]), i, z_view, float(gam[i - 1]), None, box, part=True)
+                    continue
+                parts = None
+                z_before, z, gamma_view = z, z_s, float(gam[i - 1])
+            else:
+                z_before = z
+                z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
+                box = self.step_box(z_before, z, i, gam)
             i -= 1
             yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep else None, box)
+
+    def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int) -> Any:
+        """Start decoding step t_i -> t_{i-1} written in parts (codecs that write them override this)."""
+        raise DecodeError(f"{self.codec_id} files have no step parts (corrupt or foreign section kind)")
+
+    def decode_part(self, state: Any, sec: Section, gam: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def part_view(self, state: Any, z_t: np.ndarray, gam: np.ndarray) -> tuple[Any, np.ndarray, Any]:
+        raise NotImplementedError
 
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> Any:
         """What decoded step t_i -> t_{i-1} says about x beyond z_s (:attr:`Received.box`); None here."""

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import rng as rngmod
-from ..diffusion import KIND_FINAL, KIND_STEP, DiffusionModel
+from ..diffusion import KIND_FINAL, KIND_PART, KIND_STEP, DiffusionModel
 from ..entropy import (
     CategoricalDecoder,
     CategoricalEncoder,
@@ -80,6 +80,25 @@ class _Step:
     delta: float
     a: float
     b: float
+
+
+@dataclass
+class _PartState:
+    """A divided step being decoded part by part: its prior, coding order and dither, the symbols and
+    first-pass values decoded so far, which coordinates they cover, and how many."""
+
+    st: _Step
+    order: np.ndarray
+    u: np.ndarray
+    k: np.ndarray
+    e_first: np.ndarray
+    known: np.ndarray
+    done: int
+    shape: tuple
+    i: int
+
+
+UNBOUNDED = 1e12  # the half-width of a coordinate a cut step has not sent (unit scale; x is in [-1, 1])
 
 
 class UQDM(DiffusionModel):
@@ -382,9 +401,16 @@ class UQDM(DiffusionModel):
         return z_s, finish()
 
     def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
-        """The symbols and z_s now; their entropy coding in ``finish`` (may run in another thread)."""
+        """The symbols and z_s now; their entropy coding in ``finish`` (may run in another thread).
+
+        ``parts``: fractions 0 < f_1 < ... < 1 of the step's coordinates, in decreasing order of their prior
+        scale, after which a file may be cut (step parts, :meth:`_part_ends`); ``finish`` then returns one
+        section per part."""
+        parts = options.pop("parts", None)
         if options:
             raise ValueError(f"uqdm has no encoder options {sorted(options)}")
+        if parts and i > 1:  # the last step is not divided: its latent is z_0, reconstructed without the network
+            return self._begin_encode_parts(z, x, i, gam, seed, parts)
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
         basis = self.step_basis(i)
         u = self._dither(seed, i, z.size)
@@ -405,7 +431,129 @@ class UQDM(DiffusionModel):
 
         return z_s, finish
 
+    # ------------------------------------------------------------------ step parts
+    # A step may be written as several sections, each a range-coder stream over the next coordinates in
+    # decreasing order of their prior scale (which both sides know from z_t): a file cut after a part
+    # decodes to z_t's step with those coordinates known and the rest at the prior mean.  The bits of the
+    # step's largest-scale coordinates buy most of its PSNR (README, UQDM step parts), so the cut points
+    # fill the gaps between steps.  k, z_s and the chain are those of the undivided step: only the
+    # checkerboard context sees fewer first-pass neighbours (those decoded so far), so the bits change.
+
+    @staticmethod
+    def _part_ends(parts, n: int) -> list[int]:
+        """Coordinate counts at which the parts end: round(f n) for the fractions, then n; empty parts
+        (fractions closer than 1/n) are dropped."""
+        fr = [float(f) for f in parts]
+        if any(not 0.0 < f < 1.0 for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
+            raise ValueError(f"parts must be increasing fractions in (0, 1), got {list(parts)}")
+        ends = [e for e in (int(round(f * n)) for f in fr) if 0 < e < n] + [n]
+        return sorted(set(ends))
+
+    def _part_order(self, st: _Step) -> np.ndarray:
+        """The coding order of a divided step: by decreasing prior scale, ties by position (stable)."""
+        return np.argsort(-st.scale.reshape(-1), kind="stable")
+
+    def _part_passes(self, st: _Step, idx: np.ndarray, k: np.ndarray, u: np.ndarray, e_first: np.ndarray,
+                     gamma_t: float, shape):
+        """Like :meth:`_passes` for the coordinates ``idx`` of one part: its first-pass coordinates, then its
+        second-pass ones under the context of the first-pass values decoded so far (``e_first``, updated
+        here once the caller has filled the first pass into k)."""
+        scale = st.scale.reshape(-1)
+        if not self.context:
+            yield idx, lambda hw: self._table(scale[idx], st.delta, u[idx], hw)
+            return
+        sel = self._second_pass_mask(shape)
+        first, second = idx[~sel[idx]], idx[sel[idx]]
+        yield first, lambda hw: self._table(scale[first], st.delta, u[first], hw)
+        e_first[first] = (k[first] - u[first]) * st.delta
+        if second.size == 0:
+            return
+        p = self.basis.block
+        m, s2 = context_np(to_blocks(e_first.reshape(shape), p), to_blocks(st.scale.reshape(shape), p),
+                           self.param_at(self.context_weight, gamma_t), self.param_at(self.context_adapt, gamma_t))
+        m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
+        yield second, lambda hw: self._table(s2, st.delta, u[second], hw, mean=m)
+
+    def _second_pass_mask(self, shape) -> np.ndarray:
+        p = self.basis.block
+        n, c, h, w = shape
+        return np.broadcast_to(np.kron(second_pass(h // p, w // p), np.ones((p, p), dtype=bool)), shape).reshape(-1)
+
+    def _begin_encode_parts(self, z, x, i, gam, seed, parts):
+        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
+        basis = self.step_basis(i)
+        u = self._dither(seed, i, z.size)
+        k = self._symbols(st, basis, z, x, u)
+        if np.abs(k).max() > min(MAX_HALF_WIDTH, self._max_half_width(st, basis)):
+            raise ValueError("step symbol out of range (model unsuited to this image)")
+        k = k.astype(np.int64)
+        z_s = self._z_s(st, basis, k, u, z.shape)
+        order = self._part_order(st)
+        ends = self._part_ends(parts, k.size)
+        gamma_t, shape, index = float(gam[i]), z.shape, self.num_steps - i + 1
+
+        def finish() -> list[Section]:
+            out, e_first, start = [], np.zeros(k.size), 0
+            for end in ends:
+                idx = order[start:end]
+                half_width = int(max(1, np.abs(k[idx]).max()))
+                enc = CategoricalEncoder()
+                for sub, table in self._part_passes(st, idx, k, u, e_first, gamma_t, shape):
+                    enc.encode(k[sub] + half_width, 2 * half_width + 1, table(half_width))
+                kind = KIND_STEP if end == k.size else KIND_PART
+                out.append(Section(kind, index, struct.pack("<HI", half_width, end), enc.finish(),
+                                   symbols_crc(k[idx]), enc.ideal))
+                start = end
+            return out
+
+        return z_s, finish
+
+    def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int) -> _PartState:
+        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
+        return _PartState(st, self._part_order(st), self._dither(seed, i, z.size), np.zeros(z.size, np.int64),
+                          np.zeros(z.size), np.zeros(z.size, dtype=bool), 0, z.shape, i)
+
+    def decode_part(self, state: _PartState, sec: Section, gam: np.ndarray) -> None:
+        """Decode one part section into ``state`` (the last one, kind step, must complete the step)."""
+        n = state.k.size
+        if len(sec.params) != 6:
+            raise DecodeError(f"malformed parameters in section {sec.index}")
+        half_width, end = struct.unpack("<HI", sec.params)
+        st, basis = state.st, self.step_basis(state.i)
+        if not 1 <= half_width <= self._max_half_width(st, basis) or not state.done < end <= n \
+                or (sec.kind == KIND_STEP) != (end == n):
+            raise DecodeError(f"corrupt parameters in section {sec.index}")
+        idx = state.order[state.done:end]
+        dec = CategoricalDecoder(sec.payload)
+        for sub, table in self._part_passes(st, idx, state.k, state.u, state.e_first, float(gam[state.i]),
+                                            state.shape):
+            state.k[sub] = dec.decode(sub.size, 2 * half_width + 1, table(half_width)).astype(np.int64) - half_width
+        if symbols_crc(state.k[idx]) != sec.symbols_crc:
+            raise DecodeError(f"section {sec.index} decoded inconsistently (model or platform mismatch)")
+        state.known[idx] = True
+        state.done = end
+
+    def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray):
+        """(z_s, z_view, box) after the parts decoded so far: z_s (the chain latent) only once the step is
+        complete, else None; z_view with the unknown coordinates at the prior mean; the box of the known
+        coordinates (the others unbounded)."""
+        st, basis, i = state.st, self.step_basis(state.i), state.i
+        if state.done == state.k.size:
+            z_s = self._z_s(st, basis, state.k, state.u, state.shape)
+            return z_s, z_s, self.step_box(z_t, z_s, i, gam)
+        e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
+        z_view = st.mu_p + basis.inverse(e.reshape(state.shape))
+        box = self.step_box(z_t, z_view, i, gam)
+        if box is not None:
+            hw = np.where(state.known.reshape(state.shape), box.half_width, UNBOUNDED)
+            box = StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis)
+        return None, z_view, box
+
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
+        if len(sec.params) == 6:  # the one part of a step divided into a single part
+            state = self.begin_decode_parts(z, i, gam, seed)
+            self.decode_part(state, sec, gam)
+            return self.part_view(state, z, gam)[0]
         if len(sec.params) != 2:
             raise DecodeError(f"malformed parameters in section {sec.index}")
         (half_width,) = struct.unpack("<H", sec.params)
