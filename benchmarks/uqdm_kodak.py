@@ -2,7 +2,7 @@
 
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                     [--model uqdm-small] [--num-steps 4,8] [--heldout TRAIN_DIR]
-                                    [--no-channel-aware] [--json out.json]
+                                    [--no-channel-aware] [--parts 0.05,0.2,0.35] [--json out.json]
 
 Per image: compress losslessly (all T steps + the exact final section), decode the whole file
 (timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
@@ -46,10 +46,10 @@ from diffcodec.metrics import psnr
 METHODS = ("denoise", "flow", "ancestral")
 
 
-def bench_image(model, img: np.ndarray, channel_aware: bool = True) -> dict:
+def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple[float, ...] | None = None) -> dict:
     h, w, _ = img.shape
     t0 = time.perf_counter()
-    res = diffcodec.compress(img, model=model, lossless=True)
+    res = diffcodec.compress(img, model=model, lossless=True, parts=parts)
     t_enc = time.perf_counter() - t0
     cont = container.unpack(res.data)
     payload_bits = 8 * sum(len(s.payload) for s in cont.sections)
@@ -60,15 +60,18 @@ def bench_image(model, img: np.ndarray, channel_aware: bool = True) -> dict:
     lossless_ok = bool(np.array_equal(diffcodec.decompress(res.data, model=model), img))
     t_dec = time.perf_counter() - t0
 
-    steps = []
-    for k, images in diffcodec.decode_steps(res.data, model=model, methods=METHODS, channel_aware=channel_aware):
-        steps.append({"step": k, "bpp": 8.0 * ends[k - 1] / (h * w),
-                      **{method: psnr(img, y) for method, y in images.items()}})
+    points = []  # after every step or step part: what the file cut there decodes to
+    for n, images in diffcodec.decode_steps(res.data, model=model, methods=METHODS, channel_aware=channel_aware,
+                                            parts=True):
+        sec = res.sections[n - 1]
+        points.append({"section": n, "step": sec["step"], "kind": sec["kind"], "bpp": 8.0 * ends[n - 1] / (h * w),
+                       **{method: psnr(img, y) for method, y in images.items()}})
+    steps = [{k: v for k, v in p.items() if k not in ("section", "kind")} for p in points if p["kind"] == "step"]
     return {
         "file_bytes": len(res.data), "ideal_bits": res.ideal_bits_total, "payload_bits": payload_bits,
         "rate_ratio": payload_bits / res.ideal_bits_total, "overhead_bytes": overhead,
         "lossless_bpd": 8.0 * len(res.data) / img.size, "lossless_ok": lossless_ok,
-        "encode_s": t_enc, "decode_s": t_dec, "steps": steps,
+        "encode_s": t_enc, "decode_s": t_dec, "steps": steps, **({"points": points} if parts else {}),
     }
 
 
@@ -86,11 +89,11 @@ def jpeg_curve(images: list[tuple[str, np.ndarray]]) -> dict:
     return evaluate_baselines(dict(images), ["jpeg"], swd=False)["jpeg"]
 
 
-def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_aware: bool = True
-              ) -> tuple[dict, dict]:
+def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_aware: bool = True,
+              parts: tuple[float, ...] | None = None) -> tuple[dict, dict]:
     per = {}
     for name, img in images:
-        per[name] = r = bench_image(model, img, channel_aware)
+        per[name] = r = bench_image(model, img, channel_aware, parts)
         print(f"{name}: {r['file_bytes']} B, rate/ideal {r['rate_ratio']:.4f}, overhead {r['overhead_bytes']} B, "
               f"lossless {r['lossless_bpd']:.3f} bpd ok={r['lossless_ok']}, enc {r['encode_s']:.1f}s "
               f"dec {r['decode_s']:.1f}s | " + " ".join(f"k{s['step']}:{s['bpp']:.2f}bpp/{s['denoise']:.1f}dB"
@@ -111,6 +114,12 @@ def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_a
         "steps": [{"step": k, "bpp": mean([r["steps"][k - 1]["bpp"] for r in rs]),
                    **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in METHODS}} for k in range(1, T + 1)],
     }
+    if parts:  # every image has the same sections: the mean point of each
+        summary["parts"] = list(parts)
+        summary["points"] = [{**{k: rs[0]["points"][j][k] for k in ("section", "step", "kind")},
+                              "bpp": mean([r["points"][j]["bpp"] for r in rs]),
+                              **{m: mean([r["points"][j][m] for r in rs]) for m in METHODS}}
+                             for j in range(len(rs[0]["points"]))]
     return summary, per
 
 
@@ -124,6 +133,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--num-steps", help="comma list of step counts to run the model at (default: its own)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--parts", help="write the steps in parts ending at these fractions of their coordinates "
+                    "(e.g. 0.05,0.2,0.35): a point after every section, BD-rates over all of them")
     ap.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
                     help="reconstruct from the received latents as they are (x_hat), not inside the steps' boxes")
     ap.add_argument("--json", help="write results here")
@@ -139,13 +150,23 @@ def main() -> None:
         images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
     jpeg = jpeg_curve(images)
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
+    parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
     runs = []
     for T in counts:
-        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware)
+        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
+        jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {
-            m: bd_rate(jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"], [s["bpp"] for s in summary["steps"]],
-                       [s[m] for s in summary["steps"]]) for m in METHODS}
+            m: bd_rate(jb, jp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in METHODS}
+        if parts:  # every cut point, and the points no other cut beats at fewer bits (the codec's best choices)
+            pts = summary["points"]
+            summary["bd_rate_vs_jpeg_all_points"] = {
+                m: bd_rate(jb, jp, [p["bpp"] for p in pts], [p[m] for p in pts]) for m in METHODS}
+            summary["bd_rate_vs_jpeg_dominant_points"] = {}
+            for m in METHODS:
+                best = [p for p in pts if not any(q["bpp"] <= p["bpp"] and q[m] > p[m] for q in pts)]
+                summary["bd_rate_vs_jpeg_dominant_points"][m] = bd_rate(jb, jp, [p["bpp"] for p in best],
+                                                                        [p[m] for p in best])
         how = "" if a.channel_aware else " from the received latent (no box)"
         results = {m: {"name": f"diffcodec-uqdm-{m}", "description": f"{model.model_id} at {T} steps, {m} "
                        f"reconstruction{how}", "results": {"bpp": [s["bpp"] for s in summary["steps"]],

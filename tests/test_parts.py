@@ -154,3 +154,29 @@ def test_cli_parts(tmp_path, model):
     assert kinds == ["part", "part", "step"] * 2
     assert main(["compress", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.dfc"), "--model",
                  str(tmp_path / "m.safetensors"), "--steps", "2", "--parts", "0.5,0.1", "-q"]) == 1
+
+
+def test_eval_measures_every_section(tmp_path, model):
+    """diffcodec eval --parts: a point after every section of the steps asked for, each what the file cut
+    there decodes to, in curves and a cache config of their own."""
+    from diffcodec.evaluate import ProgressiveAdapter
+    from diffcodec.models import save_model
+
+    path = tmp_path / f"{model.model_id}.safetensors"
+    save_model(model, path)
+    img = synthetic_image(24, 32, seed=10)
+    ad = ProgressiveAdapter("uqdm", str(path), ("denoise", "flow"), steps=[2, 4], parts=PARTS)
+    whole = ProgressiveAdapter("uqdm", str(path), ("denoise", "flow"), steps=[2, 4])
+    assert ad.curves() == [f"{model.model_id}+parts-denoise", f"{model.model_id}+parts-flow"]
+    assert ad.config.startswith(whole.config) and ad.config != whole.config
+    (group, pts), = ad.groups()
+    assert sorted({k for _, k in pts}) == [5, 6, 7, 8, 13]  # step 2's four sections, step 4's one
+    points = ad.run(img, group, pts)
+    ref = diffcodec.compress(img, model=str(path), steps=4, parts=PARTS).data
+    ends = [s["offset"] + s["bytes"] for s in diffcodec.info(ref)["sections"]]
+    assert len(points) == len(pts)
+    for p in points:
+        method = p.curve.rsplit("-", 1)[1]
+        assert p.file_bytes == ends[p.setting - 1]
+        assert np.array_equal(p.decoded, diffcodec.decompress(ref[:ends[p.setting - 1]], model=str(path),
+                                                              method=method))

@@ -194,7 +194,7 @@ def cmd_eval(a) -> int:
     except ValueError:
         raise DiffcodecError(f"--steps: expected steps or ranges like 1-12,14, got {a.steps!r}") from None
     adapters = [make_adapter(c, models[i] if models else None, _eval_methods(methods, c), nfe=a.nfe, steps=steps,
-                             channel_aware=a.channel_aware,
+                             channel_aware=a.channel_aware, parts=_csv_list(a.parts) or None,
                              sampler_steps=a.sampler_steps, num_q=a.num_q) for i, c in enumerate(codecs)]
     adapters += [BaselineAdapter(n) for n in chosen]
     images = load_images(a.images, scale=a.downscale, limit=a.limit, pattern=a.pattern)
@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--methods", default="denoise", help="reconstructions, comma list: denoise,flow,ancestral "
                     "(rvgc: deterministic,sampler,default); CODEC:METHOD applies to one codec only (default: denoise)")
     ev.add_argument("--nfe", type=int, help="network evaluations of flow/ancestral (default: remaining steps)")
+    ev.add_argument("--parts", help="uqdm: write the steps in parts ending at these fractions of their coordinates "
+                    "(e.g. 0.05,0.2,0.35) and measure a point after every section (curves MODEL+parts-METHOD, "
+                    "quality = the section count)")
     ev.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
                     help="diffc/uqdm: reconstruct from the received latents as they are (see decompress)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "

@@ -12,7 +12,8 @@ Layout (integers little-endian; ``varint`` = unsigned LEB128)::
     nsections  varint   (number of sections the *encoder* wrote)
     crc32      u32 of everything above (magic included)
     then ``nsections`` times:
-      kind     u8  (codec-defined: 0 = step, 1 = final lossless, ...)
+      kind     u8  (codec-defined: 0 = step, 1 = final lossless, 2/3 = rvgc hyper-latent/latent,
+                    4 = a leading part of a uqdm step written in parts, whose last part is a step)
       params   varint length + bytes
       length   varint  payload length
       symcrc   u32     CRC32 of the decoded symbols (detects decoder desync)

@@ -716,12 +716,15 @@ class ProgressiveAdapter(CodecAdapter):
 
     def __init__(self, codec: str | None = None, model: str | None = None, methods: Sequence[str] = ("denoise",),
                  *, nfe: int | None = None, steps: Sequence[int] | None = None, seed: int = 0,
-                 channel_aware: bool = True):
+                 channel_aware: bool = True, parts: Sequence[float] | None = None):
+        from .api import _check_parts
         from .diffusion import RECONSTRUCTION_METHODS
 
         m = _load_model(model, codec)
         if m.codec_id not in ("uqdm", "diffc"):
             raise ValueError(f"{m.model_id} is a {m.codec_id} model, not a progressive one")
+        # uqdm step parts: a point after every section of the steps measured (setting = the section count)
+        self.parts = _check_parts(parts, m.codec_id) if parts else ()
         bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
         if bad or not methods:
             raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
@@ -740,10 +743,17 @@ class ProgressiveAdapter(CodecAdapter):
             raise ValueError(f"none of steps {list(steps or [])} is in 1..{self.num_steps} for {self.model_id}")
 
     def curves(self) -> list[str]:
-        return [f"{self.model_id}-{method}" for method in self.methods]
+        tag = "+parts" if self.parts else ""
+        return [f"{self.model_id}{tag}-{method}" for method in self.methods]
 
     def curve_description(self, curve: str) -> str:
         method = self.methods[self.curves().index(curve)]
+        if self.parts:
+            fr = ",".join(f"{f:g}" for f in self.parts)
+            return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction, "
+                    f"channel-aware={self.channel_aware}; one file per image with steps {self.steps[0]}-"
+                    f"{self.steps[-1]} written in parts ending at {fr} of each step's coordinates (the last step "
+                    f"whole), point n = that file cut after its n-th section; quality = n")
         nfe = "" if method == "denoise" else f" with nfe = {self.nfe or 'the remaining step count'}"
         if self.channel_aware and self.codec == "diffc":
             nfe += " from the channel-aware latent"
@@ -761,10 +771,19 @@ class ProgressiveAdapter(CodecAdapter):
         # records made before channel-aware reconstruction existed (diffc, then uqdm) were of the received
         # latent: same config as --no-channel-aware
         aware = ":channel-aware" if self.channel_aware else ""
-        return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}"
+        parts = f":parts={','.join(repr(f) for f in self.parts)}" if self.parts else ""
+        return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
+
+    def _sections(self) -> list[int]:
+        """With parts: the section counts measured, those of the steps asked for (each step but the last in
+        len(parts) + 1 sections; fewer only for images too small to divide, whose missing points are skipped)."""
+        per, T = len(self.parts) + 1, self.num_steps
+        first = [1 + (k - 1) * per for k in range(1, T + 1)]
+        return [n for k in self.steps for n in range(first[k - 1], first[k - 1] + (per if k < T else 1))]
 
     def groups(self) -> list[Group]:
-        return [("all-steps", [(c, k) for c in self.curves() for k in self.steps])]
+        settings = self._sections() if self.parts else self.steps
+        return [("all-steps", [(c, k) for c in self.curves() for k in settings])]
 
     def run(self, img: np.ndarray, group: Any, needed: Sequence[tuple[str, Any]]) -> list[Point]:
         from .api import compress, decode_steps, info
@@ -778,23 +797,30 @@ class ProgressiveAdapter(CodecAdapter):
         want = {k for _, k in need}
         marks: list[float] = []
         t0 = time.perf_counter()
-        res = compress(img, model=m, codec=self.codec, steps=max(want), seed=self.seed,
+        per = len(self.parts) + 1
+        top = max(want) if not self.parts else min(self.num_steps, (max(want) - 1) // per + 1)
+        res = compress(img, model=m, codec=self.codec, steps=top, seed=self.seed, parts=self.parts or None,
                        progress=lambda n: marks.append(time.perf_counter() - t0))
         t_enc = time.perf_counter() - t0
-        ends = {s["step"]: s["offset"] + s["bytes"] for s in info(res.data)["sections"] if s["kind"] == "step"}
+        secs = info(res.data)["sections"]
+        if self.parts:  # sections, and the time until the step each belongs to was coded
+            ends = {n: s["offset"] + s["bytes"] for n, s in enumerate(secs, 1)}
+            marks = [marks[s["step"] - 1] if len(marks) >= s["step"] else t_enc for s in secs]
+        else:
+            ends = {s["step"]: s["offset"] + s["bytes"] for s in secs if s["kind"] == "step"}
         points: list[Point] = []
         latent = 0.0  # seconds spent decoding sections so far (reconstructions excluded)
         with _StandaloneClock(m) as clock, _CallTimer(m, "reconstruct", clock) as timer:
             t_prev = clock()
             for k, images in decode_steps(res.data, model=m, methods=methods, nfe=self.nfe, at=want,
-                                             channel_aware=self.channel_aware):
+                                             channel_aware=self.channel_aware, parts=bool(self.parts)):
                 spent = clock() - t_prev
                 recon = timer.take()
                 if len(recon) != len(methods):  # not one reconstruct() per method: charge the whole interval
                     recon = [0.0] * len(methods)
                 latent += spent - sum(recon)
                 for method, dt in zip(methods, recon):
-                    curve = f"{self.model_id}-{method}"
+                    curve = self.curves()[self.methods.index(method)]
                     if (curve, k) in need:
                         points.append(Point(curve, k, ends[k], images[method],
                                             marks[k - 1] if len(marks) >= k else t_enc, latent + dt))
@@ -930,7 +956,8 @@ PROGRESSIVE_CODECS = ("uqdm", "diffc")
 
 def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[str] | None = None, *,
                  nfe: int | None = None, steps: Sequence[int] | None = None, sampler_steps: int | None = None,
-                 num_q: int = 6, seed: int = 0, channel_aware: bool = True) -> CodecAdapter:
+                 num_q: int = 6, seed: int = 0, channel_aware: bool = True,
+                 parts: Sequence[float] | None = None) -> CodecAdapter:
     """The adapter of a diffcodec codec: progressive for uqdm/diffc, a q sweep for rvgc only.
 
     ``codec=None`` takes the codec of ``model``; ``methods=None`` the codec's default (denoise; rvgc both)."""
@@ -938,7 +965,7 @@ def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[
         codec = _load_model(model, None if model is not None else "uqdm").codec_id
     if codec in PROGRESSIVE_CODECS:
         return ProgressiveAdapter(codec, model, methods or ("denoise",), nfe=nfe, steps=steps, seed=seed,
-                                  channel_aware=channel_aware)
+                                  channel_aware=channel_aware, parts=parts if codec == "uqdm" else None)
     if codec == "rvgc":
         return QSweepAdapter(codec, model, methods, num_q=num_q, sampler_steps=sampler_steps, seed=seed)
     raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(PROGRESSIVE_CODECS)}, rvgc")
