@@ -411,15 +411,8 @@ class UQDM(DiffusionModel):
             raise ValueError(f"uqdm has no encoder options {sorted(options)}")
         if parts and i > 1:  # the last step is not divided: its latent is z_0, reconstructed without the network
             return self._begin_encode_parts(z, x, i, gam, seed, parts)
-        st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
-        basis = self.step_basis(i)
-        u = self._dither(seed, i, z.size)
-        k = self._symbols(st, basis, z, x, u)
+        st, k, u, z_s = self._encode_symbols(z, x, i, gam, seed)
         half_width = int(max(1, np.abs(k).max()))
-        if half_width > min(MAX_HALF_WIDTH, self._max_half_width(st, basis)):
-            raise ValueError("step symbol out of range (model unsuited to this image)")
-        k = k.astype(np.int64)
-        z_s = self._z_s(st, basis, k, u, z.shape)
         passes = self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape)  # holds neither mu_p nor z
 
         def finish() -> Section:
@@ -453,33 +446,34 @@ class UQDM(DiffusionModel):
         """The coding order of a divided step: by decreasing prior scale, ties by position (stable)."""
         return np.argsort(-st.scale.reshape(-1), kind="stable")
 
-    def _part_passes(self, st: _Step, idx: np.ndarray, k: np.ndarray, u: np.ndarray, e_first: np.ndarray,
-                     gamma_t: float, shape):
+    def _part_passes(self, step_scale: np.ndarray, delta: float, idx: np.ndarray, k: np.ndarray, u: np.ndarray,
+                     e_first: np.ndarray, gamma_t: float, shape):
         """Like :meth:`_passes` for the coordinates ``idx`` of one part: its first-pass coordinates, then its
-        second-pass ones under the context of the first-pass values decoded so far (``e_first``, updated
-        here once the caller has filled the first pass into k)."""
-        scale = st.scale.reshape(-1)
+        second-pass ones under the context of the first-pass values decoded so far (``e_first``, zero where
+        not yet decoded, updated here once the caller has filled the first pass into k)."""
+        scale = step_scale.reshape(-1)
         if not self.context:
-            yield idx, lambda hw: self._table(scale[idx], st.delta, u[idx], hw)
+            yield idx, lambda hw: self._table(scale[idx], delta, u[idx], hw)
             return
         sel = self._second_pass_mask(shape)
         first, second = idx[~sel[idx]], idx[sel[idx]]
-        yield first, lambda hw: self._table(scale[first], st.delta, u[first], hw)
-        e_first[first] = (k[first] - u[first]) * st.delta
+        yield first, lambda hw: self._table(scale[first], delta, u[first], hw)
+        e_first[first] = (k[first] - u[first]) * delta
         if second.size == 0:
             return
         p = self.basis.block
-        m, s2 = context_np(to_blocks(e_first.reshape(shape), p), to_blocks(st.scale.reshape(shape), p),
+        m, s2 = context_np(to_blocks(e_first.reshape(shape), p), to_blocks(step_scale.reshape(shape), p),
                            self.param_at(self.context_weight, gamma_t), self.param_at(self.context_adapt, gamma_t))
         m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
-        yield second, lambda hw: self._table(s2, st.delta, u[second], hw, mean=m)
+        yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m)
 
     def _second_pass_mask(self, shape) -> np.ndarray:
         p = self.basis.block
         n, c, h, w = shape
         return np.broadcast_to(np.kron(second_pass(h // p, w // p), np.ones((p, p), dtype=bool)), shape).reshape(-1)
 
-    def _begin_encode_parts(self, z, x, i, gam, seed, parts):
+    def _encode_symbols(self, z, x, i, gam, seed):
+        """Step t_i -> t_{i-1} of x from the shared z_t: (prior, symbols k, dither u, z_s)."""
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
         basis = self.step_basis(i)
         u = self._dither(seed, i, z.size)
@@ -487,9 +481,13 @@ class UQDM(DiffusionModel):
         if np.abs(k).max() > min(MAX_HALF_WIDTH, self._max_half_width(st, basis)):
             raise ValueError("step symbol out of range (model unsuited to this image)")
         k = k.astype(np.int64)
-        z_s = self._z_s(st, basis, k, u, z.shape)
+        return st, k, u, self._z_s(st, basis, k, u, z.shape)
+
+    def _begin_encode_parts(self, z, x, i, gam, seed, parts):
+        st, k, u, z_s = self._encode_symbols(z, x, i, gam, seed)
         order = self._part_order(st)
         ends = self._part_ends(parts, k.size)
+        scale, delta = st.scale, st.delta  # the coder thread holds neither mu_p nor z
         gamma_t, shape, index = float(gam[i]), z.shape, self.num_steps - i + 1
 
         def finish() -> list[Section]:
@@ -498,7 +496,7 @@ class UQDM(DiffusionModel):
                 idx = order[start:end]
                 half_width = int(max(1, np.abs(k[idx]).max()))
                 enc = CategoricalEncoder()
-                for sub, table in self._part_passes(st, idx, k, u, e_first, gamma_t, shape):
+                for sub, table in self._part_passes(scale, delta, idx, k, u, e_first, gamma_t, shape):
                     enc.encode(k[sub] + half_width, 2 * half_width + 1, table(half_width))
                 kind = KIND_STEP if end == k.size else KIND_PART
                 out.append(Section(kind, index, struct.pack("<HI", half_width, end), enc.finish(),
@@ -525,8 +523,8 @@ class UQDM(DiffusionModel):
             raise DecodeError(f"corrupt parameters in section {sec.index}")
         idx = state.order[state.done:end]
         dec = CategoricalDecoder(sec.payload)
-        for sub, table in self._part_passes(st, idx, state.k, state.u, state.e_first, float(gam[state.i]),
-                                            state.shape):
+        for sub, table in self._part_passes(st.scale, st.delta, idx, state.k, state.u, state.e_first,
+                                            float(gam[state.i]), state.shape):
             state.k[sub] = dec.decode(sub.size, 2 * half_width + 1, table(half_width)).astype(np.int64) - half_width
         if symbols_crc(state.k[idx]) != sec.symbols_crc:
             raise DecodeError(f"section {sec.index} decoded inconsistently (model or platform mismatch)")
@@ -575,22 +573,9 @@ class UQDM(DiffusionModel):
         """Yield the coding passes of a step, (flat indices, half_width -> table function): one pass
         over every coordinate, or with the checkerboard context the first-pass blocks and then the
         second-pass blocks under the prior their neighbours' decoded values give (context.py).  A
-        generator: the second pass is built only once the caller has filled the first pass into k."""
-        scale = step_scale.reshape(-1)
-        if not self.context:
-            yield np.arange(k.size), lambda hw: self._table(scale, delta, u, hw)
-            return
-        p = self.basis.block
-        n, c, h, w = shape
-        sel = np.broadcast_to(np.kron(second_pass(h // p, w // p), np.ones((p, p), dtype=bool)), shape).reshape(-1)
-        first, second = np.flatnonzero(~sel), np.flatnonzero(sel)
-        yield first, lambda hw: self._table(scale[first], delta, u[first], hw)
-        e = np.zeros(k.size, dtype=np.float64)
-        e[first] = (k[first] - u[first]) * delta  # the first pass's decoded values, zero elsewhere
-        m, s2 = context_np(to_blocks(e.reshape(shape), p), to_blocks(step_scale.reshape(shape), p),
-                           self.param_at(self.context_weight, gamma_t), self.param_at(self.context_adapt, gamma_t))
-        m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
-        yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m)
+        generator: the second pass is built only once the caller has filled the first pass into k.
+        An undivided step is a step of one part (:meth:`_part_passes`)."""
+        return self._part_passes(step_scale, delta, np.arange(k.size), k, u, np.zeros(k.size), gamma_t, shape)
 
     # ------------------------------------------------------------------ channel-aware reconstruction (box.py)
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> StepBox | None:
