@@ -369,7 +369,8 @@ class DiffusionModel(nn.Module):
         return z_s, z_s, float(gam[i - 1])
 
     def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
-        """Like :meth:`encode_step`, but returns (z_s, finish) where ``finish()`` returns the Section.
+        """Like :meth:`encode_step`, but returns (z_s, finish) where ``finish()`` returns the Section (or the
+        list of sections of a step written in parts: UQDM's ``parts`` option).
 
         A codec whose z_s does not depend on the coded bits (UQDM: z_s follows from the symbols, the
         range coder only writes them) leaves the entropy coding to ``finish``, so :meth:`encode`
@@ -388,7 +389,7 @@ class DiffusionModel(nn.Module):
 
         ``stop(sections)``, if given, is asked after every step whether to stop early (rate
         control: once the file is over budget the finer, costlier steps need not be coded).
-        ``progress(1)`` is called as each section is complete (from the coder thread, see below).
+        ``progress(1)`` is called as each step's sections are complete (from the coder thread, see below).
 
         ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale`` (gray images
         repeated to the model's channels); ``region`` is the (channels, height, width) of the real
