@@ -1,7 +1,7 @@
 """Large images: peak memory and time of compressing (and decoding) a 24-megapixel photo.
 
     python benchmarks/large_image.py [--width 6000] [--height 4000] [--codec uqdm|diffc|rvgc] [--steps 1]
-                                     [--noise-basis B] [--model NAME] [--q 4] [--no-decode]
+                                     [--noise-basis B] [--model NAME] [--q 4] [--parts 0.2] [--no-decode]
                                      [--json benchmarks/results/large_image.json]
 
 A tiny random-weights model (``tests/conftest.make_tiny``: the network is cheap, so what is
@@ -79,7 +79,8 @@ def child(args) -> None:
         img = np.load(work / "img.npy")
         before = _rss_mib()
         t0 = time.perf_counter()
-        kw = {"q": args.q} if args.codec == "rvgc" else {"steps": args.steps, "c_max": args.c_max}
+        kw = {"q": args.q} if args.codec == "rvgc" else {"steps": args.steps, "c_max": args.c_max,
+                                                         "parts": args.parts}
         res = diffcodec.compress(img, model=model, **kw)
         dt = time.perf_counter() - t0
         (work / "img.dfc").write_bytes(res.data)
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--noise-basis", dest="noise_basis", help="uqdm: noise basis of the tiny model (default rgb)")
     p.add_argument("--c-max", dest="c_max", type=int, help="diffc: chunk cap in bits (default: the model's)")
+    p.add_argument("--parts", help="uqdm: write the steps in parts ending at these fractions (e.g. 0.2)")
     p.add_argument("--no-decode", dest="decode", action="store_false")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "large_image.json"))
     p.add_argument("--note", default="", help="free text stored with the results (e.g. what else ran)")
@@ -123,6 +125,7 @@ def main() -> None:
                "codec": args.codec, "model": args.model or "tests/conftest.make_tiny (random weights)",
                **({"q": args.q} if args.codec == "rvgc" else {"steps": args.steps}),
                **({"noise_basis": args.noise_basis} if args.noise_basis else {}),
+               **({"parts": args.parts} if args.parts else {}),
                "torch_threads": 1, "cpu_count": os.cpu_count(), "note": args.note, "phases": {}}
     with tempfile.TemporaryDirectory() as work:
         np.save(Path(work) / "img.npy", make_image(args.height, args.width))
@@ -135,6 +138,8 @@ def main() -> None:
                 cmd += ["--c-max", str(args.c_max)]
             if args.noise_basis:
                 cmd += ["--noise-basis", args.noise_basis]
+            if args.parts:
+                cmd += ["--parts", args.parts]
             load_before = os.getloadavg()[0]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:

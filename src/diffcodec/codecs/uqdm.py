@@ -91,7 +91,7 @@ class _PartState:
     order: np.ndarray
     u: np.ndarray
     k: np.ndarray
-    e_first: np.ndarray
+    e_first: np.ndarray | None
     known: np.ndarray
     done: int
     shape: tuple
@@ -99,6 +99,11 @@ class _PartState:
 
 
 UNBOUNDED = 1e12  # the half-width of a coordinate a cut step has not sent (unit scale; x is in [-1, 1])
+
+
+def _slices(n: int, block: int = 1 << 18):
+    """Slices of ``block`` elements covering n: the box posterior's temporaries stay small."""
+    return (slice(a, min(n, a + block)) for a in range(0, n, block))
 
 
 class UQDM(DiffusionModel):
@@ -443,8 +448,10 @@ class UQDM(DiffusionModel):
         return sorted(set(ends))
 
     def _part_order(self, st: _Step) -> np.ndarray:
-        """The coding order of a divided step: by decreasing prior scale, ties by position (stable)."""
-        return np.argsort(-st.scale.reshape(-1), kind="stable")
+        """The coding order of a divided step: by decreasing prior scale, ties by position (stable); int32
+        indices where they fit (a 24-megapixel step has 72 M coordinates)."""
+        order = np.argsort(-st.scale.reshape(-1), kind="stable")
+        return order.astype(np.int32) if order.size < 2**31 else order
 
     def _part_passes(self, step_scale: np.ndarray, delta: float, idx: np.ndarray, k: np.ndarray, u: np.ndarray,
                      e_first: np.ndarray, gamma_t: float, shape):
@@ -491,7 +498,8 @@ class UQDM(DiffusionModel):
         gamma_t, shape, index = float(gam[i]), z.shape, self.num_steps - i + 1
 
         def finish() -> list[Section]:
-            out, e_first, start = [], np.zeros(k.size), 0
+            out, start = [], 0
+            e_first = np.zeros(k.size) if self.context else None  # the context's first-pass values so far
             for end in ends:
                 idx = order[start:end]
                 half_width = int(max(1, np.abs(k[idx]).max()))
@@ -509,7 +517,7 @@ class UQDM(DiffusionModel):
     def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int) -> _PartState:
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
         return _PartState(st, self._part_order(st), self._dither(seed, i, z.size), np.zeros(z.size, np.int64),
-                          np.zeros(z.size), np.zeros(z.size, dtype=bool), 0, z.shape, i)
+                          np.zeros(z.size) if self.context else None, np.zeros(z.size, dtype=bool), 0, z.shape, i)
 
     def decode_part(self, state: _PartState, sec: Section, gam: np.ndarray) -> None:
         """Decode one part section into ``state`` (the last one, kind step, must complete the step)."""
@@ -598,8 +606,13 @@ class UQDM(DiffusionModel):
             scale = self._scale_np(aux, gamma_s, b_next)
         else:
             scale = _base_scale(np.float64(gamma_s), b_next) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
-        m = truncated_logistic_mean(box.basis.forward(x_hat), scale / b_next, box.center - box.half_width,
-                                    box.center + box.half_width)
+        m = box.basis.forward(x_hat)
+        scale /= b_next
+        flat_m, flat_s, flat_c = m.reshape(-1), scale.reshape(-1), box.center.reshape(-1)
+        hw = box.half_width.reshape(-1) if isinstance(box.half_width, np.ndarray) else box.half_width
+        for sl in _slices(flat_m.size):  # element-wise, in blocks: a few block-sized temporaries, any image
+            h = hw[sl] if isinstance(hw, np.ndarray) else hw
+            flat_m[sl] = truncated_logistic_mean(flat_m[sl], flat_s[sl], flat_c[sl] - h, flat_c[sl] + h)
         return np.clip(box.basis.inverse(m), -1.0, 1.0)
 
     def reconstruct_unit(self, z: np.ndarray, gamma_t: float, method: str = "denoise", nfe: int | None = None,
