@@ -606,8 +606,8 @@ class UQDM(DiffusionModel):
             scale = self._scale_np(aux, gamma_s, b_next)
         else:
             scale = _base_scale(np.float64(gamma_s), b_next) * np.exp(np.clip(aux, AUX_MIN, AUX_MAX))
-        m = box.basis.forward(x_hat)
-        scale /= b_next
+        m = np.ascontiguousarray(box.basis.forward(x_hat))  # written in place below, through a flat view
+        scale = np.ascontiguousarray(scale / b_next)
         flat_m, flat_s, flat_c = m.reshape(-1), scale.reshape(-1), box.center.reshape(-1)
         hw = box.half_width.reshape(-1) if isinstance(box.half_width, np.ndarray) else box.half_width
         for sl in _slices(flat_m.size):  # element-wise, in blocks: a few block-sized temporaries, any image
