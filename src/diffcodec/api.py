@@ -28,7 +28,7 @@ from .rng import ANCESTRAL, SeededStream
 __all__ = ["EncodeResult", "compress", "decompress", "decode_steps", "info", "list_models", "get_model"]
 
 KIND_NAMES = {0: "step", 1: "lossless", 2: "hyper-latent", 3: "latent", 4: "part"}
-DEFAULT_PARTS = (0.2,)  # uqdm step parts of a file coded to a bpp target (README, UQDM step parts)
+DEFAULT_PARTS = (0.5,)  # uqdm step parts of a file coded to a bpp target (README, UQDM step parts)
 MAX_CODE_PIXELS = 25 * 10**6  # a 24 MP photo; = container.DEFAULT_MAX_PIXELS (benchmarks/large_image.py: RAM)
 
 

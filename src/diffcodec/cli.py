@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "benchmarks/diffc_pad.py measures the trade-off)")
     c.add_argument("--parts", help="uqdm: write each step in parts, ending after these fractions of its "
                    "coordinates (largest prior scale first), e.g. 0.05,0.2,0.35: a file cut after a part decodes "
-                   "to the step so far (default with --bpp: 0.2, so the target is met more closely; none: "
+                   "to the step so far (default with --bpp: 0.5, so the target is met more closely; none: "
                    "whole steps)")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
     c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
