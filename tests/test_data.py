@@ -144,7 +144,15 @@ def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
         {k: v for k, v in before.config_dict().items() if k != "num_steps"}
     ck = torch.load(t8 / "checkpoint.pt", weights_only=False)
     assert ck["config"]["train_steps"] == "6,8,12" and ck["model_config"]["num_steps"] == 8
-    for bad in (["--train-steps", "6,x"], ["--train-steps", "0"], ["--codec", "diffc", "--train-steps", "8"]):
+    # --step-weights: the loss weights each step; the log keeps the code length and the weighted loss
+    sw = tmp_path / "sw"
+    assert main([*base, "--out", str(sw), "--init", str(src / "model.safetensors"), "--step-weights",
+                 ",".join(["1"] * (before.num_steps - 1) + ["0"]), "--iters", "2"]) == 0
+    recs = [json.loads(line) for line in (sw / "log.jsonl").read_text().splitlines()]
+    assert all("loss" in r and r["loss"] != r["bpd"] for r in recs)
+    for bad in (["--train-steps", "6,x"], ["--train-steps", "0"], ["--codec", "diffc", "--train-steps", "8"],
+                ["--step-weights", "1,1"], ["--step-weights", "1,x,1,1"], ["--step-weights", "0,0,0,0"],
+                ["--step-weights", "1,1,1,1", "--train-steps", "4,8"], ["--codec", "diffc", "--step-weights", "1"]):
         assert main([*base, "--out", str(tmp_path / "bad"), "--preset", "tiny", "--iters", "1", *bad]) == 1
     # a model of another codec is refused with a clear error
     code = main(["train", "--codec", "rvgc", *base[1:], "--out", str(tmp_path / "x"),

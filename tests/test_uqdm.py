@@ -38,6 +38,37 @@ def test_one_step_estimator_is_unbiased():
     assert abs(float(one.mean() - full.mean())) < 4 * se + 1e-3
 
 
+def test_step_weighted_loss(tiny_model):
+    """step_weights: uniform weights give the code length itself; one-hot weights split it into the
+    steps' code lengths (the last with the lossless term), in coding order: the first coding step's
+    share is the first section's bits of a real file, not another step's."""
+    m, T = tiny_model, tiny_model.num_steps
+    img = synthetic_image(8, 8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].to(next(m.parameters()).dtype) * (2 / 256) + (1 / 256 - 1)
+    xb = x.repeat(64, 1, 1, 1)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = m(xb)["bpd"]
+        torch.manual_seed(0)
+        assert torch.allclose(m(xb, step_weights=torch.full((T,), 3.0))["loss"], plain)
+        torch.manual_seed(1)
+        exact = m(xb, all_steps=True)["bpd"].mean()
+        shares = []
+        for k in range(T):
+            torch.manual_seed(1)
+            shares.append(float(m(xb, all_steps=True, step_weights=torch.eye(T)[k])["loss"].mean()) / T)
+    assert abs(sum(shares) - float(exact)) < 1e-4 * float(exact)
+    sections = diffcodec.compress(img, model=m, lossless=True).sections
+    bits = [s["ideal_bits"] / x.numel() for s in sections]  # the steps, then the lossless section
+    assert len(bits) == T + 1
+    for k in range(T - 1):
+        assert abs(shares[k] - bits[k]) < 0.2 * bits[k] + 0.05, (k, shares, bits)
+    assert abs(shares[T - 1] - bits[T - 1] - bits[T]) < 0.2 * (bits[T - 1] + bits[T]), (shares, bits)
+    for bad in (torch.ones(T + 1), -torch.ones(T), torch.zeros(T)):
+        with pytest.raises(ValueError):
+            m(x, step_weights=bad)
+
+
 def test_loss_on_another_step_count_grid():
     """forward(num_steps=T') runs the chain on T' steps: all_steps then costs T' network calls (one per
     step), and the estimate is that grid's code length, not the model's own."""

@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--init: fine-tune the model to this step count")
     t.add_argument("--train-steps", dest="train_steps", help="uqdm: train on the grids of several step counts, "
                    "e.g. 6,8,12 (one drawn per iteration), so that one network serves each of them")
+    t.add_argument("--step-weights", dest="step_weights", help="uqdm: weight each coding step's bits in the loss, "
+                   "one number per step in coding order (the last also weights the lossless term), e.g. "
+                   "1,2,2,0.5 to spend the network on the rates where files are cut; validation stays the code length")
     t.add_argument("--noise-basis", dest="noise_basis", choices=["rgb", "opponent", "opponent-dct4"],
                    help="uqdm: axes of the uniform noise and of the factorised prior: rgb (the paper's), "
                    "opponent (luminance + two colour differences) or opponent-dct4 (and a 4x4 DCT of each; "

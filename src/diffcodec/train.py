@@ -81,6 +81,7 @@ class TrainConfig:
     preset: str = ""  # "" = the codec's default (DEFAULT_PRESET)
     num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
     train_steps: str = ""  # uqdm: e.g. "6,8,12": each iteration simulates the chain on one of these T's grids
+    step_weights: str = ""  # uqdm: e.g. "1,2,2,0.5": each coding step's bits weighted in the loss (UQDM.forward)
     noise_basis: str = ""  # uqdm: basis of the uniform noise (codecs/noise_basis.py; "" = default / the --init model's)
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
@@ -354,6 +355,24 @@ def parse_train_steps(cfg: TrainConfig) -> list[int]:
     return out
 
 
+def parse_step_weights(cfg: TrainConfig, num_steps: int) -> torch.Tensor | None:
+    """The per-step loss weights of ``--step-weights`` (uqdm only; None: the plain code length)."""
+    if not cfg.step_weights:
+        return None
+    if cfg.codec != "uqdm":
+        raise DiffcodecError("--step-weights is for uqdm (its loss is a sum over coding steps)")
+    if cfg.train_steps:
+        raise DiffcodecError("--step-weights weights the model's own steps; it does not go with --train-steps")
+    try:
+        w = [float(v) for v in cfg.step_weights.split(",")]
+    except ValueError:
+        raise DiffcodecError(f"--step-weights takes numbers like 1,2,2,0.5, not {cfg.step_weights!r}") from None
+    if len(w) != num_steps or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+        raise DiffcodecError(f"--step-weights needs {num_steps} non-negative numbers (one per step, in coding "
+                             f"order), not all zero; got {cfg.step_weights!r}")
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Run (or resume) training; returns final metrics.  Writes ``out/model.safetensors``."""
     cfg = replace(cfg, preset=_preset(cfg))
@@ -403,6 +422,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if cfg.decoder_width or cfg.decoder_refine:
         model = _grow_decoder(cfg, model, resumed=ck is not None)
         mcfg = model.config_dict()
+    step_weights = parse_step_weights(cfg, getattr(model, "num_steps", 0))
     model = model.to(device)
     model.autocast_bf16 = cfg.bf16 and device.type == "cpu"
     ema = copy.deepcopy(model).eval()
@@ -471,6 +491,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         elif grids:
             # the same draw on every rank (a function of the step only), so DDP ranks run one graph
             res = net(x, num_steps=grids[int(np.random.default_rng(cfg.seed * 1_000_003 + step).integers(len(grids)))])
+        elif step_weights is not None:
+            res = net(x, step_weights=step_weights)
         else:
             res = net(x)
         loss = res.get("loss", res["bpd"]).mean()
@@ -493,14 +515,16 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         run_bpd = lv if run_bpd is None else 0.98 * run_bpd + 0.02 * lv
         bar.update(1)
         if hasattr(model, "schedule"):
-            bar.set_postfix(bpd=f"{run_bpd:.3f}", gmin=f"{float(model.schedule.gamma_min.detach()):.2f}")
+            shown = "bpd" if step_weights is None else "loss"  # a weighted loss is not a code length
+            bar.set_postfix(**{shown: f"{run_bpd:.3f}"}, gmin=f"{float(model.schedule.gamma_min.detach()):.2f}")
         elif "bpp" in res:
             bar.set_postfix(loss=f"{run_bpd:.3f}", bpp=f"{float(res['bpp'].detach().mean()):.3f}")
         else:  # decoder fine-tuning: the rate is fixed
             bar.set_postfix(loss=f"{run_bpd:.3f}", psnr=f"{float(res['psnr'].detach().mean()):.2f}",
                             **({"d_loss": f"{float(res['d_loss'].mean()):.3f}"} if "d_loss" in res else {}))
         if main:
-            rec = {"step": step, "bpd": lv, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
+            bpd_now = float(res["bpd"].detach().mean())  # the code length, also when the loss is weighted
+            rec = {"step": step, "bpd": bpd_now, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
                    "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm), "elapsed": round(elapsed, 1)}
             if step % cfg.val_every == 0 or step == cfg.iters:
                 rec["val_bpd"] = evaluate_bpd(ema, val_batch.to(device))

@@ -250,8 +250,8 @@ class UQDM(DiffusionModel):
         return torch.where(final.view(-1, 1, 1, 1), s, scale)
 
     # ------------------------------------------------------------------ training loss
-    def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None,
+                step_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Code length of x (float in [-1, 1], pixel-centred) in bits per dimension.
 
         Simulates the forward chain from z_T ~ N(0, I) (no network calls), then evaluates the
@@ -260,7 +260,12 @@ class UQDM(DiffusionModel):
         ``num_steps`` runs the chain on another step count's grid than the model's own T (training
         on several grids, ``train --train-steps``): the network is conditioned on gamma and the
         learned scale is relative to the step's own coefficient b, so one network serves several T.
-        Returns a dict with ``bpd`` (per-example, for the optimiser), and diagnostics.
+        ``step_weights`` (T values, the steps in coding order, the last one also weighting the lossless
+        term; normalised to mean 1) adds ``loss``: the code length with each step's bits weighted, for
+        training a model towards the rates where a file is cut (``train --step-weights``).  The network
+        is shared by all steps, so the weights move its capacity between noise levels; ``bpd`` stays the
+        true code length.
+        Returns a dict with ``bpd`` (per-example, for the optimiser unless ``loss``), and diagnostics.
         """
         T = num_steps or self.num_steps
         basis = self.basis
@@ -285,6 +290,13 @@ class UQDM(DiffusionModel):
         zs_all = torch.stack(chain)  # (T+1, B, C, H, W)
         ar = torch.arange(B, device=x.device)
         step_nats = torch.zeros(B, dtype=x.dtype, device=x.device)
+        if step_weights is not None:
+            w = torch.as_tensor(step_weights, dtype=x.dtype, device=x.device).flatten()
+            if w.numel() != T or not bool((w >= 0).all()) or float(w.sum()) <= 0:
+                raise ValueError(f"step_weights needs {T} non-negative values, not all zero")
+            # index j of the chain (z_j -> z_{j-1}) is coding step T - j + 1: w_chain[j] = w[T - j]
+            w_chain = torch.cat([w.new_zeros(1), w.flip(0)]) * (T / w.sum())
+            weighted_nats = torch.zeros_like(step_nats)
         last_prior = None  # (mu_P, scale) of the last step, where every example evaluated it
         for idx in steps:
             z_t, z_s = zs_all[idx, ar], zs_all[idx - 1, ar]
@@ -312,6 +324,8 @@ class UQDM(DiffusionModel):
                 scale = from_blocks(torch.where(sel, s2, sb))
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             step_nats = step_nats + nll.flatten(1).sum(1)
+            if step_weights is not None:
+                weighted_nats = weighted_nats + w_chain[idx] * nll.flatten(1).sum(1)
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
         if self.final is not None:
             data_nats = self.box_data_nll(x_int, chain[1], chain[0], gam[0], gam[1], last_prior)
@@ -319,12 +333,15 @@ class UQDM(DiffusionModel):
             data_nats = self.data_nll(chain[0], gam[0], x_int).flatten(1).sum(1)
         total = weight * step_nats + data_nats
         norm = dims * LOG2
-        return {
+        out = {
             "bpd": total / norm,
             "steps_bpd": weight * step_nats / norm,
             "data_bpd": data_nats / norm,
             "gamma_min": gam[0].detach(),
         }
+        if step_weights is not None:
+            out["loss"] = (weight * weighted_nats + w_chain[1] * data_nats) / norm
+        return out
 
     @torch.no_grad()
     def step_residuals(self, x: torch.Tensor):
