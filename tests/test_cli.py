@@ -72,6 +72,9 @@ def test_steps_and_bpp_options(png, tmp_path, tiny_model_path, capsys):
                  "--bpp", str(sizes[1] + 1e-6), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert sizes[0] < out["bpp"] <= sizes[1] + 1e-6 and out["sections"][-1]["kind"] == "part"
+    assert main(["compress", str(png), "-o", str(tmp_path / "d.dfc"), "--model", str(tiny_model_path),
+                 "--bpp", str(sizes[1] + 1e-6)]) == 0
+    assert "1 step(s) and 1 part(s) of step 2," in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content,msg", [(b"", "empty file"), (b"GIF89a....", "not a .dfc"),

@@ -54,6 +54,13 @@ def cmd_compress(a) -> int:
         print(json.dumps({"output": out, **res.summary()}))
     elif not a.quiet:
         kind = f"q {res.q:.4g}" if res.q is not None else "lossless" if res.lossless else f"{res.steps} step(s)"
+        tail = 0  # the parts of a step the file ends inside (uqdm step parts)
+        for sec in reversed(res.sections):
+            if sec["kind"] != "part":
+                break
+            tail += 1
+        if tail:
+            kind += f" and {tail} part(s) of step {res.steps + 1}"
         print(f"{a.input} -> {out}: {res.file_bytes} bytes, {res.bpp:.4f} bpp, {kind}, "
               f"model {res.model} (ideal {res.ideal_bits_total / 8:.0f} bytes)")
     return 0
