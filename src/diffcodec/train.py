@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .codecs.noise_basis import BASES as NOISE_BASES
 from .codecs.noise_basis import NoiseBasis
+from .codecs.uqdm import UQDM
 from .data import CropSampler, list_images, split_files, validation_batch
 from .errors import DiffcodecError
 from .imageio import atomic_write
@@ -364,13 +365,11 @@ def parse_step_weights(cfg: TrainConfig, num_steps: int) -> torch.Tensor | None:
     if cfg.train_steps:
         raise DiffcodecError("--step-weights weights the model's own steps; it does not go with --train-steps")
     try:
-        w = [float(v) for v in cfg.step_weights.split(",")]
-    except ValueError:
-        raise DiffcodecError(f"--step-weights takes numbers like 1,2,2,0.5, not {cfg.step_weights!r}") from None
-    if len(w) != num_steps or not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
-        raise DiffcodecError(f"--step-weights needs {num_steps} non-negative numbers (one per step, in coding "
-                             f"order), not all zero; got {cfg.step_weights!r}")
-    return torch.tensor(w, dtype=torch.float32)
+        w = torch.tensor([float(v) for v in cfg.step_weights.split(",")])
+        UQDM.chain_step_weights(w, num_steps)  # the checks forward applies, before the run starts
+    except ValueError as e:
+        raise DiffcodecError(f"--step-weights {cfg.step_weights!r}: {e}") from None
+    return w
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:

@@ -250,6 +250,17 @@ class UQDM(DiffusionModel):
         return torch.where(final.view(-1, 1, 1, 1), s, scale)
 
     # ------------------------------------------------------------------ training loss
+    @staticmethod
+    def chain_step_weights(step_weights, num_steps: int) -> torch.Tensor:
+        """``forward``'s step weights (coding order) indexed by the chain: entry j weights z_j -> z_{j-1},
+        which is coding step T - j + 1; normalised to mean 1 (entry 0 unused).  Raises ValueError unless
+        there are T non-negative, finite values, not all zero."""
+        w = torch.as_tensor(step_weights, dtype=torch.float64).flatten()
+        if w.numel() != num_steps or not bool(torch.isfinite(w).all() and (w >= 0).all()) or float(w.sum()) <= 0:
+            raise ValueError(f"step weights need {num_steps} finite non-negative numbers (one per step, in coding "
+                             f"order), not all zero; got {w.tolist()}")
+        return torch.cat([w.new_zeros(1), w.flip(0)]) * (num_steps / w.sum())
+
     def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None,
                 step_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Code length of x (float in [-1, 1], pixel-centred) in bits per dimension.
@@ -291,11 +302,7 @@ class UQDM(DiffusionModel):
         ar = torch.arange(B, device=x.device)
         step_nats = torch.zeros(B, dtype=x.dtype, device=x.device)
         if step_weights is not None:
-            w = torch.as_tensor(step_weights, dtype=x.dtype, device=x.device).flatten()
-            if w.numel() != T or not bool((w >= 0).all()) or float(w.sum()) <= 0:
-                raise ValueError(f"step_weights needs {T} non-negative values, not all zero")
-            # index j of the chain (z_j -> z_{j-1}) is coding step T - j + 1: w_chain[j] = w[T - j]
-            w_chain = torch.cat([w.new_zeros(1), w.flip(0)]) * (T / w.sum())
+            w_chain = self.chain_step_weights(step_weights, T).to(x)
             weighted_nats = torch.zeros_like(step_nats)
         last_prior = None  # (mu_P, scale) of the last step, where every example evaluated it
         for idx in steps:
@@ -323,9 +330,10 @@ class UQDM(DiffusionModel):
                 d = from_blocks(torch.where(sel, db - m, db))
                 scale = from_blocks(torch.where(sel, s2, sb))
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
-            step_nats = step_nats + nll.flatten(1).sum(1)
+            nats = nll.flatten(1).sum(1)
+            step_nats = step_nats + nats
             if step_weights is not None:
-                weighted_nats = weighted_nats + w_chain[idx] * nll.flatten(1).sum(1)
+                weighted_nats = weighted_nats + w_chain[idx] * nats
         x_int = torch.round((x + 1.0) * 128.0 - 0.5).long().clamp(0, 255)
         if self.final is not None:
             data_nats = self.box_data_nll(x_int, chain[1], chain[0], gam[0], gam[1], last_prior)
