@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import diffcodec
+from diffcodec import container
 from diffcodec.cli import main
 from diffcodec.data import CropSampler, list_images, split_files
 
@@ -154,6 +156,23 @@ def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
                 ["--step-weights", "1,1"], ["--step-weights", "1,x,1,1"], ["--step-weights", "0,0,0,0"],
                 ["--step-weights", "1,1,1,1", "--train-steps", "4,8"], ["--codec", "diffc", "--step-weights", "1"]):
         assert main([*base, "--out", str(tmp_path / "bad"), "--preset", "tiny", "--iters", "1", *bad]) == 1
+    # --mid-blocks grows the network at its coarsest level: with lr 0 the grown model codes like the init
+    mb = tmp_path / "mb"
+    grow = [*base, "--out", str(mb), "--init", str(src / "model.safetensors"), "--mid-blocks", "3", "--lr", "0"]
+    assert main([*grow, "--iters", "1"]) == 0
+    grown = load_model(str(mb / "model.safetensors"))
+    assert grown.config_dict()["unet"]["mid_blocks"] == 3 and before.config_dict()["unet"].get("mid_blocks", 2) == 2
+    img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    files = [diffcodec.compress(img, model=m, steps=2).data for m in (grown, before)]
+    assert [s.payload for s in container.unpack(files[0]).sections] == \
+        [s.payload for s in container.unpack(files[1]).sections]
+    assert np.array_equal(diffcodec.decompress(files[0], model=grown), diffcodec.decompress(files[1], model=before))
+    assert main([*grow, "--iters", "2", "--resume"]) == 0
+    for bad in (["--init", str(mb / "model.safetensors"), "--mid-blocks", "2"],  # cannot shrink
+                ["--codec", "rvgc", "--mid-blocks", "3"]):
+        assert main([*base, "--out", str(tmp_path / "bad2"), "--preset", "tiny", "--iters", "1", *bad]) == 1
+    assert main([*base, "--out", str(mb), "--init", str(src / "model.safetensors"), "--mid-blocks", "4",
+                 "--iters", "3", "--resume"]) == 1  # the resumed run has 3
     # a model of another codec is refused with a clear error
     code = main(["train", "--codec", "rvgc", *base[1:], "--out", str(tmp_path / "x"),
                  "--init", str(src / "model.safetensors"), "--iters", "1"])

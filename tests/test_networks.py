@@ -37,6 +37,25 @@ def test_fourier_features_need_the_head():
         DenoiserUNet(UNetConfig(**{**PRESETS["tiny"], "fourier_features": (8,)}))
 
 
+def test_added_mid_blocks_start_as_the_identity():
+    """A network grown at its coarsest level (``mid_blocks``) computes what the trained one did, until
+    the new blocks train; its trained blocks load unchanged."""
+    torch.manual_seed(0)
+    cfg = {**PRESETS["tiny"], "patch": 2, "head_channels": 8, "input_skip": True}
+    small = DenoiserUNet(UNetConfig(**cfg, out_channels=6)).double()
+    for p in small.parameters():  # a "trained" network: no zero weights left
+        torch.nn.init.normal_(p, std=0.05)
+    big = DenoiserUNet(UNetConfig(**cfg, out_channels=6, mid_blocks=4)).double()
+    missing, unexpected = big.load_state_dict(small.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("mid.2.", "mid.3.")) for k in missing)
+    z, g = torch.randn(2, 3, 16, 24, dtype=torch.float64), torch.tensor([1.0, -4.0], dtype=torch.float64)
+    assert torch.equal(small(z, g), big(z, g))
+    torch.nn.init.normal_(big.mid[3].conv2.weight)  # a trained new block changes the output
+    assert not torch.allclose(small(z, g), big(z, g))
+    with pytest.raises(ValueError, match="mid_blocks"):
+        DenoiserUNet(UNetConfig(**cfg, mid_blocks=0))
+
+
 def test_input_skip_preconditions_eps():
     """With zero output weights the eps channels are exactly sigma(gamma) * z, the aux ones zero."""
     net = DenoiserUNet(UNetConfig(**{**PRESETS["tiny"], "patch": 2, "head_channels": 8, "input_skip": True}))

@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "channels (starts out decoding like it; the encoder and files stay the same)")
     t.add_argument("--decoder-refine", dest="decoder_refine", type=int,
                    help="rvgc decoder fine-tuning: first give g_s a full-resolution head of this many channels")
+    t.add_argument("--mid-blocks", dest="mid_blocks", type=int,
+                   help="uqdm/diffc: residual blocks at the network's coarsest level (default 2); with --init, "
+                   "blocks added to a trained network start as the identity (it starts out coding like before)")
     t.add_argument("--clip", type=float)
     t.add_argument("--ckpt-every", dest="ckpt_every", type=int)
     t.add_argument("--val-every", dest="val_every", type=int)

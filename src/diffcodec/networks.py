@@ -25,6 +25,11 @@
   far slower per iteration than a full-resolution one, and without the local path it barely
   denoised the low-noise steps, where noise must be told from texture pixel by pixel.
   Older configs lack these keys and build exactly as before.
+* **Growing a trained network** (``mid_blocks``): a ResBlock's last convolution starts at zero, so a
+  block added to the coarsest level computes the identity and the grown network the same function as
+  the trained one; a fine-tune (``train --init M --mid-blocks N``) then trains the new blocks.  The
+  coarsest level is where it is cheap (1/256 of the pixels for a patch-4 stem and three levels) and
+  where the high-noise steps, whose estimate is most of the low-rate reconstructions, need capacity.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class UNetConfig:
     input_skip: bool = False  # add sigma(gamma) * z to the first in_channels outputs (eps preconditioning)
     fourier_features: tuple[int, ...] = ()  # head inputs sin/cos(2^k pi z) for these k (needs the head)
     head_local: int = 0  # channels of a full-resolution 2-conv (3x3) path from z into the head (0 = none)
+    mid_blocks: int = 2  # ResBlocks at the coarsest level (see ``DenoiserUNet``: how a trained network grows)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,7 +140,9 @@ class DenoiserUNet(nn.Module):
             if level < len(cfg.channel_mult) - 1:
                 self.downsample.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
                 skips.append(cur)
-        self.mid = nn.ModuleList([ResBlock(cur, cur, cfg.emb_dim), ResBlock(cur, cur, cfg.emb_dim)])
+        if cfg.mid_blocks < 1:
+            raise ValueError(f"mid_blocks must be >= 1, got {cfg.mid_blocks}")
+        self.mid = nn.ModuleList([ResBlock(cur, cur, cfg.emb_dim) for _ in range(cfg.mid_blocks)])
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):

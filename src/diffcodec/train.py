@@ -97,6 +97,7 @@ class TrainConfig:
     disc_lr: float = 1e-4  # learning rate of the discriminator (adversarial fine-tuning)
     decoder_width: int = 0  # > 0: grow the --init model's g_s to this many hidden channels (rvgc, decoder-only)
     decoder_refine: int = 0  # > 0: ... and give it a full-resolution head of this many channels
+    mid_blocks: int = 0  # uqdm/diffc, > 0: ResBlocks at the network's coarsest level (with --init: grown to this)
     lr: float = 2e-4
     warmup: int = 200
     ema: float = 0.999
@@ -128,6 +129,8 @@ def model_config(cfg: TrainConfig) -> dict:
     if preset not in PRESETS:
         raise DiffcodecError(f"{cfg.codec} has no preset {preset!r} (choose from {', '.join(PRESETS)})")
     unet = UNetConfig(**PRESETS[preset], out_channels=6 if cfg.codec == "uqdm" else 3)
+    if cfg.mid_blocks:
+        unet.mid_blocks = cfg.mid_blocks
     out = {"codec": cfg.codec, "unet": unet.to_dict(), "num_steps": cfg.num_steps or DEFAULT_STEPS[cfg.codec]}
     if cfg.codec == "diffc":
         out["c_max"] = cfg.c_max
@@ -234,7 +237,28 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
             state.pop(key, None)
         if cfg.noise_basis != "rgb":
             state["noise_basis_code"] = torch.tensor(NoiseBasis(cfg.noise_basis).code, dtype=torch.int8)
+    if cfg.mid_blocks:
+        if "unet" not in mcfg:
+            raise DiffcodecError(f"--mid-blocks is for uqdm and diffc networks, not {cfg.codec}")
+        have = int(mcfg["unet"].get("mid_blocks", 2))
+        if cfg.mid_blocks < have:
+            raise DiffcodecError(f"--init model has {have} blocks at its coarsest level: --mid-blocks can only add "
+                                 "blocks")
+        mcfg["unet"] = {**mcfg["unet"], "mid_blocks": cfg.mid_blocks}
     return mcfg, state, {"model": cfg.init, "model_hash": src.model_hash}
+
+
+def _load_init(model, state: dict, mcfg: dict) -> None:
+    """Load the ``--init`` weights into ``model``: exactly, except for the coarsest-level blocks that
+    ``--mid-blocks`` added, which are missing from ``state`` and keep their construction (the identity,
+    ``networks.DenoiserUNet``)."""
+    have = len({k.split(".")[2] for k in state if k.startswith("net.mid.")})
+    n = int(mcfg["unet"].get("mid_blocks", 2)) if "unet" in mcfg else have
+    new = tuple(f"net.mid.{i}." for i in range(have, n))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [*unexpected, *(k for k in missing if not k.startswith(new))]  # startswith(()) is False
+    if bad:
+        raise DiffcodecError(f"--init weights do not fit the model: {bad[:5]}")
 
 
 def _decoder_only(cfg: TrainConfig) -> bool:
@@ -415,9 +439,15 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if cfg.noise_basis and cfg.codec == "uqdm" and mcfg.get("noise_basis", "rgb") != cfg.noise_basis:
         raise DiffcodecError(f"the run being resumed uses the noise basis {mcfg.get('noise_basis', 'rgb')!r}; "
                              "resume with the options it was started with")
+    if cfg.mid_blocks:
+        if "unet" not in mcfg:
+            raise DiffcodecError(f"--mid-blocks is for uqdm and diffc networks, not {cfg.codec}")
+        if int(mcfg["unet"].get("mid_blocks", 2)) != cfg.mid_blocks:
+            raise DiffcodecError(f"the run being resumed has {mcfg['unet'].get('mid_blocks', 2)} blocks at its "
+                                 "coarsest level; resume with the options it was started with")
     model = build_model(mcfg)
     if init_state is not None:
-        model.load_state_dict(init_state)
+        _load_init(model, init_state, mcfg)
     if cfg.decoder_width or cfg.decoder_refine:
         model = _grow_decoder(cfg, model, resumed=ck is not None)
         mcfg = model.config_dict()
