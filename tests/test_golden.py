@@ -22,6 +22,7 @@ CASES = {
     "uqdm-medium6": dict(codec="uqdm", lossless=True),
     "uqdm-medium7": dict(codec="uqdm", lossless=True),
     "uqdm-medium8": dict(codec="uqdm", lossless=True),
+    "uqdm-medium9": dict(codec="uqdm", lossless=True),
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),
