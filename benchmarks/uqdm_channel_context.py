@@ -26,8 +26,8 @@ import json
 
 import torch
 
-from diffcodec.calibrate import mean_bits, training_crops
-from diffcodec.codecs.context import context_t, log_magnitude, neighbours, second_pass, to_blocks
+from diffcodec.calibrate import DEFAULT_DATA, mean_bits, training_crops
+from diffcodec.codecs.context import EPS, context_t, log_magnitude, neighbours, second_pass, to_blocks
 from diffcodec.models import load_model
 
 SLOPES = [0.1 * i for i in range(8)]
@@ -62,7 +62,7 @@ def fitted_bits(y: torch.Tensor, s: torch.Tensor, feats: torch.Tensor, gs: list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="uqdm-medium8")
-    ap.add_argument("--data", default="../shared/data/train")
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--crops", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
@@ -85,7 +85,7 @@ def main() -> None:
             e1 = torch.where(sel, torch.zeros_like(eb), eb)
             m, s2 = context_t(e1, sb, W.expand(n, *W.shape), A.expand(n, *A.shape))
             luma = eb[:, 0]
-            g_luma = log_magnitude((luma.abs() / sb[:, 0]).sum((1, 2)), torch.tensor(4.0))
+            g_luma = torch.log(EPS + (luma.abs() / sb[:, 0]).mean((1, 2)))  # the luma block's scaled magnitude
             f_first = luma[..., ~sel].permute(0, 3, 1, 2).reshape(-1, p * p)
             f_luma2 = luma[..., sel].permute(0, 3, 1, 2).reshape(-1, p * p)
             cur, new = [0.0] * C, [0.0] * C

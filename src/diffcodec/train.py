@@ -237,26 +237,36 @@ def _init_weights(cfg: TrainConfig) -> tuple[dict, dict, dict]:
             state.pop(key, None)
         if cfg.noise_basis != "rgb":
             state["noise_basis_code"] = torch.tensor(NoiseBasis(cfg.noise_basis).code, dtype=torch.int8)
-    if cfg.mid_blocks:
-        if "unet" not in mcfg:
-            raise DiffcodecError(f"--mid-blocks is for uqdm and diffc networks, not {cfg.codec}")
-        have = int(mcfg["unet"].get("mid_blocks", 2))
-        if cfg.mid_blocks < have:
-            raise DiffcodecError(f"--init model has {have} blocks at its coarsest level: --mid-blocks can only add "
-                                 "blocks")
-        mcfg["unet"] = {**mcfg["unet"], "mid_blocks": cfg.mid_blocks}
     return mcfg, state, {"model": cfg.init, "model_hash": src.model_hash}
 
 
-def _load_init(model, state: dict, mcfg: dict) -> None:
+def _with_mid_blocks(cfg: TrainConfig, mcfg: dict, grow: bool) -> dict:
+    """The model config with ``--mid-blocks`` applied: an ``--init`` model (``grow``) gets that many blocks at
+    its coarsest level (never fewer); any other run (a preset, which already has them, or a resumed run)
+    must have them."""
+    if not cfg.mid_blocks:
+        return mcfg
+    if "unet" not in mcfg:
+        raise DiffcodecError(f"--mid-blocks is for uqdm and diffc networks, not {cfg.codec}")
+    have = int(mcfg["unet"].get("mid_blocks", 2))
+    if grow:
+        if cfg.mid_blocks < have:
+            raise DiffcodecError(f"--init model has {have} blocks at its coarsest level: --mid-blocks can only add "
+                                 "blocks")
+        return {**mcfg, "unet": {**mcfg["unet"], "mid_blocks": cfg.mid_blocks}}
+    if have != cfg.mid_blocks:
+        raise DiffcodecError(f"the run being resumed has {have} blocks at its coarsest level; resume with the "
+                             "options it was started with")
+    return mcfg
+
+
+def _load_init(model, state: dict) -> None:
     """Load the ``--init`` weights into ``model``: exactly, except for the coarsest-level blocks that
-    ``--mid-blocks`` added, which are missing from ``state`` and keep their construction (the identity,
+    ``--mid-blocks`` added, which are absent from ``state`` and keep their construction (the identity,
     ``networks.DenoiserUNet``)."""
-    have = len({k.split(".")[2] for k in state if k.startswith("net.mid.")})
-    n = int(mcfg["unet"].get("mid_blocks", 2)) if "unet" in mcfg else have
-    new = tuple(f"net.mid.{i}." for i in range(have, n))
+    trained = {k.split(".")[2] for k in state if k.startswith("net.mid.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [*unexpected, *(k for k in missing if not k.startswith(new))]  # startswith(()) is False
+    bad = [*unexpected, *(k for k in missing if not (k.startswith("net.mid.") and k.split(".")[2] not in trained))]
     if bad:
         raise DiffcodecError(f"--init weights do not fit the model: {bad[:5]}")
 
@@ -439,15 +449,10 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     if cfg.noise_basis and cfg.codec == "uqdm" and mcfg.get("noise_basis", "rgb") != cfg.noise_basis:
         raise DiffcodecError(f"the run being resumed uses the noise basis {mcfg.get('noise_basis', 'rgb')!r}; "
                              "resume with the options it was started with")
-    if cfg.mid_blocks:
-        if "unet" not in mcfg:
-            raise DiffcodecError(f"--mid-blocks is for uqdm and diffc networks, not {cfg.codec}")
-        if int(mcfg["unet"].get("mid_blocks", 2)) != cfg.mid_blocks:
-            raise DiffcodecError(f"the run being resumed has {mcfg['unet'].get('mid_blocks', 2)} blocks at its "
-                                 "coarsest level; resume with the options it was started with")
+    mcfg = _with_mid_blocks(cfg, mcfg, grow=init_state is not None)
     model = build_model(mcfg)
     if init_state is not None:
-        _load_init(model, init_state, mcfg)
+        _load_init(model, init_state)
     if cfg.decoder_width or cfg.decoder_refine:
         model = _grow_decoder(cfg, model, resumed=ck is not None)
         mcfg = model.config_dict()
