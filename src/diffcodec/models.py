@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .errors import ModelError
 
 BUNDLED_DIR = "weights"
-DEFAULT_MODELS = {"uqdm": "uqdm-medium9", "diffc": "diffc-small4", "rvgc": "rvgc-small5"}
+DEFAULT_MODELS = {"uqdm": "uqdm-medium10", "diffc": "diffc-small4", "rvgc": "rvgc-small5"}
 
 
 def _codec_classes() -> dict:
