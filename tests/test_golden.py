@@ -1,7 +1,9 @@
 """Format stability: files made by earlier releases decode to the same pixels, and re-encoding
 gives the same bytes.  ``tests/data/golden`` holds a 56x40 crop of the bundled sample, the .dfc
 files each bundled model made of it (with the code of the commit that added them) and their
-decoded images.  A speed-up or refactor that changes a decoded bit fails here."""
+decoded images.  A speed-up or refactor that changes a decoded bit fails here.  Models retired from
+the package are extracted from the repository's history (``scripts/archived_model.py``) onto
+``$DIFFCODEC_MODEL_PATH``, so their files keep decoding too."""
 
 from pathlib import Path
 
@@ -10,6 +12,9 @@ import pytest
 from PIL import Image
 
 import diffcodec
+from conftest import load_repo_module
+from diffcodec.errors import ModelError
+from diffcodec.models import MODEL_PATH_ENV, RETIRED_MODELS, bundled_models
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = {
@@ -43,8 +48,23 @@ def _png(path: Path) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
 
 
+@pytest.fixture(scope="module")
+def retired_dir(tmp_path_factory):
+    """Every retired model, extracted from the repository's history (skips in a clone without it)."""
+    archived = load_repo_module("scripts", "archived_model")
+    out = tmp_path_factory.mktemp("retired")
+    try:
+        for name in RETIRED_MODELS:
+            archived.extract(name, out)
+    except ModelError as e:
+        pytest.skip(f"retired models cannot be extracted here: {e}")
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden_file_decodes_and_reencodes_identically(name):
+def test_golden_file_decodes_and_reencodes_identically(name, request, monkeypatch):
+    if name in RETIRED_MODELS:
+        monkeypatch.setenv(MODEL_PATH_ENV, str(request.getfixturevalue("retired_dir")))
     data = (GOLDEN / f"{name}.dfc").read_bytes()
     if CASES[name]["codec"] == "diffc":
         # decoded.png predates channel-aware reconstruction: it is the received latent's image, which
@@ -63,3 +83,9 @@ def test_golden_uqdm_box_reconstruction(method):
     data = (GOLDEN / "uqdm-medium7.dfc").read_bytes()
     expect = _png(GOLDEN / f"uqdm-medium7.steps2.{method}.aware.png")
     assert np.array_equal(diffcodec.decompress(data, steps=2, method=method), expect)
+
+
+def test_every_model_has_a_golden_case():
+    """A bundled or retired model without a golden file would have no format-stability check."""
+    assert set(bundled_models()) | set(RETIRED_MODELS) == set(CASES)
+    assert not set(bundled_models()) & set(RETIRED_MODELS)

@@ -36,7 +36,7 @@ from diffcodec import api, container
 from diffcodec.cli import main
 from diffcodec.codecs.base import Section
 from diffcodec.errors import DiffcodecError, FormatError, LimitError, ModelError
-from diffcodec.models import load_model, save_model
+from diffcodec.models import MODEL_PATH_ENV, load_model, save_model
 from diffcodec.varint import put_varint
 
 FUZZ = dict(max_examples=150, deadline=timedelta(seconds=2), derandomize=True, database=None,
@@ -344,21 +344,25 @@ def test_max_pixels_argument_env_and_cli(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- identity
-def test_file_never_names_a_model_path(tmp_path):
-    """Without --model only bundled names are looked up: a file cannot make the decoder open a path."""
+def test_file_never_names_a_model_path(tmp_path, monkeypatch):
+    """Without --model only names are looked up (bundled, then in $DIFFCODEC_MODEL_PATH's
+    directories): a file cannot make the decoder open a path, even one next to a model directory."""
     evil = tmp_path / "evil.safetensors"
     save_model(_model("uqdm"), evil)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv(MODEL_PATH_ENV, str(tmp_path / "models"))
     data = diffcodec.compress(synthetic_image(4, 4), model=load_model(str(evil)), steps=1).data
     cont = container.unpack(data)
-    for name in (str(evil), "../evil.safetensors", "tiny-uqdm"):
+    for name in (str(evil), "../evil.safetensors", "../evil", "tiny-uqdm"):
         cont.header.model_id = name
         forged = container.pack(cont.header, cont.sections)
-        with pytest.raises(ModelError, match="not bundled") as e:
+        with pytest.raises(ModelError, match="neither bundled nor in") as e:
             diffcodec.decompress(forged)
         assert repr(name) in str(e.value)  # the message names the model
 
 
-def test_cli_missing_model_is_named(tmp_path, tiny_model_path, capsys):
+def test_cli_missing_model_is_named(tmp_path, tiny_model_path, capsys, monkeypatch):
+    monkeypatch.delenv(MODEL_PATH_ENV, raising=False)
     png = tmp_path / "in.png"
     Image.fromarray(synthetic_image(8, 8)).save(png)
     f = tmp_path / "a.dfc"
@@ -366,7 +370,7 @@ def test_cli_missing_model_is_named(tmp_path, tiny_model_path, capsys):
     capsys.readouterr()
     assert main(["decompress", str(f), "-o", str(tmp_path / "o.png")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "'tiny-uqdm'" in lines[0] and "not bundled" in lines[0]
+    assert len(lines) == 1 and "'tiny-uqdm'" in lines[0] and "neither bundled nor in $DIFFCODEC_MODEL_PATH" in lines[0]
     assert not (tmp_path / "o.png").exists()
 
 

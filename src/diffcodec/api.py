@@ -22,7 +22,16 @@ from . import container
 from .diffusion import RECONSTRUCTION_METHODS, DiffusionModel
 from .errors import DecodeError, DiffcodecError, ImageError, ModelError
 from .imageio import read_image
-from .models import DEFAULT_MODELS, bundled_models, load_model, read_metadata
+from .models import (
+    DEFAULT_MODELS,
+    MODEL_PATH_ENV,
+    RETIRED_MODELS,
+    bundled_models,
+    find_model,
+    load_model,
+    path_models,
+    read_metadata,
+)
 from .rng import ANCESTRAL, SeededStream
 
 __all__ = ["EncodeResult", "compress", "decompress", "decode_steps", "info", "list_models", "get_model"]
@@ -265,13 +274,18 @@ def _codec_params(header: container.Header) -> dict:
 
 def _model_for(header: container.Header, model):
     if model is None:
-        try:
-            if header.model_id not in bundled_models():  # a file never names a path to load
-                raise ModelError(header.model_id)
-            m = get_model(header.model_id)
-        except ModelError:
-            raise ModelError(f"file was encoded with model {header.model_id!r} ({header.model_hash}), "
-                             "which is not bundled; pass it with --model PATH") from None
+        # a file's model name is looked up, never opened as a path
+        if find_model(header.model_id) is None:
+            if RETIRED_MODELS.get(header.model_id) == header.model_hash:
+                raise ModelError(f"file was encoded with model {header.model_id!r} (hash {header.model_hash}), which "
+                                 f"was retired from the package: extract it from the repository's history with "
+                                 f"'python scripts/archived_model.py {header.model_id} --out DIR' and set "
+                                 f"{MODEL_PATH_ENV}=DIR, or pass it with --model PATH")
+            raise ModelError(f"file was encoded with model {header.model_id!r} (hash {header.model_hash}), which is "
+                             f"neither bundled nor in ${MODEL_PATH_ENV}: put its .safetensors in a directory on "
+                             "that path (a retired model: scripts/archived_model.py in the repository) or pass "
+                             "it with --model PATH")
+        m = get_model(header.model_id)
     else:
         m = _as_model(model, header.codec)
     if m.model_hash != header.model_hash:
@@ -435,13 +449,14 @@ def info(data: bytes, max_pixels: int | None = None) -> dict:
 
 
 def list_models() -> list[dict]:
-    """Bundled models with their properties (from the model cards)."""
+    """Bundled models, then those on ``$DIFFCODEC_MODEL_PATH``, with their properties (model cards)."""
     out = []
-    for name, path in bundled_models().items():
+    found = [(n, p, True) for n, p in bundled_models().items()] + [(n, p, False) for n, p in path_models().items()]
+    for name, path, bundled in found:
         try:
             meta = read_metadata(path)
         except ModelError as e:
-            out.append({"name": name, "error": str(e)})
+            out.append({"name": name, "bundled": bundled, "error": str(e)})
             continue
         cfg, card = meta["config"], meta["card"]
         extra = {"q_range": cfg["q_range"]} if "q_range" in cfg else {}
@@ -450,7 +465,7 @@ def list_models() -> list[dict]:
             if cfg.get("final_basis"):
                 extra["final_basis"] = cfg["final_basis"]
         out.append({"name": name, "codec": cfg.get("codec"), "steps": cfg.get("num_steps"), **extra,
-                    "default": DEFAULT_MODELS.get(cfg.get("codec")) == name,
+                    "default": DEFAULT_MODELS.get(cfg.get("codec")) == name, "bundled": bundled,
                     "file_bytes": path.stat().st_size, **{k: v for k, v in card.items() if k != "train"}})
     return out
 

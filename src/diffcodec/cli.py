@@ -122,9 +122,12 @@ def cmd_models(a) -> int:
         print(json.dumps(ms))
         return 0
     if not ms:
-        print("no bundled models")
+        print("no models (none bundled, none on $DIFFCODEC_MODEL_PATH)")
     for m in ms:
-        star = "*" if m.get("default") else " "
+        if "error" in m:
+            print(f"! {m['name']:<14} {m['error']}")
+            continue
+        star = "*" if m.get("default") else ("+" if not m.get("bundled", True) else " ")
         knob = f"q={m['q_range'][0]:g}..{m['q_range'][1]:g}" if "q_range" in m else f"steps={m.get('steps')}"
         if "noise_basis" in m:
             knob += f" basis={m['noise_basis']}"
@@ -132,6 +135,8 @@ def cmd_models(a) -> int:
                 knob += f" last-step={m['final_basis']}"
         print(f"{star} {m['name']:<14} codec={m.get('codec')} {knob} "
               f"size={m.get('file_bytes', 0) / 1e6:.2f} MB  {m.get('summary', '')}")
+    if ms:
+        print("(* default; + found on $DIFFCODEC_MODEL_PATH, not bundled)")
     return 0
 
 
@@ -299,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $DIFFCODEC_MAX_PIXELS or 25000000)")
     i.set_defaults(func=cmd_info)
 
-    m = sub.add_parser("models", help="list bundled models")
+    m = sub.add_parser("models", help="list the models: bundled, then those on $DIFFCODEC_MODEL_PATH")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 

@@ -5,6 +5,12 @@ architecture config, JSON) and ``diffcodec.card`` (a short JSON model card).  Th
 is computed over the tensors only (sorted names, dtypes, shapes, bytes), so editing the card
 does not invalidate files encoded with the model, but any change of weights does.  Every .dfc
 file records the hash and decoding with another model is refused.
+
+Models are found by name among the bundled ones (inside the package), then in the directories of
+``$DIFFCODEC_MODEL_PATH`` (``os.pathsep``-separated).  The package ships only the current models;
+retired ones stay in the repository's history (``scripts/archived_model.py`` extracts them into such
+a directory), so an old file still decodes once its model is put on the path.  A bundled name cannot
+be shadowed, and a file's model name is only ever looked up, never opened as a path.
 """
 
 from __future__ import annotations
@@ -23,7 +29,24 @@ from safetensors.torch import save_file
 from .errors import ModelError
 
 BUNDLED_DIR = "weights"
+MODEL_PATH_ENV = "DIFFCODEC_MODEL_PATH"
 DEFAULT_MODELS = {"uqdm": "uqdm-medium10", "diffc": "diffc-small4", "rvgc": "rvgc-small5"}
+
+# Models once bundled and since retired from the package (name -> model hash).  Their weights and
+# cards are in the repository's history under src/diffcodec/weights/ (the commit before the one that
+# removed them); ``scripts/archived_model.py`` extracts them, checked against these hashes.
+RETIRED_MODELS = {
+    "uqdm-small": "336a0862969bf7c3",
+    "uqdm-medium": "b156301f7dd2a723",
+    "uqdm-medium2": "9fdb08aaa5b5fde5",
+    "uqdm-medium3": "81e5f4e85fa99901",
+    "uqdm-medium4": "13e25cdbe4aac9be",
+    "uqdm-medium5": "1cefd92f6c3164e6",
+    "uqdm-medium6": "f459db19abf39df5",
+    "diffc-small": "dc780fccd1912782",
+    "diffc-small2": "45afaf39b85c65f8",
+    "diffc-small3": "3b073959260356d2",
+}
 
 
 def _codec_classes() -> dict:
@@ -96,18 +119,59 @@ def bundled_models() -> dict[str, Path]:
     return dict(sorted(out.items()))
 
 
+def model_path_dirs() -> list[Path]:
+    """The existing directories named by ``$DIFFCODEC_MODEL_PATH``, in order."""
+    raw = os.environ.get(MODEL_PATH_ENV, "")
+    return [Path(d) for d in raw.split(os.pathsep) if d and Path(d).is_dir()]
+
+
+def path_models() -> dict[str, Path]:
+    """Models found in ``$DIFFCODEC_MODEL_PATH`` (not bundled ones; the first directory wins)."""
+    bundled = bundled_models()
+    out: dict[str, Path] = {}
+    for d in model_path_dirs():
+        for f in sorted(d.glob("*.safetensors")):
+            if f.stem not in bundled and f.stem not in out:
+                out[f.stem] = f
+    return dict(sorted(out.items()))
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and os.sep not in name
+
+
+def find_model(name: str) -> Path | None:
+    """The file of the model called ``name``: bundled first, then ``$DIFFCODEC_MODEL_PATH``.
+
+    Only plain names are looked up (never a path), with one stat per directory, so a decoder can
+    call it with the untrusted model name of a file.
+    """
+    if not _is_plain_name(name):
+        return None
+    root = resources.files("diffcodec") / BUNDLED_DIR
+    candidate = Path(str(root)) / f"{name}.safetensors"
+    if candidate.is_file():
+        return candidate
+    for d in model_path_dirs():
+        candidate = d / f"{name}.safetensors"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def resolve(name_or_path: str) -> tuple[str, Path]:
-    """(model id, path) for a bundled model name or a path to a .safetensors file."""
-    models = bundled_models()
-    if name_or_path in models:
-        return name_or_path, models[name_or_path]
+    """(model id, path) for a model name (bundled or on the model path) or a .safetensors path."""
+    found = find_model(name_or_path)
+    if found is not None:
+        return name_or_path, found
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or p.exists():
         if not p.is_file():
             raise ModelError(f"model file not found: {p}")
         return p.stem, p
-    known = ", ".join(models) or "none"
-    raise ModelError(f"unknown model {name_or_path!r} (bundled: {known}; or pass a .safetensors path)")
+    known = ", ".join(bundled_models()) or "none"
+    raise ModelError(f"unknown model {name_or_path!r} (bundled: {known}; others are looked up in "
+                     f"${MODEL_PATH_ENV}; or pass a .safetensors path)")
 
 
 def read_metadata(path: str | Path) -> dict:
