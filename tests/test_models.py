@@ -93,3 +93,10 @@ def test_bundled_weights_stay_within_budget():
     submitted as a diff), so the budget comes down as they are retired."""
     total = sum(p.stat().st_size for p in bundled_models().values())
     assert total < 160e6, f"bundled weights {total / 1e6:.1f} MB: retire superseded models"
+
+
+def test_a_retired_name_says_how_to_get_it(monkeypatch):
+    monkeypatch.delenv(MODEL_PATH_ENV, raising=False)
+    name = next(iter(RETIRED_MODELS))
+    with pytest.raises(ModelError, match=f"retired.*archived_model.py {name}"):
+        resolve(name)

@@ -31,6 +31,7 @@ from .models import (
     load_model,
     path_models,
     read_metadata,
+    retired_hint,
 )
 from .rng import ANCESTRAL, SeededStream
 
@@ -278,9 +279,7 @@ def _model_for(header: container.Header, model):
         if find_model(header.model_id) is None:
             if RETIRED_MODELS.get(header.model_id) == header.model_hash:
                 raise ModelError(f"file was encoded with model {header.model_id!r} (hash {header.model_hash}), which "
-                                 f"was retired from the package: extract it from the repository's history with "
-                                 f"'python scripts/archived_model.py {header.model_id} --out DIR' and set "
-                                 f"{MODEL_PATH_ENV}=DIR, or pass it with --model PATH")
+                                 f"{retired_hint(header.model_id)}, or pass it with --model PATH")
             raise ModelError(f"file was encoded with model {header.model_id!r} (hash {header.model_hash}), which is "
                              f"neither bundled nor in ${MODEL_PATH_ENV}: put its .safetensors in a directory on "
                              "that path (a retired model: scripts/archived_model.py in the repository) or pass "

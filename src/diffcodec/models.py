@@ -159,6 +159,12 @@ def find_model(name: str) -> Path | None:
     return None
 
 
+def retired_hint(name: str) -> str:
+    """How to get a retired model back (the end of an error message)."""
+    return (f"was retired from the package: extract it from the repository's history with "
+            f"'python scripts/archived_model.py {name} --out DIR' and set {MODEL_PATH_ENV}=DIR")
+
+
 def resolve(name_or_path: str) -> tuple[str, Path]:
     """(model id, path) for a model name (bundled or on the model path) or a .safetensors path."""
     found = find_model(name_or_path)
@@ -169,6 +175,8 @@ def resolve(name_or_path: str) -> tuple[str, Path]:
         if not p.is_file():
             raise ModelError(f"model file not found: {p}")
         return p.stem, p
+    if name_or_path in RETIRED_MODELS:
+        raise ModelError(f"model {name_or_path!r} {retired_hint(name_or_path)}")
     known = ", ".join(bundled_models()) or "none"
     raise ModelError(f"unknown model {name_or_path!r} (bundled: {known}; others are looked up in "
                      f"${MODEL_PATH_ENV}; or pass a .safetensors path)")
