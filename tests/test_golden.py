@@ -29,6 +29,7 @@ CASES = {
     "uqdm-medium8": dict(codec="uqdm", lossless=True),
     "uqdm-medium9": dict(codec="uqdm", lossless=True),
     "uqdm-medium10": dict(codec="uqdm", lossless=True),
+    "uqdm-medium11": dict(codec="uqdm", lossless=True),
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),
