@@ -70,6 +70,13 @@ def test_diffc_efficiency_part_reports_the_decoders_estimate(tmp_path):
         assert 0.0 < row["actual"] < 1.3 and 0.0 < row["layout"] <= 1.0 and row["kl_bits"] > 0
 
 
+def test_rvgc_rate_monotone_in_q_whatever_the_order_of_q():
+    mono = _load("rvgc_kodak").rate_monotone_in_q
+    assert mono([16, 8, 4], {"a": [0.1, 0.3, 0.5]}) and mono([4, 16, 8], {"a": [0.5, 0.1, 0.3]})
+    assert not mono([16, 8, 4], {"a": [0.1, 0.3, 0.5], "b": [0.1, 0.3, 0.2]})
+    assert not mono([4, 8], {"a": [0.3, 0.3]})
+
+
 def test_rvgc_ceiling_decodes_the_exact_latent_of_any_size():
     """The ceiling is g_s(g_a(x)) at the clean level, on edge-padded images cropped back to their size."""
     import numpy as np
