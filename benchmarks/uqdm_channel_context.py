@@ -1,6 +1,6 @@
 """How much would a luma-conditioned chroma context save a UQDM model?  (An estimate, not a codec.)
 
-    python benchmarks/uqdm_channel_context.py [--model uqdm-medium8] [--crops 16] [--json FILE]
+    python benchmarks/uqdm_channel_context.py [--model M] [--crops 16] [--json FILE]
 
 Learned codecs condition chroma on luma (channel-conditional entropy models).  A UQDM step's coded
 coordinates are in an opponent-colour DCT basis, luminance first; this script asks whether the two
@@ -28,7 +28,7 @@ import torch
 
 from diffcodec.calibrate import DEFAULT_DATA, mean_bits, training_crops
 from diffcodec.codecs.context import EPS, context_t, log_magnitude, neighbours, second_pass, to_blocks
-from diffcodec.models import load_model
+from diffcodec.models import DEFAULT_MODELS, load_model
 
 SLOPES = [0.1 * i for i in range(8)]
 OFFSETS = torch.linspace(-2.0, 1.0, 25).tolist()
@@ -61,7 +61,7 @@ def fitted_bits(y: torch.Tensor, s: torch.Tensor, feats: torch.Tensor, gs: list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="uqdm-medium8")
+    ap.add_argument("--model", default=DEFAULT_MODELS["uqdm"], help="default: the default uqdm model")
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--crops", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)

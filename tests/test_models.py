@@ -90,9 +90,9 @@ def test_models_lists_path_models(model_dir, capsys):
 def test_bundled_weights_stay_within_budget():
     """The package ships only current models (a wheel on PyPI is capped at 100 MB by default);
     superseded ones are retired (RETIRED_MODELS).  Retirement goes in batches (each removal is
-    submitted as a diff), so the budget comes down as they are retired."""
+    submitted as a diff); the package now fits under that cap."""
     total = sum(p.stat().st_size for p in bundled_models().values())
-    assert total < 160e6, f"bundled weights {total / 1e6:.1f} MB: retire superseded models"
+    assert total < 100e6, f"bundled weights {total / 1e6:.1f} MB: retire superseded models"
 
 
 def test_a_retired_name_says_how_to_get_it(monkeypatch):

@@ -30,7 +30,7 @@ from .errors import ModelError
 
 BUNDLED_DIR = "weights"
 MODEL_PATH_ENV = "DIFFCODEC_MODEL_PATH"
-DEFAULT_MODELS = {"uqdm": "uqdm-medium11", "diffc": "diffc-small4", "rvgc": "rvgc-small5"}
+DEFAULT_MODELS = {"uqdm": "uqdm-medium11", "diffc": "diffc-small4", "rvgc": "rvgc-small8"}
 
 # Models once bundled and since retired from the package (name -> model hash).  Their weights and
 # cards are in the repository's history under src/diffcodec/weights/ (the commit before the one that
@@ -46,6 +46,14 @@ RETIRED_MODELS = {
     "diffc-small": "dc780fccd1912782",
     "diffc-small2": "45afaf39b85c65f8",
     "diffc-small3": "3b073959260356d2",
+    "uqdm-medium7": "0ff3a1fa3d3f7e9c",
+    "uqdm-medium8": "ec514882f7732b7f",
+    "uqdm-medium9": "fccd3c34d873fe4e",
+    "rvgc-small": "4c63c2a68e872af7",
+    "rvgc-small2": "b991910aea527bf5",
+    "rvgc-small3": "d8b14c124ae42ecc",
+    "rvgc-small4": "0d0de2fec0e494ce",
+    "rvgc-small7": "9f461dcad409222e",
 }
 
 
