@@ -7,6 +7,9 @@
     python scripts/export_model.py card NAME --bench BENCH.json
         adds the Kodak benchmark results (benchmarks/*_kodak.py --json) to the card metadata and
         writes src/diffcodec/weights/NAME.md.  The weights, hence the model hash, are unchanged.
+    python scripts/export_model.py defaults NAME --sampler-max-q-by-pixels 49152:6.73,196608:8
+        changes a bundled rvgc model's decoder defaults (chosen on held-out photos) in its file's
+        config.  The weights, hence the model hash, are unchanged.
 """
 
 from __future__ import annotations
@@ -137,8 +140,31 @@ def _rvgc_decoder_text(model) -> str:
     sampler = f"{model.sampler_steps}-step latent sampler (eta {model.eta:g})"
     if model.sampler_max_q is not None and model.sampler_max_q < model.q_range[0]:
         return f"default decoder: the plain synthesis at every q; the {sampler} on request"
-    return f"decoder: {sampler}" + (f" up to q {model.sampler_max_q:g}, plain synthesis above"
+    larger = ", ".join(f"{mq:g} from {px} pixels" for px, mq in model.sampler_max_q_by_pixels)
+    larger = f" ({larger})" if larger else ""
+    return f"decoder: {sampler}" + (f" up to q {model.sampler_max_q:g}{larger}, plain synthesis above"
                                     if model.sampler_max_q is not None else "")
+
+
+def set_defaults(name: str, sampler_max_q_by_pixels: str) -> None:
+    """Rewrite a bundled model's config with other decoder defaults; its tensors stay byte for byte."""
+    path = WEIGHTS / f"{name}.safetensors"
+    model = load_model(str(path))
+    pairs = [tuple(float(v) for v in pair.split(":")) for pair in sampler_max_q_by_pixels.split(",") if pair]
+    model.sampler_max_q_by_pixels = tuple(sorted((int(px), mq) for px, mq in pairs))
+    if model.sampler_max_q_by_pixels and model.sampler_max_q is None:
+        raise SystemExit(f"{name} samples at every q already: no sampler_max_q to refine")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["diffcodec.config"] = json.dumps(model.config_dict())
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    again = load_model(str(path))
+    assert again.model_hash == model.model_hash and again.sampler_max_q_by_pixels == model.sampler_max_q_by_pixels
+    print(f"{name}: {_rvgc_decoder_text(again)}; hash {again.model_hash}")
 
 
 def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None) -> list[str]:
@@ -236,10 +262,16 @@ def main() -> None:
     c.add_argument("name")
     c.add_argument("--bench", type=Path, required=True)
     c.add_argument("--note", help="measurement conditions (threads, machine load) for the card")
+    d = sub.add_parser("defaults")
+    d.add_argument("name")
+    d.add_argument("--sampler-max-q-by-pixels", required=True, metavar="PIXELS:Q,...",
+                   help="rvgc: for images of at least PIXELS pixels the default decoder samples up to Q")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.cmd == "export":
         export(a.run, a.name, a.default_steps, a.c_max, a.default_q, a.eta, a.sampler_steps, a.sampler_max_q)
+    elif a.cmd == "defaults":
+        set_defaults(a.name, a.sampler_max_q_by_pixels)
     else:
         card(a.name, a.bench, a.note)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import diffcodec
-from conftest import synthetic_image
+from conftest import load_repo_module, make_tiny, synthetic_image
 from diffcodec.cli import main
 from diffcodec.errors import ModelError
 from diffcodec.models import (
@@ -17,8 +17,10 @@ from diffcodec.models import (
     RETIRED_MODELS,
     bundled_models,
     find_model,
+    load_model,
     path_models,
     resolve,
+    save_model,
 )
 
 
@@ -100,3 +102,17 @@ def test_a_retired_name_says_how_to_get_it(monkeypatch):
     name = next(iter(RETIRED_MODELS))
     with pytest.raises(ModelError, match=f"retired.*archived_model.py {name}"):
         resolve(name)
+
+
+def test_export_defaults_changes_decoder_defaults_not_the_weights(tmp_path, monkeypatch):
+    """scripts/export_model.py defaults: a bundled rvgc model's decoder defaults change in its file's
+    config; its tensors, hence its hash and every file made with it, stay the same."""
+    exporter = load_repo_module("scripts", "export_model")
+    monkeypatch.setattr(exporter, "WEIGHTS", tmp_path)
+    m = make_tiny("rvgc", 0)
+    m.sampler_max_q = 3.0
+    h = save_model(m, tmp_path / "r.safetensors")
+    exporter.set_defaults("r", "4000:6,2000:5")
+    again = load_model(str(tmp_path / "r.safetensors"))
+    assert again.model_hash == h and again.sampler_max_q == 3.0
+    assert again.sampler_max_q_by_pixels == ((2000, 5.0), (4000, 6.0))

@@ -93,6 +93,28 @@ def test_sampler_max_q_decodes_plainly_above_it(tmp_path):
         assert not np.array_equal(sampled, det)
 
 
+def test_sampler_max_q_by_pixels_lets_larger_images_sample_to_a_higher_q(tmp_path):
+    """sampler_max_q_by_pixels: images of at least so many pixels sample up to a higher q (the
+    decoder knows the size from the header); smaller ones keep sampler_max_q; it survives saving."""
+    m = make_tiny_rvgc()
+    m.sampler_max_q, m.sampler_max_q_by_pixels = 3.0, ((2000, 5.0),)
+    path = tmp_path / "m.safetensors"
+    save_model(m, path)
+    m = load_model(str(path))
+    assert m.sampler_max_q_by_pixels == ((2000, 5.0),)
+    assert [m.sampler_max_q_for(px) for px in (None, 1999, 2000)] == [3.0, 3.0, 5.0]
+    assert m.default_sampler_steps(4.0, 1999) == 0 and m.default_sampler_steps(4.0, 2000) == m.sampler_steps
+    for (h, w), sampled in (((32, 48), False), ((48, 48), True)):  # 1536 and 2304 pixels, both at q 4
+        data = diffcodec.compress(synthetic_image(h, w, seed=4), model=m, q=4.0).data
+        default = diffcodec.decompress(data, model=m)
+        det = diffcodec.decompress(data, model=m, deterministic=True)
+        assert np.array_equal(default, det) != sampled
+        if sampled:
+            assert np.array_equal(default, diffcodec.decompress(data, model=m, sampler_steps=m.sampler_steps))
+    with pytest.raises(ValueError, match="sampler_max_q"):
+        type(m).from_config({**make_tiny_rvgc().config_dict(), "sampler_max_q_by_pixels": [[2000, 5.0]]})
+
+
 def test_decoded_latent_matches_encoder(rvgc):
     px = synthetic_image(32, 48, seed=2).transpose(2, 0, 1).copy()
     y = rvgc.analyse(px)

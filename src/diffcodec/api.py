@@ -393,7 +393,7 @@ def _decode_rvgc(m, hd, sections, shape, deterministic, sampler_steps, eta, prog
     if progress:
         progress(len(sections))
     pix = m.reconstruct_rvgc(y_hat, q, deterministic=deterministic, sampler_steps=sampler_steps, eta=eta,
-                             rng=SeededStream(hd.seed, ANCESTRAL))
+                             rng=SeededStream(hd.seed, ANCESTRAL), pixels=hd.height * hd.width)
     return _crop(pix, hd)
 
 

@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the received latent as it is: diffc without undoing the channel coder's shortfall, uqdm "
                    "without the box its last step puts the image in (x_hat of the latent)")
     d.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: steps of the latent sampler "
-                   "(default: the model's; the bundled rvgc models use 2 up to q 5.66 and the plain synthesis above)")
+                   "(default: the model's; the bundled rvgc models use 2 up to q 5.66 and the plain synthesis above, "
+                   "rvgc-small8 up to a higher q on larger images)")
     d.add_argument("--eta", type=float, help="rvgc: randomness of the sampler in [0, 1] (default: the model's)")
     d.add_argument("--deterministic", action="store_true", help="rvgc: plain synthesis of the decoded latent")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")

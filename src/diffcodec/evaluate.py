@@ -862,7 +862,8 @@ class QSweepAdapter(CodecAdapter):
         self.model_id, self.model_hash = m.model_id, m.model_hash
         # the decoder defaults are not in the hash (it covers the tensors): a model re-exported with other
         # defaults decodes the same files differently, so they are part of the cache key
-        self.decoder_defaults = f"{m.sampler_steps},{m.eta},{m.sampler_max_q}"
+        self.decoder_defaults = f"{m.sampler_steps},{m.eta},{m.sampler_max_q}" + (
+            f",{list(m.sampler_max_q_by_pixels)}" if m.sampler_max_q_by_pixels else "")
 
     def curves(self) -> list[str]:
         return [f"{self.model_id}-{method}" for method in self.methods]
@@ -892,7 +893,7 @@ class QSweepAdapter(CodecAdapter):
         decoded: dict[str, tuple[np.ndarray, float]] = {}
         sampler_steps = self.sampler_steps if self.sampler_steps is not None else m.sampler_steps
         # the model's default decoder is one of the other two at each q: reuse that decode when it ran here
-        default_steps = m.default_sampler_steps(group)
+        default_steps = m.default_sampler_steps(group, img.shape[0] * img.shape[1])
         same_as = ("deterministic" if default_steps == 0 else "sampler" if sampler_steps == default_steps
                    else None)
         points = []

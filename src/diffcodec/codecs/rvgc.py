@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -121,7 +122,8 @@ class RVGC(nn.Module):
     def __init__(self, N: int = 64, M: int = 64, Nz: int = 32, emb_dim: int = 64, den: dict | None = None,
                  q_range: tuple[float, float] = (0.5, 16.0), lambda_range: tuple[float, float] = (0.03, 0.001),
                  in_channels: int = 3, sampler_steps: int = 2, eta: float = 1.0, clean_weight: float = 0.0,
-                 sampler_max_q: float | None = None, N_s: int | None = None, refine: int = 0):
+                 sampler_max_q: float | None = None, N_s: int | None = None, refine: int = 0,
+                 sampler_max_q_by_pixels: Sequence[Sequence[float]] = ()):
         super().__init__()
         if not 0 < q_range[0] < q_range[1]:
             raise ValueError("q_range must be 0 < q_min < q_max")
@@ -134,6 +136,12 @@ class RVGC(nn.Module):
         # decoder default: above this q the plain synthesis is used (where a model's sampler measured
         # less realistic than g_s on held-out photos); None: the sampler at every q
         self.sampler_max_q = None if sampler_max_q is None else float(sampler_max_q)
+        # ... and for images of at least ``pixels`` pixels, ``(pixels, max_q)`` pairs: the q where the
+        # sampler stops paying rises with the image size (a latent of more positions gives it more
+        # context; held-out photos at several sizes, model cards)
+        self.sampler_max_q_by_pixels = tuple(sorted((int(px), float(mq)) for px, mq in sampler_max_q_by_pixels))
+        if self.sampler_max_q_by_pixels and self.sampler_max_q is None:
+            raise ValueError("sampler_max_q_by_pixels refines a sampler_max_q; set that too")
         self.clean_weight = float(clean_weight)
         log_lo = math.log(self.q_range[0] * DEN_LEVEL_FLOOR)
         log_hi = math.log(self.q_range[1])
@@ -158,7 +166,7 @@ class RVGC(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> RVGC:
         keys = ("N", "M", "Nz", "emb_dim", "den", "q_range", "lambda_range", "in_channels", "sampler_steps", "eta",
-                "clean_weight", "sampler_max_q", "N_s", "refine")
+                "clean_weight", "sampler_max_q", "N_s", "refine", "sampler_max_q_by_pixels")
         kw = {k: cfg[k] for k in keys if k in cfg}
         for k in ("q_range", "lambda_range"):
             if k in kw:
@@ -177,6 +185,8 @@ class RVGC(nn.Module):
                 "in_channels": self.in_channels, "sampler_steps": self.sampler_steps, "eta": self.eta,
                 "clean_weight": self.clean_weight,
                 **({"sampler_max_q": self.sampler_max_q} if self.sampler_max_q is not None else {}),
+                **({"sampler_max_q_by_pixels": [list(p) for p in self.sampler_max_q_by_pixels]}
+                   if self.sampler_max_q_by_pixels else {}),
                 **({"N_s": self.N_s} if self.N_s != self.N else {}),
                 **({"refine": self.refine} if self.refine else {})}
 
@@ -526,20 +536,31 @@ class RVGC(nn.Module):
                   ANALYSIS_TILE // 16, 4)
         return unit_to_pixel(quantize_to_grid(x, EPS_GRID_BITS))
 
-    def default_sampler_steps(self, q: float) -> int:
-        """Sampler steps of the default decoder at ``q``: the model's ``sampler_steps``, or 0 (the plain
-        synthesis) above its ``sampler_max_q``, where the sampler measured less realistic."""
-        above = self.sampler_max_q is not None and q > self.sampler_max_q
-        return 0 if above else self.sampler_steps
+    def sampler_max_q_for(self, pixels: int | None = None) -> float | None:
+        """The highest q at which the default decoder samples, for an image of ``pixels`` pixels (None:
+        the sampler at every q).  Without a size: the model's ``sampler_max_q``, its smallest-image limit."""
+        limit = self.sampler_max_q
+        for px, max_q in self.sampler_max_q_by_pixels:
+            if pixels is not None and pixels >= px:
+                limit = max_q
+        return limit
+
+    def default_sampler_steps(self, q: float, pixels: int | None = None) -> int:
+        """Sampler steps of the default decoder at ``q`` for an image of ``pixels`` pixels: the model's
+        ``sampler_steps``, or 0 (the plain synthesis) above its ``sampler_max_q_for(pixels)``, where the
+        sampler measured less realistic."""
+        limit = self.sampler_max_q_for(pixels)
+        return 0 if limit is not None and q > limit else self.sampler_steps
 
     def reconstruct_rvgc(self, y_hat: np.ndarray, q: float, deterministic: bool = False,
-                         sampler_steps: int | None = None, eta: float | None = None, rng=None) -> np.ndarray:
+                         sampler_steps: int | None = None, eta: float | None = None, rng=None,
+                         pixels: int | None = None) -> np.ndarray:
         """Pixels from a decoded latent: plain g_s (``deterministic``) or sampler + g_s.
 
-        By default the model's ``sampler_steps``, or none above its ``sampler_max_q``; an explicit
-        ``sampler_steps`` is always honoured.
+        By default the model's ``sampler_steps``, or none above its ``sampler_max_q_for(pixels)``
+        (``pixels``: the image's size); an explicit ``sampler_steps`` is always honoured.
         """
-        steps = self.default_sampler_steps(q) if sampler_steps is None else int(sampler_steps)
+        steps = self.default_sampler_steps(q, pixels) if sampler_steps is None else int(sampler_steps)
         if not 0 <= steps <= 16:
             raise DiffcodecError("sampler steps must be in 0..16")
         eta = self.eta if eta is None else float(eta)
