@@ -220,6 +220,24 @@ def test_a_decoding_time_recorded_as_null_is_reported_as_not_measured(tmp_path):
     assert json.loads((tmp_path / "jpeg.json").read_text())["results"]["decoding_time"][1] is None
 
 
+def test_records_of_a_superseded_config_are_dropped_after_a_run(tmp_path):
+    """A curve recomputed under another config (a re-exported model, new decoder defaults) leaves no
+    records of its old config behind; records of curves outside the run stay."""
+    import json
+
+    img = synthetic_image(24, 32, seed=6)
+    jpeg, webp = BaselineAdapter("jpeg", qualities=[30, 80]), BaselineAdapter("webp", qualities=[50])
+    run_eval({"a": img}, [jpeg, webp], tmp_path, swd=False, progress=False, log=None, plots=False)
+    records = tmp_path / "cache" / "records.jsonl"
+    recs = [json.loads(line) for line in records.read_text().splitlines()]
+    records.write_text("".join(json.dumps({**r, "config": r["config"] + "-old"}) + "\n" for r in recs
+                               if r["codec"] == "jpeg") + records.read_text())
+    report = run_eval({"a": img}, [jpeg], tmp_path, swd=False, progress=False, log=None, plots=False)
+    assert report["jobs_run"] == 0
+    left = [json.loads(line) for line in records.read_text().splitlines()]
+    assert sorted((r["codec"], r["config"]) for r in left) == sorted((r["codec"], r["config"]) for r in recs)
+
+
 def test_records_and_set_metrics_reproduce_an_eval_without_the_reconstructions(tmp_path):
     """What a results folder commits (records.jsonl, set_metrics.json, no PNGs) is enough to rebuild its
     outputs; without the cached SWD the points are recomputed (their PNGs are then needed)."""

@@ -1051,6 +1051,22 @@ class RecordCache:
         self.records[self.key(record["image"], record["image_sha"], record["codec"], record["setting"],
                               record["config"])] = record
 
+    def drop_superseded(self, current: Mapping[str, str]) -> int:
+        """Remove the records of the curves in ``current`` (curve -> adapter config) made under another
+        config (a re-exported model, changed decoder defaults): they can never be reused, and a committed
+        cache should not carry them.  Rewrites ``records.jsonl`` atomically; returns how many went."""
+        stale = [k for k, r in self.records.items() if r["codec"] in current and r["config"] != current[r["codec"]]]
+        if not stale:
+            return 0
+        for k in stale:
+            del self.records[k]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for r in self.records.values():
+                f.write(json.dumps(r, allow_nan=False) + "\n")
+        os.replace(tmp, self.path)
+        return len(stale)
+
     def load_recon(self, record: Mapping[str, Any]) -> np.ndarray:
         with Image.open(self.root / record["recon"]) as im:
             a = np.asarray(im).copy()
@@ -1396,6 +1412,9 @@ def run_eval(
                 cache.add({**rec, "image_sha": shas[name], "config": adapters[ai].config}, dec if swd else None)
     finally:
         bar.close()
+    dropped = cache.drop_superseded({c: ad.config for ad in adapters for c in ad.curves()})
+    if dropped:
+        say(f"dropped {dropped} records of these curves made under another model or decoder configuration")
 
     curves: list[dict[str, Any]] = []
     family: dict[str, str] = {}
