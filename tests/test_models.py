@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import diffcodec
-from conftest import load_repo_module, make_tiny, synthetic_image
+from conftest import load_repo_module, make_image_folder, make_tiny, synthetic_image
 from diffcodec.cli import main
 from diffcodec.errors import ModelError
 from diffcodec.models import (
@@ -116,3 +116,17 @@ def test_export_defaults_changes_decoder_defaults_not_the_weights(tmp_path, monk
     again = load_model(str(tmp_path / "r.safetensors"))
     assert again.model_hash == h and again.sampler_max_q == 3.0
     assert again.sampler_max_q_by_pixels == ((2000, 5.0), (4000, 6.0))
+
+
+def test_val_bpd_script_reports_the_trainers_validation_number(tmp_path, capsys):
+    """scripts/val_bpd.py evaluates a model on the crops a run of that crop size validates on."""
+    from diffcodec.data import validation_batch
+    from diffcodec.train import evaluate_bpd
+
+    script = load_repo_module("scripts", "val_bpd")
+    data = make_image_folder(tmp_path, size=24, n=3)
+    path = tmp_path / "u.safetensors"
+    save_model(make_tiny("uqdm", 0), path)
+    script.main([str(path), "--data", str(data), "--crop", "16", "--n", "2", "--threads", "1"])
+    got = json.loads(capsys.readouterr().out.splitlines()[-1])["val_bpd"][str(path)]
+    assert got == evaluate_bpd(load_model(str(path)).float(), validation_batch(data, 16, 2)) > 0
