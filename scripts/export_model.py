@@ -7,9 +7,9 @@
     python scripts/export_model.py card NAME --bench BENCH.json
         adds the Kodak benchmark results (benchmarks/*_kodak.py --json) to the card metadata and
         writes src/diffcodec/weights/NAME.md.  The weights, hence the model hash, are unchanged.
-    python scripts/export_model.py defaults NAME --sampler-max-q-by-pixels 49152:6.73,196608:8
-        changes a bundled rvgc model's decoder defaults (chosen on held-out photos) in its file's
-        config.  The weights, hence the model hash, are unchanged.
+    python scripts/export_model.py defaults NAME [--sampler-max-q-by-pixels 49152:6.73,196608:8] [--summary S]
+        changes a bundled rvgc model's decoder defaults (chosen on held-out photos) and/or the summary
+        `diffcodec models` shows.  The weights, hence the model hash, are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffcodec.data import list_images, validation_batch
-from diffcodec.models import load_model, read_metadata, save_model
+from diffcodec.models import build_model, load_model, read_metadata, save_model
 from diffcodec.train import evaluate_bpd
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "diffcodec" / "weights"
@@ -81,18 +81,24 @@ def _training_line(c: dict) -> str:
             f"{c['wallclock_s'] / 3600:.2f} h wall-clock on a 2-core CPU")
 
 
-def card(name: str, bench: Path, note: str | None = None) -> None:
-    path = WEIGHTS / f"{name}.safetensors"
+def _rewrite_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Replace a model file's metadata (config, card) atomically; its tensors, hence its hash, stay byte
+    for byte."""
     with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    c = json.loads(meta["diffcodec.card"])
-    b = json.loads(bench.read_text())
-    c["kodak"] = b["summary"] if "summary" in b else {k: v for k, v in b.items() if k not in ("model", "model_hash")}
-    meta["diffcodec.card"] = json.dumps(c)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
     tmp.replace(path)
+
+
+def card(name: str, bench: Path, note: str | None = None) -> None:
+    path = WEIGHTS / f"{name}.safetensors"
+    meta = read_metadata(path)
+    c = meta["card"]
+    b = json.loads(bench.read_text())
+    c["kodak"] = b["summary"] if "summary" in b else {k: v for k, v in b.items() if k not in ("model", "model_hash")}
+    _rewrite_metadata(path, {"diffcodec.config": json.dumps(meta["config"]), "diffcodec.card": json.dumps(c)})
     model = load_model(str(path))
     if model.codec_id == "rvgc":
         lines = rvgc_lines(name, c, b, model, path, note)
@@ -146,25 +152,28 @@ def _rvgc_decoder_text(model) -> str:
                                     if model.sampler_max_q is not None else "")
 
 
-def set_defaults(name: str, sampler_max_q_by_pixels: str) -> None:
-    """Rewrite a bundled model's config with other decoder defaults; its tensors stay byte for byte."""
+def set_defaults(name: str, sampler_max_q_by_pixels: str | None = None, summary: str | None = None) -> None:
+    """Rewrite a bundled model's decoder defaults (rvgc: ``PIXELS:Q,...``) and/or its card's one-line
+    summary (what ``diffcodec models`` shows); its tensors stay byte for byte."""
     path = WEIGHTS / f"{name}.safetensors"
-    model = load_model(str(path))
-    pairs = [tuple(float(v) for v in pair.split(":")) for pair in sampler_max_q_by_pixels.split(",") if pair]
-    model.sampler_max_q_by_pixels = tuple(sorted((int(px), mq) for px, mq in pairs))
-    if model.sampler_max_q_by_pixels and model.sampler_max_q is None:
-        raise SystemExit(f"{name} samples at every q already: no sampler_max_q to refine")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["diffcodec.config"] = json.dumps(model.config_dict())
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    meta = read_metadata(path)
+    cfg, c = meta["config"], meta["card"]
+    h = load_model(str(path)).model_hash
+    if sampler_max_q_by_pixels is not None:
+        cfg["sampler_max_q_by_pixels"] = [[int(px), float(q)] for px, q in
+                                          (pair.split(":") for pair in sampler_max_q_by_pixels.split(",") if pair)]
+        try:  # the model class validates it (it must refine a sampler_max_q)
+            cfg = build_model(cfg).config_dict()
+        except ValueError as e:
+            raise SystemExit(f"{name}: {e}") from None
+    if summary is not None:
+        params = c.get("summary", "").rsplit(", ", 1)[-1]
+        c["summary"] = f"{summary}, {params}" if params.endswith("M params") else summary  # keeps the count
+    _rewrite_metadata(path, {"diffcodec.config": json.dumps(cfg), "diffcodec.card": json.dumps(c)})
     again = load_model(str(path))
-    assert again.model_hash == model.model_hash and again.sampler_max_q_by_pixels == model.sampler_max_q_by_pixels
-    print(f"{name}: {_rvgc_decoder_text(again)}; hash {again.model_hash}")
+    assert again.model_hash == h
+    print(f"{name}: {c.get('summary', '')}" + (f"; {_rvgc_decoder_text(again)}" if again.codec_id == "rvgc" else "")
+          + f"; hash {h}")
 
 
 def rvgc_lines(name: str, c: dict, b: dict, model, path: Path, note: str | None) -> list[str]:
@@ -264,14 +273,15 @@ def main() -> None:
     c.add_argument("--note", help="measurement conditions (threads, machine load) for the card")
     d = sub.add_parser("defaults")
     d.add_argument("name")
-    d.add_argument("--sampler-max-q-by-pixels", required=True, metavar="PIXELS:Q,...",
+    d.add_argument("--sampler-max-q-by-pixels", metavar="PIXELS:Q,...",
                    help="rvgc: for images of at least PIXELS pixels the default decoder samples up to Q")
+    d.add_argument("--summary", help="what the model is for, shown by diffcodec models (the parameter count is kept)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if a.cmd == "export":
         export(a.run, a.name, a.default_steps, a.c_max, a.default_q, a.eta, a.sampler_steps, a.sampler_max_q)
     elif a.cmd == "defaults":
-        set_defaults(a.name, a.sampler_max_q_by_pixels)
+        set_defaults(a.name, a.sampler_max_q_by_pixels, a.summary)
     else:
         card(a.name, a.bench, a.note)
 

@@ -116,6 +116,13 @@ def test_export_defaults_changes_decoder_defaults_not_the_weights(tmp_path, monk
     again = load_model(str(tmp_path / "r.safetensors"))
     assert again.model_hash == h and again.sampler_max_q == 3.0
     assert again.sampler_max_q_by_pixels == ((2000, 5.0), (4000, 6.0))
+    exporter.set_defaults("r", summary="rvgc model for tests")
+    assert exporter.read_metadata(tmp_path / "r.safetensors")["card"]["summary"] == "rvgc model for tests"
+    assert load_model(str(tmp_path / "r.safetensors")).model_hash == h
+    m.sampler_max_q = None  # nothing for the pixel rule to refine
+    save_model(m, tmp_path / "s.safetensors")
+    with pytest.raises(SystemExit, match="sampler_max_q"):
+        exporter.set_defaults("s", "2000:5")
 
 
 def test_val_bpd_script_reports_the_trainers_validation_number(tmp_path, capsys):

@@ -288,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the received latent as it is: diffc without undoing the channel coder's shortfall, uqdm "
                    "without the box its last step puts the image in (x_hat of the latent)")
     d.add_argument("--sampler-steps", dest="sampler_steps", type=int, help="rvgc: steps of the latent sampler "
-                   "(default: the model's; the bundled rvgc models use 2 up to q 5.66 and the plain synthesis above, "
-                   "up to q 6.73 / 8 from 49152 / 196608 pixels)")
+                   "(default: the model's, by q and image size; see its card)")
     d.add_argument("--eta", type=float, help="rvgc: randomness of the sampler in [0, 1] (default: the model's)")
     d.add_argument("--deterministic", action="store_true", help="rvgc: plain synthesis of the decoded latent")
     d.add_argument("--force", action="store_true", help="overwrite an existing output file")

@@ -862,6 +862,7 @@ class QSweepAdapter(CodecAdapter):
         self.model_id, self.model_hash = m.model_id, m.model_hash
         # the decoder defaults are not in the hash (it covers the tensors): a model re-exported with other
         # defaults decodes the same files differently, so they are part of the cache key
+        # (the size rule only when a model has one: the keys of models without it stay valid)
         self.decoder_defaults = f"{m.sampler_steps},{m.eta},{m.sampler_max_q}" + (
             f",{list(m.sampler_max_q_by_pixels)}" if m.sampler_max_q_by_pixels else "")
 

@@ -539,11 +539,8 @@ class RVGC(nn.Module):
     def sampler_max_q_for(self, pixels: int | None = None) -> float | None:
         """The highest q at which the default decoder samples, for an image of ``pixels`` pixels (None:
         the sampler at every q).  Without a size: the model's ``sampler_max_q``, its smallest-image limit."""
-        limit = self.sampler_max_q
-        for px, max_q in self.sampler_max_q_by_pixels:
-            if pixels is not None and pixels >= px:
-                limit = max_q
-        return limit
+        limits = [max_q for px, max_q in self.sampler_max_q_by_pixels if pixels is not None and pixels >= px]
+        return limits[-1] if limits else self.sampler_max_q  # the pairs are sorted by size
 
     def default_sampler_steps(self, q: float, pixels: int | None = None) -> int:
         """Sampler steps of the default decoder at ``q`` for an image of ``pixels`` pixels: the model's
