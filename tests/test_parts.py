@@ -12,6 +12,7 @@ from diffcodec import container
 from diffcodec.cli import main
 from diffcodec.codecs.base import Section
 from diffcodec.errors import DecodeError, DiffcodecError
+from diffcodec.schedule import pixel_to_unit
 
 PARTS = (0.05, 0.2, 0.35)
 
@@ -181,3 +182,27 @@ def test_eval_measures_every_section(tmp_path, model):
         assert p.file_bytes == ends[p.setting - 1]
         assert np.array_equal(p.decoded, diffcodec.decompress(ref[:ends[p.setting - 1]], model=str(path),
                                                               method=method))
+
+
+def test_a_part_keeps_the_previous_steps_box(model):
+    """After a part, a coordinate the step has not sent keeps the box of the complete step before it, a sent
+    one lies in both boxes (their intersection); the image is inside every part's box."""
+    img = synthetic_image(24, 32, seed=9)
+    res = diffcodec.compress(img, model=model, steps=3, seed=5, parts=PARTS)
+    x = pixel_to_unit(img.transpose(2, 0, 1).astype(np.float64))[None]
+    states = list(model.iter_latents(x.shape, 5, container.unpack(res.data).sections))
+    assert [s.part for s in states] == ([True] * 3 + [False]) * 3
+    for k in (1, 2):  # the parts of steps 2 and 3, after the complete step k
+        prev = states[4 * k - 1].box
+        lo_prev, hi_prev = prev.center - prev.half_width, prev.center + prev.half_width
+        widths = []
+        for st in states[4 * k: 4 * k + 3]:
+            b = st.box
+            mx = b.basis.forward(x)
+            assert np.all(np.abs(mx - b.center) <= b.half_width * (1 + 1e-9) + 1e-12)
+            assert np.all(b.center - b.half_width >= lo_prev - 1e-12)
+            assert np.all(b.center + b.half_width <= hi_prev + 1e-12)
+            narrower = b.half_width < prev.half_width * (1 - 1e-9)
+            widths.append(int(narrower.sum()))
+        n = x.size  # the part ends at 5%, 20%, 35% of the coordinates: those have the step's narrower box
+        assert widths == [round(f * n) for f in PARTS]

@@ -482,6 +482,7 @@ class DiffusionModel(nn.Module):
         i = T
         keep = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
         parts = None  # the step being decoded part by part
+        box = None  # the last complete step's box: a part's view keeps it where the part sent nothing
         for sec in sections:
             if sec.kind not in (KIND_STEP, KIND_PART):
                 break
@@ -491,10 +492,11 @@ class DiffusionModel(nn.Module):
                 if parts is None:
                     parts = self.begin_decode_parts(z, i, gam, seed)
                 self.decode_part(parts, sec, gam)
-                z_s, z_view, box = self.part_view(parts, z, gam)
+                z_s, z_view, part_box = self.part_view(parts, z, gam, box)
                 if sec.kind == KIND_PART:
-                    yield Received(z, float(gam[i]), i, z_view, float(gam[i - 1]), None, box, part=True)
+                    yield Received(z, float(gam[i]), i, z_view, float(gam[i - 1]), None, part_box, part=True)
                     continue
+                box = part_box
                 parts = None
                 z_before, z, gamma_view = z, z_s, float(gam[i - 1])
             else:
@@ -511,7 +513,8 @@ class DiffusionModel(nn.Module):
     def decode_part(self, state: Any, sec: Section, gam: np.ndarray) -> None:
         raise NotImplementedError
 
-    def part_view(self, state: Any, z_t: np.ndarray, gam: np.ndarray) -> tuple[Any, np.ndarray, Any]:
+    def part_view(self, state: Any, z_t: np.ndarray, gam: np.ndarray,
+                  prev_box: Any = None) -> tuple[Any, np.ndarray, Any]:
         raise NotImplementedError
 
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> Any:

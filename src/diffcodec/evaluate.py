@@ -772,6 +772,10 @@ class ProgressiveAdapter(CodecAdapter):
         # latent: same config as --no-channel-aware
         aware = ":channel-aware" if self.channel_aware else ""
         parts = f":parts={','.join(repr(f) for f in self.parts)}" if self.parts else ""
+        if self.parts and self.channel_aware and self.codec == "uqdm":
+            # a part's view keeps the previous step's box for the coordinates it has not sent (since
+            # 2026-12-07): the records of the cut points made before are of another reconstruction
+            parts += ":prev-box"
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
 
     def _sections(self) -> list[int]:

@@ -564,10 +564,13 @@ class UQDM(DiffusionModel):
         state.known[idx] = True
         state.done = end
 
-    def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray):
+    def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray, prev_box: StepBox | None = None):
         """(z_s, z_view, box) after the parts decoded so far: z_s (the chain latent) only once the step is
         complete, else None; z_view with the unknown coordinates at the prior mean; the box of the known
-        coordinates (the others unbounded)."""
+        coordinates.  A coordinate this step has not sent yet keeps the box the previous step put it in
+        (``prev_box``, when in the same basis; else unbounded), and a sent one lies in both boxes: M x is in
+        each, so in their intersection.  Without the previous box, a cut after a few coordinates would
+        forget what the complete previous step said about all the others."""
         st, basis, i = state.st, self.step_basis(state.i), state.i
         if state.done == state.k.size:
             z_s = self._z_s(st, basis, state.k, state.u, state.shape)
@@ -575,10 +578,16 @@ class UQDM(DiffusionModel):
         e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
         z_view = st.mu_p + basis.inverse(e.reshape(state.shape))
         box = self.step_box(z_t, z_view, i, gam)
-        if box is not None:
-            hw = np.where(state.known.reshape(state.shape), box.half_width, UNBOUNDED)
-            box = StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis)
-        return None, z_view, box
+        if box is None:
+            return None, z_view, None
+        known = state.known.reshape(state.shape)
+        if prev_box is None or prev_box.basis is not basis:
+            hw = np.where(known, box.half_width, UNBOUNDED)
+            return None, z_view, StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis)
+        lo = np.maximum(np.where(known, box.center - box.half_width, -UNBOUNDED), prev_box.center - prev_box.half_width)
+        hi = np.minimum(np.where(known, box.center + box.half_width, UNBOUNDED), prev_box.center + prev_box.half_width)
+        hi = np.maximum(hi, lo)  # x lies in both boxes: an empty intersection is rounding only
+        return None, z_view, StepBox(box.basis, 0.5 * (lo + hi), 0.5 * (hi - lo), box.gamma_next, box.next_in_basis)
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
         if len(sec.params) == 6:  # the one part of a step divided into a single part
