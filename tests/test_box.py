@@ -7,7 +7,8 @@ import torch
 
 import diffcodec
 from conftest import make_tiny, synthetic_image
-from diffcodec.codecs.box import truncated_logistic_mean
+from diffcodec.codecs.box import StepBox, truncated_logistic_mean
+from diffcodec.codecs.noise_basis import NoiseBasis
 from diffcodec.schedule import pixel_to_unit
 
 
@@ -68,11 +69,30 @@ def test_every_step_box_holds_the_image(dct_model):
     _, states, x = _states(dct_model, img)
     T = dct_model.num_steps
     assert [s.box is None for s in states] == [False] * (T - 1) + [True]  # z_0 needs no network
+    prev = None
     for st in states[:-1]:
         b = st.box
         mx = b.basis.forward(x)
-        assert np.all(np.abs(mx - b.center) <= b.half_width * (1 + 1e-9))
-        assert b.half_width > 0 and b.gamma_next < st.gamma
+        assert np.all(np.abs(mx - b.center) <= b.half_width * (1 + 1e-9) + 1e-12)
+        assert np.all(b.half_width >= 0) and b.gamma_next < st.gamma
+        if prev is not None:  # each step's box lies within the boxes before it
+            assert np.all(b.center - b.half_width >= prev.center - prev.half_width - 1e-12)
+            assert np.all(b.center + b.half_width <= prev.center + prev.half_width + 1e-12)
+        prev = b
+
+
+def test_a_box_within_an_earlier_one():
+    """StepBox.within: the intersection of two boxes in the same basis; another basis (or none) leaves the
+    box as it is."""
+    basis, other = NoiseBasis("opponent-dct4"), NoiseBasis("opponent")
+    late = StepBox(basis, np.array([0.0, 1.0, -2.0]), 0.5, -3.0, True)
+    early = StepBox(basis, np.array([0.2, 0.0, -2.0]), np.array([2.0, 0.75, 1.0]), -1.0, True)
+    box = late.within(early)
+    assert np.allclose(box.center - box.half_width, [-0.5, 0.5, -2.5])
+    assert np.allclose(box.center + box.half_width, [0.5, 0.75, -1.5])
+    assert box.gamma_next == -3.0 and box.basis is basis
+    assert late.within(None) is late
+    assert late.within(StepBox(other, early.center, early.half_width, -1.0, True)) is late
 
 
 def test_box_reconstructions(dct_model):

@@ -80,7 +80,9 @@ def test_golden_file_decodes_and_reencodes_identically(name, request, monkeypatc
 
 @pytest.mark.parametrize("method", ["denoise", "flow"])
 def test_golden_uqdm_box_reconstruction(method, request, monkeypatch):
-    """uqdm's channel-aware reconstruction of a cut file (codecs/box.py), pinned when it was added."""
+    """uqdm's channel-aware reconstruction of a cut file (codecs/box.py), pinned when it was added and again
+    on 2026-12-07, when each step's box began to be intersected with the boxes before it (StepBox.within:
+    +0.16 dB denoise, +0.07 dB flow on this image)."""
     if "uqdm-medium7" in RETIRED_MODELS:
         monkeypatch.setenv(MODEL_PATH_ENV, str(request.getfixturevalue("retired_dir")))
     data = (GOLDEN / "uqdm-medium7.dfc").read_bytes()

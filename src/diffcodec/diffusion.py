@@ -482,7 +482,7 @@ class DiffusionModel(nn.Module):
         i = T
         keep = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
         parts = None  # the step being decoded part by part
-        box = None  # the last complete step's box: a part's view keeps it where the part sent nothing
+        box = None  # what the complete steps so far say about x (each step's box within the one before)
         for sec in sections:
             if sec.kind not in (KIND_STEP, KIND_PART):
                 break
@@ -502,7 +502,7 @@ class DiffusionModel(nn.Module):
             else:
                 z_before = z
                 z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
-                box = self.step_box(z_before, z, i, gam)
+                box = self.step_box(z_before, z, i, gam, box)
             i -= 1
             yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep else None, box)
 
@@ -517,8 +517,9 @@ class DiffusionModel(nn.Module):
                   prev_box: Any = None) -> tuple[Any, np.ndarray, Any]:
         raise NotImplementedError
 
-    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> Any:
-        """What decoded step t_i -> t_{i-1} says about x beyond z_s (:attr:`Received.box`); None here."""
+    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, prev_box: Any = None) -> Any:
+        """What decoded step t_i -> t_{i-1} says about x beyond z_s (:attr:`Received.box`), given what the
+        steps before said (``prev_box``); None here."""
         return None
 
     def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None) -> Received:

@@ -772,10 +772,11 @@ class ProgressiveAdapter(CodecAdapter):
         # latent: same config as --no-channel-aware
         aware = ":channel-aware" if self.channel_aware else ""
         parts = f":parts={','.join(repr(f) for f in self.parts)}" if self.parts else ""
-        if self.parts and self.channel_aware and self.codec == "uqdm":
-            # a part's view keeps the previous step's box for the coordinates it has not sent (since
-            # 2026-12-07): the records of the cut points made before are of another reconstruction
-            parts += ":prev-box"
+        if self.channel_aware and self.codec == "uqdm":
+            # since 2026-12-07 each step's box lies within the boxes before it (StepBox.within), and a step
+            # part's view keeps them for the coordinates it has not sent: records made before are of
+            # another reconstruction
+            aware += ":chained-boxes"
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
 
     def _sections(self) -> list[int]:

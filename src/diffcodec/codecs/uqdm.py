@@ -567,27 +567,20 @@ class UQDM(DiffusionModel):
     def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray, prev_box: StepBox | None = None):
         """(z_s, z_view, box) after the parts decoded so far: z_s (the chain latent) only once the step is
         complete, else None; z_view with the unknown coordinates at the prior mean; the box of the known
-        coordinates.  A coordinate this step has not sent yet keeps the box the previous step put it in
-        (``prev_box``, when in the same basis; else unbounded), and a sent one lies in both boxes: M x is in
-        each, so in their intersection.  Without the previous box, a cut after a few coordinates would
-        forget what the complete previous step said about all the others."""
+        coordinates, within the box of the steps before (``prev_box``, :meth:`StepBox.within`).  A
+        coordinate this step has not sent keeps that earlier box (unbounded without one): without it, a cut
+        after a few coordinates would forget what the complete previous step said about all the others."""
         st, basis, i = state.st, self.step_basis(state.i), state.i
         if state.done == state.k.size:
             z_s = self._z_s(st, basis, state.k, state.u, state.shape)
-            return z_s, z_s, self.step_box(z_t, z_s, i, gam)
+            return z_s, z_s, self.step_box(z_t, z_s, i, gam, prev_box)
         e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
         z_view = st.mu_p + basis.inverse(e.reshape(state.shape))
         box = self.step_box(z_t, z_view, i, gam)
         if box is None:
             return None, z_view, None
-        known = state.known.reshape(state.shape)
-        if prev_box is None or prev_box.basis is not basis:
-            hw = np.where(known, box.half_width, UNBOUNDED)
-            return None, z_view, StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis)
-        lo = np.maximum(np.where(known, box.center - box.half_width, -UNBOUNDED), prev_box.center - prev_box.half_width)
-        hi = np.minimum(np.where(known, box.center + box.half_width, UNBOUNDED), prev_box.center + prev_box.half_width)
-        hi = np.maximum(hi, lo)  # x lies in both boxes: an empty intersection is rounding only
-        return None, z_view, StepBox(box.basis, 0.5 * (lo + hi), 0.5 * (hi - lo), box.gamma_next, box.next_in_basis)
+        hw = np.where(state.known.reshape(state.shape), box.half_width, UNBOUNDED)
+        return None, z_view, StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis).within(prev_box)
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
         if len(sec.params) == 6:  # the one part of a step divided into a single part
@@ -620,15 +613,18 @@ class UQDM(DiffusionModel):
         return self._part_passes(step_scale, delta, np.arange(k.size), k, u, np.zeros(k.size), gamma_t, shape)
 
     # ------------------------------------------------------------------ channel-aware reconstruction (box.py)
-    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray) -> StepBox | None:
-        """The box decoded step t_i -> t_{i-1} puts M x in (box.py); None for the last step, whose latent
-        z_0 is reconstructed without the network."""
+    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray,
+                 prev_box: StepBox | None = None) -> StepBox | None:
+        """The box decoded step t_i -> t_{i-1} puts M x in (box.py), within ``prev_box`` (the box of the
+        steps before, :meth:`StepBox.within`); None for the last step, whose latent z_0 is reconstructed
+        without the network."""
         if i < 2:
             return None
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gam[i - 1]), np.float64(gam[i])))
         basis = self.step_basis(i)
-        return StepBox(basis, basis.forward(z_s - a * z_t) / b, SQRT12 * beta / (2.0 * b), float(gam[i - 2]),
-                       self.step_basis(i - 1) is basis)
+        box = StepBox(basis, basis.forward(z_s - a * z_t) / b, SQRT12 * beta / (2.0 * b), float(gam[i - 2]),
+                      self.step_basis(i - 1) is basis)
+        return box.within(prev_box)
 
     def box_posterior_mean(self, x_hat: np.ndarray, aux: np.ndarray, gamma_s: float, box: StepBox) -> np.ndarray:
         """E[x | z_s, box] (unit scale, clipped to [-1, 1]): per coordinate of the box's basis, the next
