@@ -125,3 +125,67 @@ def test_box_reconstruction_is_thread_count_independent(dct_model):
         outs.append([diffcodec.decompress(res.data, model=dct_model, method=m) for m in ("denoise", "flow")])
     torch.set_num_threads(1)
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
+
+
+# ------------------------------------------------------------------ box priors (the uqdm format since 2026-12-07)
+@pytest.mark.parametrize("kind", ["dct", "rgb"])
+def test_box_prior_codes_the_same_steps_in_fewer_bits(kind, dct_model):
+    """The same symbols, latents and reconstructions as the whole prior, fewer ideal bits at every step after
+    the first (whose prior has no earlier box), a lossless finish either way; the header says which."""
+    model = dct_model if kind == "dct" else make_tiny("uqdm")
+    if kind == "rgb":
+        model.model_id, model.model_hash = "tiny-box-rgb", "0123456789abcdef"
+    img = synthetic_image(24, 32, seed=4)
+    new = diffcodec.compress(img, model=model, lossless=True, seed=2)
+    old = diffcodec.compress(img, model=model, lossless=True, seed=2, box_prior=False)
+    assert diffcodec.info(new.data)["box_prior"] is True and diffcodec.info(old.data)["box_prior"] is False
+    for data in (new.data, old.data):
+        assert np.array_equal(diffcodec.decompress(data, model=model), img)
+    a = [s["ideal_bits"] for s in new.sections]
+    b = [s["ideal_bits"] for s in old.sections]
+    assert a[0] == b[0]  # step 1: no box before it
+    T = model.num_steps
+    last_truncated = T if kind == "rgb" else T - 1  # a final basis is not the earlier boxes' basis
+    assert all(x < y for x, y in zip(a[1:last_truncated], b[1:last_truncated]))
+    assert a[last_truncated:] == b[last_truncated:]
+    for k in range(1, T):
+        assert np.array_equal(diffcodec.decompress(new.data, model=model, steps=k),
+                              diffcodec.decompress(old.data, model=model, steps=k))
+
+
+def test_box_prior_bounds_hold_the_symbols_and_tables_vanish_outside(dct_model):
+    """_k_bounds keeps every true symbol; the table is zero outside the bounds and the whole prior inside."""
+    from diffcodec.codecs.uqdm import UQDM
+
+    m = dct_model
+    img = synthetic_image(16, 16, seed=5)
+    x = pixel_to_unit(img.transpose(2, 0, 1).astype(np.float64))[None]
+    gam = m.gamma_grid(m.num_steps)
+    z, box, T = m.initial_latent(x.shape, 1), None, m.num_steps
+    for i in range(T, 1, -1):
+        st, k, u, z_s, bounds = m._encode_symbols(z, x, i, gam, 1, box)
+        assert (bounds is None) == (i == T)
+        if bounds is not None:
+            assert np.all((k >= bounds[0]) & (k <= bounds[1]))
+            assert np.all(bounds[1] - bounds[0] > 1.0)  # an earlier box is wider than a step's
+            R = int(np.abs(k).max()) + 3
+            cut = UQDM._table(st.scale, st.delta, u, R, bounds=bounds)(slice(None))
+            whole = UQDM._table(st.scale, st.delta, u, R)(slice(None))
+            ks = np.arange(-R, R + 1)[None]
+            inside = (ks >= bounds[0][:, None]) & (ks <= bounds[1][:, None])
+            assert np.array_equal(cut[inside], whole[inside]) and np.all(cut[~inside] == 0.0)
+            assert (~inside).any()
+        box = m.step_box(z, z_s, i, gam, box)
+        z = z_s
+
+
+def test_uqdm_header_flags():
+    m = make_tiny("uqdm")
+    assert m.header_params() == bytes([m.num_steps, 1]) and m.header_params(box_prior=False) == bytes([m.num_steps])
+    assert m.check_header_params(bytes([m.num_steps]))["box_prior"] is False
+    with pytest.raises(diffcodec.errors.FormatError, match="newer"):
+        m.check_header_params(bytes([m.num_steps, 3]))
+    with pytest.raises(diffcodec.errors.FormatError):
+        m.check_header_params(bytes([m.num_steps + 1, 1]))
+    with pytest.raises(diffcodec.errors.DiffcodecError, match="uqdm"):
+        diffcodec.compress(synthetic_image(16, 16), model=make_tiny("diffc"), steps=1, box_prior=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import diffcodec
 from conftest import launcher_errors, synthetic_image
 from diffcodec.cli import main
 
@@ -161,3 +162,17 @@ def test_torchrun_ddp_training(tmp_path, image_folder):
     assert p.returncode == 0, launcher_errors(p.stderr)
     assert (out / "model.safetensors").exists()
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_compress_no_box_prior_writes_the_earlier_format(png, tmp_path, tiny_model_path):
+    """--no-box-prior: a file in the uqdm format before 2026-12-07 (one header byte, the whole prior), bigger,
+    decoding to the same image; the default writes the box-prior flag."""
+    new, old = tmp_path / "new.dfc", tmp_path / "old.dfc"
+    assert main(["compress", str(png), "-o", str(new), "--model", str(tiny_model_path), "--lossless", "-q"]) == 0
+    assert main(["compress", str(png), "-o", str(old), "--model", str(tiny_model_path), "--lossless", "-q",
+                 "--no-box-prior"]) == 0
+    a, b = new.read_bytes(), old.read_bytes()
+    assert diffcodec.info(a)["box_prior"] is True and diffcodec.info(b)["box_prior"] is False
+    assert len(a) < len(b)
+    m = diffcodec.get_model(str(tiny_model_path))
+    assert np.array_equal(diffcodec.decompress(a, model=m), diffcodec.decompress(b, model=m))

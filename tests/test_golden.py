@@ -18,18 +18,18 @@ from diffcodec.models import MODEL_PATH_ENV, RETIRED_MODELS, bundled_models
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 CASES = {
-    "uqdm-small": dict(codec="uqdm", lossless=True),
-    "uqdm-medium": dict(codec="uqdm", lossless=True),
-    "uqdm-medium2": dict(codec="uqdm", lossless=True),
-    "uqdm-medium3": dict(codec="uqdm", lossless=True),
-    "uqdm-medium4": dict(codec="uqdm", lossless=True),
-    "uqdm-medium5": dict(codec="uqdm", lossless=True),
-    "uqdm-medium6": dict(codec="uqdm", lossless=True),
-    "uqdm-medium7": dict(codec="uqdm", lossless=True),
-    "uqdm-medium8": dict(codec="uqdm", lossless=True),
-    "uqdm-medium9": dict(codec="uqdm", lossless=True),
-    "uqdm-medium10": dict(codec="uqdm", lossless=True),
-    "uqdm-medium11": dict(codec="uqdm", lossless=True),
+    "uqdm-small": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium2": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium3": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium4": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium5": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium6": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium7": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium8": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium9": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium10": dict(codec="uqdm", lossless=True, box_prior=False),
+    "uqdm-medium11": dict(codec="uqdm", lossless=True, box_prior=False),
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),
@@ -76,6 +76,24 @@ def test_golden_file_decodes_and_reencodes_identically(name, request, monkeypatc
         assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / f"{name}.decoded.png"))
     res = diffcodec.compress(_png(GOLDEN / "input.png"), model=name, seed=7, **CASES[name])
     assert res.data == data
+
+
+BOX_PRIOR_CASES = sorted(n for n, c in CASES.items() if c["codec"] == "uqdm")
+
+
+@pytest.mark.parametrize("name", BOX_PRIOR_CASES)
+def test_golden_box_prior_file_decodes_and_reencodes_identically(name, request, monkeypatch):
+    """The uqdm format since 2026-12-07 (steps coded under their priors restricted to the earlier steps' box;
+    ``{name}.box.dfc``, made by the commit that added it): lossless, and re-encoded byte for byte; the
+    files above, in the format before it, are re-encoded with ``box_prior=False``."""
+    if name in RETIRED_MODELS:
+        monkeypatch.setenv(MODEL_PATH_ENV, str(request.getfixturevalue("retired_dir")))
+    data = (GOLDEN / f"{name}.box.dfc").read_bytes()
+    assert diffcodec.info(data)["box_prior"] is True
+    assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / "input.png"))
+    kwargs = {k: v for k, v in CASES[name].items() if k != "box_prior"}
+    assert diffcodec.compress(_png(GOLDEN / "input.png"), model=name, seed=7, **kwargs).data == data
+    assert len(data) < len((GOLDEN / f"{name}.dfc").read_bytes())
 
 
 @pytest.mark.parametrize("method", ["denoise", "flow"])

@@ -129,7 +129,9 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     section).  With none, the model card's ``default_steps`` is used.  ``options`` are the codec's
     encoder choices (diffc: ``c_max``, ``pad``; uqdm: ``parts``, the fractions of each step's
     coordinates after which the file may be cut, default :data:`DEFAULT_PARTS` with ``bpp`` and none
-    otherwise); ``None`` values are ignored.
+    otherwise, and ``box_prior``, default True: code each step under its prior restricted to the box
+    the steps before put x in; False writes the format of diffcodec before 2026-12-07, bigger but
+    readable by those versions); ``None`` values are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
@@ -146,8 +148,11 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     if "q" in options:
         raise DiffcodecError(f"q applies to rvgc models, not {codec}")
     T = model.num_steps
-    header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed),
-                              params=model.header_params())
+    if "box_prior" in options and codec != "uqdm":
+        raise DiffcodecError(f"box_prior applies to uqdm models, not {codec}")
+    params = model.header_params(box_prior=bool(options["box_prior"])) if "box_prior" in options \
+        else model.header_params()
+    header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed), params=params)
     if "parts" in options:
         options["parts"] = _check_parts(options["parts"], codec)
     elif codec == "uqdm" and bpp is not None:
@@ -324,6 +329,12 @@ def _open(data: bytes, model, steps: int | None, max_pixels: int | None = None):
     return hd, m, step_secs, final, shape
 
 
+def _box_prior(header: container.Header) -> bool:
+    """Whether a file's steps were coded under their priors restricted to the earlier steps' box (uqdm
+    files since 2026-12-07; the header's flag)."""
+    return bool(_codec_params(header).get("box_prior", False))
+
+
 def _check_method(method: str) -> None:
     if method not in RECONSTRUCTION_METHODS:
         raise DiffcodecError(f"unknown method {method!r}; choose from {', '.join(RECONSTRUCTION_METHODS)}")
@@ -380,7 +391,7 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
     # a lossless section that conditions on the last step's prior remembers its network evaluation
     with m.reuse_evaluations() if final and m.final_uses_last_step else contextlib.nullcontext():
-        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress)
+        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress, box_prior=_box_prior(hd))
         if final and state.remaining == 0:
             pix = m.decode_final(state, final[0], (hd.channels, hd.height, hd.width), hd.seed)
             return np.ascontiguousarray(pix.transpose(1, 2, 0))
@@ -417,7 +428,7 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     # starts from the channel-aware latent instead)
     with m.reuse_evaluations():
         k = 0
-        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs), 1):
+        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs, box_prior=_box_prior(hd)), 1):
             if not parts and state.part:
                 continue
             k = n if parts else k + 1

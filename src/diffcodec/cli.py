@@ -45,7 +45,7 @@ def cmd_compress(a) -> int:
     try:
         res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
                        seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max,
-                       pad=a.pad, q=a.q_step, parts=a.parts)
+                       pad=a.pad, q=a.q_step, parts=a.parts, box_prior=False if a.no_box_prior else None)
     finally:
         if bar:
             bar.close()
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "coordinates (largest prior scale first), e.g. 0.05,0.2,0.35: a file cut after a part decodes "
                    "to the step so far (default with --bpp: 0.5, so the target is met more closely; none: "
                    "whole steps)")
+    c.add_argument("--no-box-prior", dest="no_box_prior", action="store_true",
+                   help="uqdm: code each step under its whole prior, not restricted to the earlier steps' box: "
+                   "a bigger file in the format diffcodec wrote before 2026-12-07, which its older versions read")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
     c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")

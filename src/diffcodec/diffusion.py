@@ -359,13 +359,14 @@ class DiffusionModel(nn.Module):
         """Inverse of :meth:`encode_step`: the same z_s, bit for bit."""
         raise NotImplementedError
 
-    def decode_step_view(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int
+    def decode_step_view(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int, **kw
                          ) -> tuple[np.ndarray, np.ndarray, float]:
         """(z_s, z_view, gamma_view): :meth:`decode_step` plus the latent reconstructions start from.
 
         The default is z_s itself at gamma_s, right when z_s is an exact sample of q(z_s | z_t, x).
+        ``kw``: what the encoder's step was given besides its options (UQDM: ``prior_box``).
         """
-        z_s = self.decode_step(z, sec, i, gam, seed)
+        z_s = self.decode_step(z, sec, i, gam, seed, **kw)
         return z_s, z_s, float(gam[i - 1])
 
     def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
@@ -384,8 +385,13 @@ class DiffusionModel(nn.Module):
         return SeededStream(seed, Z_T).normal(shape)
 
     def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
-               region: tuple[int, int, int] | None = None, progress=None, stop=None, **options) -> list[Section]:
+               region: tuple[int, int, int] | None = None, progress=None, stop=None, box_prior: bool = True,
+               **options) -> list[Section]:
         """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
+
+        ``box_prior``: code each step under its prior restricted to the symbols whose box meets the box
+        the steps before put x in (UQDM, :meth:`step_box`; the file's header says so, and
+        :meth:`iter_latents` must be given the same choice).  Codecs without boxes ignore it.
 
         ``stop(sections)``, if given, is asked after every step whether to stop early (rate
         control: once the file is over budget the finer, costlier steps need not be coded).
@@ -422,12 +428,16 @@ class DiffusionModel(nn.Module):
         final = None
         coder = pool("coder", 1)
         z_prev = None  # the latent before the last step, kept only for a lossless section (memory)
+        box = None  # what the steps so far say about x (the decoder's Received.box)
         # a lossless section that conditions on the last step's prior remembers its network evaluation
         with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
             try:
                 for i in range(T, T - num_steps, -1):
                     z_prev = z if lossless else None
-                    z, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
+                    given = {"prior_box": box} if box_prior and box is not None else {}
+                    z_before = z
+                    z, finish = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
+                    box = self.step_box(z_before, z, i, gam, box)
                     if pending is not None:
                         sections.extend(pending.result())
                         pending = None
@@ -468,13 +478,14 @@ class DiffusionModel(nn.Module):
         flat = z0.reshape(-1)
         return lambda sl: self.data_table_f64(flat[sl], gamma0)
 
-    def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section]):
+    def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section], box_prior: bool = True):
         """Replay the step sections, yielding a :class:`Received` state (z, gamma of z, steps remaining
         to t = 0, and the latent reconstructions start from) after each.
 
         Every prefix of a file is a valid file, so every yielded latent is what a file cut after
         that section decodes to (progressive display, benchmarks).  A step written in parts yields a
-        state after each part (``part=True`` before its last one).
+        state after each part (``part=True`` before its last one).  ``box_prior``: as the encoder's
+        (:meth:`encode`; the file's header says which).
         """
         T = self.num_steps
         gam = self.gamma_grid(T)
@@ -489,8 +500,9 @@ class DiffusionModel(nn.Module):
             if i < 1:
                 raise DecodeError("step sections out of order")
             if sec.kind == KIND_PART or parts is not None:
+                given = {"prior_box": box} if box_prior and box is not None else {}
                 if parts is None:
-                    parts = self.begin_decode_parts(z, i, gam, seed)
+                    parts = self.begin_decode_parts(z, i, gam, seed, **given)
                 self.decode_part(parts, sec, gam)
                 z_s, z_view, part_box = self.part_view(parts, z, gam, box)
                 if sec.kind == KIND_PART:
@@ -501,12 +513,13 @@ class DiffusionModel(nn.Module):
                 z_before, z, gamma_view = z, z_s, float(gam[i - 1])
             else:
                 z_before = z
-                z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed)
+                z, z_view, gamma_view = self.decode_step_view(
+                    z, sec, i, gam, seed, **({"prior_box": box} if box_prior and box is not None else {}))
                 box = self.step_box(z_before, z, i, gam, box)
             i -= 1
             yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep else None, box)
 
-    def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int) -> Any:
+    def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int, **kw) -> Any:
         """Start decoding step t_i -> t_{i-1} written in parts (codecs that write them override this)."""
         raise DecodeError(f"{self.codec_id} files have no step parts (corrupt or foreign section kind)")
 
@@ -522,10 +535,11 @@ class DiffusionModel(nn.Module):
         steps before said (``prev_box``); None here."""
         return None
 
-    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None) -> Received:
+    def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None,
+                      box_prior: bool = True) -> Received:
         """Replay the step sections; returns the last :class:`Received` state."""
         state = None
-        for state in self.iter_latents(shape, seed, sections):  # noqa: B007 (the last one is kept)
+        for state in self.iter_latents(shape, seed, sections, box_prior):  # noqa: B007 (the last one is kept)
             if progress:
                 progress(1)
         if state is None:  # no step section: the shared starting latent z_T

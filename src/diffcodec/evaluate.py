@@ -777,6 +777,10 @@ class ProgressiveAdapter(CodecAdapter):
             # part's view keeps them for the coordinates it has not sent: records made before are of
             # another reconstruction
             aware += ":chained-boxes"
+        if self.codec == "uqdm":
+            # the uqdm format since 2026-12-07 codes each step under its prior restricted to the earlier
+            # steps' box (the files are smaller): records made before are of the earlier format
+            aware += ":box-prior"
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
 
     def _sections(self) -> list[int]:

@@ -44,7 +44,7 @@ from ..entropy import (
     logistic_bin_probs,
     symbols_crc,
 )
-from ..errors import DecodeError
+from ..errors import DecodeError, FormatError
 from ..networks import UNetConfig
 from ..schedule import LOG2, pixel_to_unit, posterior_coefficients
 from .base import Section
@@ -96,8 +96,10 @@ class _PartState:
     done: int
     shape: tuple
     i: int
+    bounds: tuple[np.ndarray, np.ndarray] | None = None
 
 
+FLAG_BOX_PRIOR = 1  # header flag: steps coded under their priors restricted to the earlier steps' box
 UNBOUNDED = 1e12  # the half-width of a coordinate a cut step has not sent (unit scale; x is in [-1, 1])
 
 
@@ -189,6 +191,27 @@ class UQDM(DiffusionModel):
         if self.final_basis:
             out["final_basis"] = self.final_basis
         return out
+
+    def header_params(self, box_prior: bool = True) -> bytes:
+        """The step count T, then format flags: files written since 2026-12-07 code each step under its
+        prior restricted to the box of the steps before (:data:`FLAG_BOX_PRIOR`, :meth:`_k_bounds`); files
+        with the one byte T (``box_prior=False``: the format before) code them under the whole prior."""
+        return bytes([self.num_steps, FLAG_BOX_PRIOR]) if box_prior else bytes([self.num_steps])
+
+    @staticmethod
+    def parse_header_params(params: bytes) -> dict:
+        if not 1 <= len(params) <= 2 or params[0] < 1:
+            raise FormatError("malformed uqdm parameters")
+        flags = params[1] if len(params) == 2 else 0
+        if flags & ~FLAG_BOX_PRIOR:
+            raise FormatError(f"unknown uqdm format flags {flags:#x} (a file from a newer diffcodec?)")
+        return {"total_steps": params[0], "box_prior": bool(flags & FLAG_BOX_PRIOR)}
+
+    def check_header_params(self, params: bytes) -> dict:
+        p = self.parse_header_params(params)
+        if p["total_steps"] != self.num_steps:
+            raise FormatError("the file's codec parameters do not match its model")
+        return p
 
     def step_basis(self, i: int) -> NoiseBasis:
         """The basis step t_i -> t_{i-1} is coded in: the final basis for the last step (i = 1), if any."""
@@ -382,9 +405,11 @@ class UQDM(DiffusionModel):
         return _Step(a * z + b * x_hat, scale, SQRT12 * beta, a, b), eps, aux
 
     @staticmethod
-    def _table(scale: np.ndarray, delta: float, u: np.ndarray, half_width: int, mean: np.ndarray | None = None):
+    def _table(scale: np.ndarray, delta: float, u: np.ndarray, half_width: int, mean: np.ndarray | None = None,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None):
         """Table function for k in [-R, R] given a step's scale and D and the dither u (flat arrays),
-        P(k) logistic * uniform; ``mean``: the prior's shift from mu_P (the context's second pass)."""
+        P(k) logistic * uniform; ``mean``: the prior's shift from mu_P (the context's second pass);
+        ``bounds``: (lo, hi) per element, P(k) = 0 outside lo <= k <= hi (:meth:`_k_bounds`)."""
         ks = np.arange(-half_width, half_width + 1, dtype=np.float64)
         scale = scale.reshape(-1)
 
@@ -400,9 +425,33 @@ class UQDM(DiffusionModel):
             s = scale[None, sl]
             lo /= s
             hi /= s
-            return logistic_bin_probs(lo, hi).T
+            p = logistic_bin_probs(lo, hi)
+            if bounds is not None:
+                p *= (ks[:, None] >= bounds[0][None, sl]) & (ks[:, None] <= bounds[1][None, sl])
+            return p.T
 
         return table
+
+    def _k_bounds(self, st: _Step, basis: NoiseBasis, z: np.ndarray, u: np.ndarray,
+                  prior_box: StepBox | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The symbols k of step t -> s that x can have, given the box the steps before put it in.
+
+        Symbol k puts M x in a box of half-width D / (2b) around c0 + (k - u) D / b, c0 = M (mu_P - a z_t) / b
+        (box.py).  x lies in ``prior_box`` too (the chained boxes of the steps before, in this step's
+        basis), so only the k whose box meets it are possible: lo <= k <= hi with
+        lo = u + (box_lo - c0) b / D - 1/2 and hi = u + (box_hi - c0) b / D + 1/2, widened by 1e-6 so that
+        rounding can never exclude the true k.  Coding under the prior restricted to them (``_table``) costs
+        the same bits for the k kept, divided by the prior mass they hold: the network never sees the
+        earlier boxes, and its prior spreads past them (README, UQDM box priors).  None: no earlier box
+        in this basis (the first step; the last step of a model with a final basis).
+        """
+        if prior_box is None or prior_box.basis is not basis:
+            return None
+        c0 = basis.forward(st.mu_p - st.a * z).reshape(-1) / st.b
+        r = st.b / st.delta
+        lo = (prior_box.center - prior_box.half_width).reshape(-1)
+        hi = (prior_box.center + prior_box.half_width).reshape(-1)
+        return u + (lo - c0) * r - (0.5 + 1e-6), u + (hi - c0) * r + (0.5 + 1e-6)
 
     def _max_half_width(self, st: _Step, basis: NoiseBasis) -> int:
         """The largest |k| any image can produce at this step, known to both sides.
@@ -437,13 +486,14 @@ class UQDM(DiffusionModel):
         scale, after which a file may be cut (step parts, :meth:`_part_ends`); ``finish`` then returns one
         section per part."""
         parts = options.pop("parts", None)
+        prior_box = options.pop("prior_box", None)
         if options:
             raise ValueError(f"uqdm has no encoder options {sorted(options)}")
         if parts and i > 1:  # the last step is not divided: its latent is z_0, reconstructed without the network
-            return self._begin_encode_parts(z, x, i, gam, seed, parts)
-        st, k, u, z_s = self._encode_symbols(z, x, i, gam, seed)
+            return self._begin_encode_parts(z, x, i, gam, seed, parts, prior_box)
+        st, k, u, z_s, bounds = self._encode_symbols(z, x, i, gam, seed, prior_box)
         half_width = int(max(1, np.abs(k).max()))
-        passes = self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape)  # holds neither mu_p nor z
+        passes = self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape, bounds)  # neither mu_p nor z
 
         def finish() -> Section:
             enc = CategoricalEncoder()
@@ -479,17 +529,22 @@ class UQDM(DiffusionModel):
         return order.astype(np.int32) if order.size < 2**31 else order
 
     def _part_passes(self, step_scale: np.ndarray, delta: float, idx: np.ndarray, k: np.ndarray, u: np.ndarray,
-                     e_first: np.ndarray, gamma_t: float, shape):
+                     e_first: np.ndarray, gamma_t: float, shape, bounds=None):
         """Like :meth:`_passes` for the coordinates ``idx`` of one part: its first-pass coordinates, then its
         second-pass ones under the context of the first-pass values decoded so far (``e_first``, zero where
-        not yet decoded, updated here once the caller has filled the first pass into k)."""
+        not yet decoded, updated here once the caller has filled the first pass into k); ``bounds``: the
+        step's possible symbols (:meth:`_k_bounds`, flat) or None."""
         scale = step_scale.reshape(-1)
+
+        def sub(j):
+            return None if bounds is None else (bounds[0][j], bounds[1][j])
+
         if not self.context:
-            yield idx, lambda hw: self._table(scale[idx], delta, u[idx], hw)
+            yield idx, lambda hw: self._table(scale[idx], delta, u[idx], hw, bounds=sub(idx))
             return
         sel = self._second_pass_mask(shape)
         first, second = idx[~sel[idx]], idx[sel[idx]]
-        yield first, lambda hw: self._table(scale[first], delta, u[first], hw)
+        yield first, lambda hw: self._table(scale[first], delta, u[first], hw, bounds=sub(first))
         e_first[first] = (k[first] - u[first]) * delta
         if second.size == 0:
             return
@@ -497,26 +552,30 @@ class UQDM(DiffusionModel):
         m, s2 = context_np(to_blocks(e_first.reshape(shape), p), to_blocks(step_scale.reshape(shape), p),
                            self.param_at(self.context_weight, gamma_t), self.param_at(self.context_adapt, gamma_t))
         m, s2 = from_blocks(m).reshape(-1)[second], from_blocks(s2).reshape(-1)[second]
-        yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m)
+        yield second, lambda hw: self._table(s2, delta, u[second], hw, mean=m, bounds=sub(second))
 
     def _second_pass_mask(self, shape) -> np.ndarray:
         p = self.basis.block
         n, c, h, w = shape
         return np.broadcast_to(np.kron(second_pass(h // p, w // p), np.ones((p, p), dtype=bool)), shape).reshape(-1)
 
-    def _encode_symbols(self, z, x, i, gam, seed):
-        """Step t_i -> t_{i-1} of x from the shared z_t: (prior, symbols k, dither u, z_s)."""
+    def _encode_symbols(self, z, x, i, gam, seed, prior_box=None):
+        """Step t_i -> t_{i-1} of x from the shared z_t: (prior, symbols k, dither u, z_s, the possible
+        symbols given ``prior_box``: :meth:`_k_bounds`)."""
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
         basis = self.step_basis(i)
         u = self._dither(seed, i, z.size)
         k = self._symbols(st, basis, z, x, u)
         if np.abs(k).max() > min(MAX_HALF_WIDTH, self._max_half_width(st, basis)):
             raise ValueError("step symbol out of range (model unsuited to this image)")
+        bounds = self._k_bounds(st, basis, z, u, prior_box)
+        if bounds is not None and not np.all((k >= bounds[0]) & (k <= bounds[1])):  # x lies in the box
+            raise RuntimeError("a step symbol lies outside the earlier steps' box (numerical failure)")
         k = k.astype(np.int64)
-        return st, k, u, self._z_s(st, basis, k, u, z.shape)
+        return st, k, u, self._z_s(st, basis, k, u, z.shape), bounds
 
-    def _begin_encode_parts(self, z, x, i, gam, seed, parts):
-        st, k, u, z_s = self._encode_symbols(z, x, i, gam, seed)
+    def _begin_encode_parts(self, z, x, i, gam, seed, parts, prior_box=None):
+        st, k, u, z_s, bounds = self._encode_symbols(z, x, i, gam, seed, prior_box)
         order = self._part_order(st)
         ends = self._part_ends(parts, k.size)
         scale, delta = st.scale, st.delta  # the coder thread holds neither mu_p nor z
@@ -529,7 +588,7 @@ class UQDM(DiffusionModel):
                 idx = order[start:end]
                 half_width = int(max(1, np.abs(k[idx]).max()))
                 enc = CategoricalEncoder()
-                for sub, table in self._part_passes(scale, delta, idx, k, u, e_first, gamma_t, shape):
+                for sub, table in self._part_passes(scale, delta, idx, k, u, e_first, gamma_t, shape, bounds):
                     enc.encode(k[sub] + half_width, 2 * half_width + 1, table(half_width))
                 kind = KIND_STEP if end == k.size else KIND_PART
                 out.append(Section(kind, index, struct.pack("<HI", half_width, end), enc.finish(),
@@ -539,10 +598,14 @@ class UQDM(DiffusionModel):
 
         return z_s, finish
 
-    def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int) -> _PartState:
+    def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int,
+                           prior_box: StepBox | None = None) -> _PartState:
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
-        return _PartState(st, self._part_order(st), self._dither(seed, i, z.size), np.zeros(z.size, np.int64),
-                          np.zeros(z.size) if self.context else None, np.zeros(z.size, dtype=bool), 0, z.shape, i)
+        u = self._dither(seed, i, z.size)
+        bounds = self._k_bounds(st, self.step_basis(i), z, u, prior_box)
+        return _PartState(st, self._part_order(st), u, np.zeros(z.size, np.int64),
+                          np.zeros(z.size) if self.context else None, np.zeros(z.size, dtype=bool), 0, z.shape, i,
+                          bounds)
 
     def decode_part(self, state: _PartState, sec: Section, gam: np.ndarray) -> None:
         """Decode one part section into ``state`` (the last one, kind step, must complete the step)."""
@@ -557,7 +620,7 @@ class UQDM(DiffusionModel):
         idx = state.order[state.done:end]
         dec = CategoricalDecoder(sec.payload)
         for sub, table in self._part_passes(st.scale, st.delta, idx, state.k, state.u, state.e_first,
-                                            float(gam[state.i]), state.shape):
+                                            float(gam[state.i]), state.shape, state.bounds):
             state.k[sub] = dec.decode(sub.size, 2 * half_width + 1, table(half_width)).astype(np.int64) - half_width
         if symbols_crc(state.k[idx]) != sec.symbols_crc:
             raise DecodeError(f"section {sec.index} decoded inconsistently (model or platform mismatch)")
@@ -582,9 +645,10 @@ class UQDM(DiffusionModel):
         hw = np.where(state.known.reshape(state.shape), box.half_width, UNBOUNDED)
         return None, z_view, StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis).within(prev_box)
 
-    def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int) -> np.ndarray:
+    def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int,
+                    prior_box: StepBox | None = None) -> np.ndarray:
         if len(sec.params) == 6:  # the one part of a step divided into a single part
-            state = self.begin_decode_parts(z, i, gam, seed)
+            state = self.begin_decode_parts(z, i, gam, seed, prior_box)
             self.decode_part(state, sec, gam)
             return self.part_view(state, z, gam)[0]
         if len(sec.params) != 2:
@@ -595,22 +659,24 @@ class UQDM(DiffusionModel):
         if not 1 <= half_width <= self._max_half_width(st, basis):  # a forged width would only cost time
             raise DecodeError(f"corrupt parameters in section {sec.index} (symbol range {half_width})")
         u = self._dither(seed, i, z.size)
+        bounds = self._k_bounds(st, basis, z, u, prior_box)
         k = np.zeros(z.size, dtype=np.int64)
         dec = CategoricalDecoder(sec.payload)
         # the passes are built lazily: the second pass's tables need the first pass's symbols in k
-        for idx, table in self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape):
+        for idx, table in self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape, bounds):
             k[idx] = dec.decode(idx.size, 2 * half_width + 1, table(half_width)).astype(np.int64) - half_width
         if symbols_crc(k) != sec.symbols_crc:
             raise DecodeError(f"step {sec.index} decoded inconsistently (model or platform mismatch)")
         return self._z_s(st, basis, k, u, z.shape)
 
-    def _passes(self, step_scale: np.ndarray, delta: float, k: np.ndarray, u: np.ndarray, gamma_t: float, shape):
+    def _passes(self, step_scale: np.ndarray, delta: float, k: np.ndarray, u: np.ndarray, gamma_t: float, shape,
+                bounds=None):
         """Yield the coding passes of a step, (flat indices, half_width -> table function): one pass
         over every coordinate, or with the checkerboard context the first-pass blocks and then the
         second-pass blocks under the prior their neighbours' decoded values give (context.py).  A
         generator: the second pass is built only once the caller has filled the first pass into k.
         An undivided step is a step of one part (:meth:`_part_passes`)."""
-        return self._part_passes(step_scale, delta, np.arange(k.size), k, u, np.zeros(k.size), gamma_t, shape)
+        return self._part_passes(step_scale, delta, np.arange(k.size), k, u, np.zeros(k.size), gamma_t, shape, bounds)
 
     # ------------------------------------------------------------------ channel-aware reconstruction (box.py)
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray,
