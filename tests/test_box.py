@@ -189,3 +189,16 @@ def test_uqdm_header_flags():
         m.check_header_params(bytes([m.num_steps + 1, 1]))
     with pytest.raises(diffcodec.errors.DiffcodecError, match="uqdm"):
         diffcodec.compress(synthetic_image(16, 16), model=make_tiny("diffc"), steps=1, box_prior=False)
+
+
+def test_box_prior_keeps_the_whole_prior_where_every_possible_symbol_underflows():
+    """A prior hundreds of scales away from the box: the restricted row would be all zeros, which no coder can
+    use; the whole prior is kept for that element (both sides see the same float64 values)."""
+    from diffcodec.codecs.uqdm import UQDM
+
+    scale, u = np.array([1.0, 1e-3]), np.zeros(2)
+    bounds = (np.array([-1.0, 2.5]), np.array([1.0, 3.5]))  # element 2: only k = 3, 3000 scales from the mean
+    cut = UQDM._table(scale, 1.0, u, 3, bounds=bounds)(slice(None))
+    whole = UQDM._table(scale, 1.0, u, 3)(slice(None))
+    assert np.all(cut[0, [0, 1, 5, 6]] == 0.0) and np.array_equal(cut[0, 2:5], whole[0, 2:5])
+    assert np.array_equal(cut[1], whole[1]) and whole[1, 6] == 0.0

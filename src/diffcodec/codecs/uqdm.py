@@ -427,7 +427,10 @@ class UQDM(DiffusionModel):
             hi /= s
             p = logistic_bin_probs(lo, hi)
             if bounds is not None:
-                p *= (ks[:, None] >= bounds[0][None, sl]) & (ks[:, None] <= bounds[1][None, sl])
+                cut = p * ((ks[:, None] >= bounds[0][None, sl]) & (ks[:, None] <= bounds[1][None, sl]))
+                # where every possible k underflows (a prior hundreds of scales off the box) the whole prior
+                # is kept, whose other bins hold the coder's mass; both sides test the same float64 values
+                p = np.where((cut > 0.0).any(axis=0)[None, :], cut, p)
             return p.T
 
         return table
