@@ -164,7 +164,7 @@ def test_torchrun_ddp_training(tmp_path, image_folder):
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_compress_no_box_prior_writes_the_earlier_format(png, tmp_path, tiny_model_path):
+def test_compress_no_box_prior_writes_the_earlier_format(png, tmp_path, tiny_model_path, capsys):
     """--no-box-prior: a file in the uqdm format before 2026-12-07 (one header byte, the whole prior), bigger,
     decoding to the same image; the default writes the box-prior flag."""
     new, old = tmp_path / "new.dfc", tmp_path / "old.dfc"
@@ -176,3 +176,6 @@ def test_compress_no_box_prior_writes_the_earlier_format(png, tmp_path, tiny_mod
     assert len(a) < len(b)
     m = diffcodec.get_model(str(tiny_model_path))
     assert np.array_equal(diffcodec.decompress(a, model=m), diffcodec.decompress(b, model=m))
+    capsys.readouterr()
+    assert main(["info", str(new)]) == 0 and "coded under box priors" in capsys.readouterr().out
+    assert main(["info", str(old)]) == 0 and "the format before box priors" in capsys.readouterr().out

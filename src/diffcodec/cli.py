@@ -107,7 +107,8 @@ def cmd_info(a) -> int:
     if "q" in d:
         print(f"  quantisation step q = {d['q']:g}; {state}")
     else:
-        print(f"  {d['total_steps']} diffusion steps in the model; {state}")
+        prior = {True: "; steps coded under box priors", False: "; whole step priors (the format before box priors)"}
+        print(f"  {d['total_steps']} diffusion steps in the model; {state}{prior.get(d.get('box_prior'), '')}")
     for s in d["sections"]:
         label = f"step {s['step']}" if s["kind"] == "step" else s["kind"]
         print(f"  section {s['index']:>2} {label:<12} offset {s['offset']:>8}  {s['bytes']:>8} bytes")
