@@ -17,19 +17,11 @@ from diffcodec.errors import ModelError
 from diffcodec.models import MODEL_PATH_ENV, RETIRED_MODELS, bundled_models
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
+UQDM_CASES = ["uqdm-small", "uqdm-medium", *(f"uqdm-medium{k}" for k in range(2, 12))]
 CASES = {
-    "uqdm-small": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium2": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium3": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium4": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium5": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium6": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium7": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium8": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium9": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium10": dict(codec="uqdm", lossless=True, box_prior=False),
-    "uqdm-medium11": dict(codec="uqdm", lossless=True, box_prior=False),
+    # the files of the format before box priors: re-encoded in it (box_prior=False); the box-prior format's
+    # files are {name}.box.dfc (test_golden_box_prior_file_decodes_and_reencodes_identically)
+    **{name: dict(codec="uqdm", lossless=True, box_prior=False) for name in UQDM_CASES},
     "diffc-small": dict(codec="diffc", steps=6),
     "diffc-small2": dict(codec="diffc", steps=6),
     "diffc-small3": dict(codec="diffc", steps=6),
@@ -78,10 +70,7 @@ def test_golden_file_decodes_and_reencodes_identically(name, request, monkeypatc
     assert res.data == data
 
 
-BOX_PRIOR_CASES = sorted(n for n, c in CASES.items() if c["codec"] == "uqdm")
-
-
-@pytest.mark.parametrize("name", BOX_PRIOR_CASES)
+@pytest.mark.parametrize("name", sorted(UQDM_CASES))
 def test_golden_box_prior_file_decodes_and_reencodes_identically(name, request, monkeypatch):
     """The uqdm format since 2026-12-07 (steps coded under their priors restricted to the earlier steps' box;
     ``{name}.box.dfc``, made by the commit that added it): lossless, and re-encoded byte for byte; the

@@ -432,12 +432,14 @@ class DiffusionModel(nn.Module):
         # a lossless section that conditions on the last step's prior remembers its network evaluation
         with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
             try:
-                for i in range(T, T - num_steps, -1):
-                    z_prev = z if lossless else None
-                    given = {"prior_box": box} if box_prior and box is not None else {}
+                last = T - num_steps + 1
+                for i in range(T, last - 1, -1):
                     z_before = z
+                    z_prev = z if lossless else None
+                    given = {"prior_box": box} if box is not None else {}
                     z, finish = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
-                    box = self.step_box(z_before, z, i, gam, box)
+                    if box_prior and i > last:  # only the next step's prior uses the box
+                        box = self.step_box(z_before, z, i, gam, box)
                     if pending is not None:
                         sections.extend(pending.result())
                         pending = None
@@ -499,8 +501,8 @@ class DiffusionModel(nn.Module):
                 break
             if i < 1:
                 raise DecodeError("step sections out of order")
+            given = {"prior_box": box} if box_prior and box is not None else {}  # the step's prior, as encoded
             if sec.kind == KIND_PART or parts is not None:
-                given = {"prior_box": box} if box_prior and box is not None else {}
                 if parts is None:
                     parts = self.begin_decode_parts(z, i, gam, seed, **given)
                 self.decode_part(parts, sec, gam)
@@ -513,8 +515,7 @@ class DiffusionModel(nn.Module):
                 z_before, z, gamma_view = z, z_s, float(gam[i - 1])
             else:
                 z_before = z
-                z, z_view, gamma_view = self.decode_step_view(
-                    z, sec, i, gam, seed, **({"prior_box": box} if box_prior and box is not None else {}))
+                z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed, **given)
                 box = self.step_box(z_before, z, i, gam, box)
             i -= 1
             yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep else None, box)

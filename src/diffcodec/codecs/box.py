@@ -17,8 +17,8 @@ and no extra network evaluation.  The file is unchanged; ``channel_aware=False``
 
 Every step decoded so far put M x in its own box (in the same basis but for a model's final step), so x
 lies in their intersection: each step's box is taken within the one before (:meth:`StepBox.within`).
-A step's box is about ten times narrower than the previous one, but where x lies near the earlier box's
-edge the new one pokes out of it; trimming it there gains 0.13 / 0.19 dB after steps 2 / 3 of
+A step's box is narrower than the previous one, but where x lies near the earlier box's edge the new one
+pokes out of it; trimming it there gains 0.13 / 0.19 dB after steps 2 / 3 of
 ``uqdm-medium11`` on the held-out photos (README).  A step cut inside (step parts) keeps the earlier box
 for the coordinates it has not sent yet.
 """
@@ -47,9 +47,9 @@ class StepBox:
     def within(self, earlier: StepBox | None) -> StepBox:
         """This box intersected with an ``earlier`` step's box in the same basis (else unchanged).
 
-        Every decoded step puts M x in its own box, so x lies in all of them: a step's box is about ten
-        times narrower than the one before, yet where x sits near the earlier box's edge the new box pokes
-        out of it, and trimming it there is free information (README, UQDM box reconstruction).  Chained
+        Every decoded step puts M x in its own box, so x lies in all of them: a step's box is narrower
+        than the one before, yet where x sits near the earlier box's edge the new box pokes out of it, and
+        trimming it there is free information (README, UQDM box reconstruction).  Chained
         step by step, the result is the intersection of every step's box so far.
         """
         if earlier is None or earlier.basis is not self.basis:
