@@ -17,7 +17,7 @@ from diffcodec.errors import ModelError
 from diffcodec.models import MODEL_PATH_ENV, RETIRED_MODELS, bundled_models
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
-UQDM_CASES = ["uqdm-small", "uqdm-medium", *(f"uqdm-medium{k}" for k in range(2, 12))]
+UQDM_CASES = ["uqdm-small", "uqdm-medium", *(f"uqdm-medium{k}" for k in range(2, 13))]
 CASES = {
     # the files of the format before box priors: re-encoded in it (box_prior=False); the box-prior format's
     # files are {name}.box.dfc (test_golden_box_prior_file_decodes_and_reencodes_identically)

@@ -30,7 +30,7 @@ from .errors import ModelError
 
 BUNDLED_DIR = "weights"
 MODEL_PATH_ENV = "DIFFCODEC_MODEL_PATH"
-DEFAULT_MODELS = {"uqdm": "uqdm-medium11", "diffc": "diffc-small4", "rvgc": "rvgc-small8"}
+DEFAULT_MODELS = {"uqdm": "uqdm-medium12", "diffc": "diffc-small4", "rvgc": "rvgc-small8"}
 
 # Models once bundled and since retired from the package (name -> model hash).  Their weights and
 # cards are in the repository's history under src/diffcodec/weights/ (the commit before the one that
