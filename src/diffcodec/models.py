@@ -54,6 +54,7 @@ RETIRED_MODELS = {
     "rvgc-small3": "d8b14c124ae42ecc",
     "rvgc-small4": "0d0de2fec0e494ce",
     "rvgc-small7": "9f461dcad409222e",
+    "uqdm-medium10": "b04651402d22db9f",
 }
 
 
