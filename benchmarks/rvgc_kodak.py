@@ -18,7 +18,6 @@ every image.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import time
@@ -28,8 +27,7 @@ import numpy as np
 import torch
 
 import diffcodec
-from diffcodec.data import list_images, split_files
-from diffcodec.evaluate import load_images
+from diffcodec.evaluate import load_heldout_images, load_images
 from diffcodec.metrics import _laplacian_pyramid, ms_ssim, psnr, sliced_wasserstein
 from diffcodec.models import DEFAULT_MODELS
 
@@ -127,9 +125,7 @@ def main() -> None:
         lo, hi = (math.log(v) for v in model.q_range)
         qs = [round(math.exp(lo + (hi - lo) * i / 5), 6) for i in range(6)]
     if a.heldout:
-        images = {}
-        for f in split_files(list_images(a.heldout))[1][: a.limit]:
-            images.update(load_images(f.parent, scale=a.scale, pattern=glob.escape(f.name)))
+        images = load_heldout_images(a.heldout, scale=a.scale, limit=a.limit)
     else:
         images = load_images(a.kodak, scale=a.scale, limit=a.limit)
     t0 = time.perf_counter()

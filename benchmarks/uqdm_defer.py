@@ -25,7 +25,6 @@ the lossless section, and mean PSNR of x_hat after steps 1 to T-1.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
 
@@ -35,8 +34,7 @@ import torch
 import diffcodec
 from diffcodec import container
 from diffcodec.codecs import uqdm as uqdm_mod
-from diffcodec.data import list_images, split_files
-from diffcodec.evaluate import load_images
+from diffcodec.evaluate import load_heldout_images, load_images
 from diffcodec.metrics import psnr
 
 
@@ -107,9 +105,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
     if a.heldout:
-        images = []
-        for f in split_files(list_images(a.heldout))[1][: a.limit]:
-            images += load_images(f.parent, scale=a.scale, pattern=glob.escape(f.name)).items()
+        images = list(load_heldout_images(a.heldout, scale=a.scale, limit=a.limit).items())
     else:
         images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
     steps = {int(v) for v in a.steps.split(",")}

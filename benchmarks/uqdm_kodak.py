@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import json
 import time
 from pathlib import Path
@@ -39,8 +38,7 @@ import torch
 
 import diffcodec
 from diffcodec import container
-from diffcodec.data import list_images, split_files
-from diffcodec.evaluate import bd_rate, evaluate_baselines, load_images
+from diffcodec.evaluate import bd_rate, evaluate_baselines, load_heldout_images, load_images
 from diffcodec.metrics import psnr
 
 METHODS = ("denoise", "flow", "ancestral")
@@ -143,9 +141,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
     if a.heldout:
-        images = []
-        for f in split_files(list_images(a.heldout))[1][: a.limit]:
-            images += load_images(f.parent, scale=a.scale, pattern=glob.escape(f.name)).items()
+        images = list(load_heldout_images(a.heldout, scale=a.scale, limit=a.limit).items())
     else:
         images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
     jpeg = jpeg_curve(images)

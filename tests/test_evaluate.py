@@ -22,6 +22,7 @@ from diffcodec.evaluate import (
     compare_curves,
     evaluate_baselines,
     evaluate_curve,
+    load_heldout_images,
     load_images,
     load_results,
     msssim_db,
@@ -342,6 +343,20 @@ def test_load_images_downscales(tmp_path):
     assert list(imgs) == ["a", "b"]
     assert imgs["a"].shape == (10, 6, 3) and imgs["b"].shape == (6, 10, 3) and imgs["a"].dtype == np.uint8
     assert list(load_images(tmp_path, limit=1)) == ["a"]
+
+
+def test_load_heldout_images_takes_the_trainers_held_out_photos(tmp_path):
+    """Benchmarks choose between models on exactly the photos training never saw (data.split_files), even
+    when a name has glob characters."""
+    from diffcodec.data import list_images, split_files
+
+    for i in range(45):
+        Image.fromarray(photo_like(16, 24)).save(tmp_path / f"p[{i:02d}].png")
+    held = [f.stem for f in split_files(list_images(tmp_path))[1]]
+    imgs = load_heldout_images(tmp_path, scale=2)
+    assert list(imgs) == held and len(held) == 2
+    assert all(v.shape == (8, 12, 3) for v in imgs.values())
+    assert list(load_heldout_images(tmp_path, limit=1)) == held[:1]
 
 
 def test_rvgc_cache_key_covers_the_decoder_defaults(monkeypatch):

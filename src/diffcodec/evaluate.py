@@ -25,6 +25,7 @@ meaningless with 128 patches).  Non-finite values (PSNR of a lossless point) are
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -111,6 +112,17 @@ def load_images(folder: str | Path, scale: int = 1, limit: int | None = None,
             if scale > 1:
                 im = im.resize((max(1, im.width // scale), max(1, im.height // scale)), Image.LANCZOS)
             out[f.stem] = np.asarray(im).copy()
+    return out
+
+
+def load_heldout_images(train_dir: str | Path, scale: int = 1, limit: int | None = None) -> dict[str, np.ndarray]:
+    """The photos the trainer holds out of ``train_dir`` (:func:`diffcodec.data.split_files`: every 20th),
+    loaded as :func:`load_images` loads a folder: what benchmarks choose between models on, never Kodak."""
+    from .data import list_images, split_files  # torch-free at import time for evaluate's other users
+
+    out: dict[str, np.ndarray] = {}
+    for f in split_files(list_images(train_dir))[1][:limit]:
+        out.update(load_images(f.parent, scale=scale, pattern=glob.escape(f.name)))
     return out
 
 
