@@ -34,7 +34,7 @@ import torch
 import diffcodec
 from diffcodec import container
 from diffcodec.codecs import uqdm as uqdm_mod
-from diffcodec.evaluate import load_heldout_images, load_images
+from diffcodec.evaluate import load_benchmark_images
 from diffcodec.metrics import psnr
 
 
@@ -104,10 +104,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
-    if a.heldout:
-        images = list(load_heldout_images(a.heldout, scale=a.scale, limit=a.limit).items())
-    else:
-        images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
+    images = load_benchmark_images(a.kodak, a.heldout, scale=a.scale, limit=a.limit)
     steps = {int(v) for v in a.steps.split(",")}
     if not steps <= set(range(1, model.num_steps)) or not 0.0 < a.keep < 1.0:
         raise SystemExit("--steps: coding steps 1..T-1; --keep in (0, 1)")

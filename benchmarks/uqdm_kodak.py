@@ -38,7 +38,7 @@ import torch
 
 import diffcodec
 from diffcodec import container
-from diffcodec.evaluate import bd_rate, evaluate_baselines, load_heldout_images, load_images
+from diffcodec.evaluate import bd_rate, evaluate_baselines, load_benchmark_images
 from diffcodec.metrics import psnr
 
 METHODS = ("denoise", "flow", "ancestral")
@@ -140,10 +140,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
-    if a.heldout:
-        images = list(load_heldout_images(a.heldout, scale=a.scale, limit=a.limit).items())
-    else:
-        images = list(load_images(a.kodak, scale=a.scale, limit=a.limit, pattern="kodim*.png").items())
+    images = load_benchmark_images(a.kodak, a.heldout, scale=a.scale, limit=a.limit)
     jpeg = jpeg_curve(images)
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None

@@ -22,6 +22,7 @@ from diffcodec.evaluate import (
     compare_curves,
     evaluate_baselines,
     evaluate_curve,
+    load_benchmark_images,
     load_heldout_images,
     load_images,
     load_results,
@@ -357,6 +358,7 @@ def test_load_heldout_images_takes_the_trainers_held_out_photos(tmp_path):
     assert list(imgs) == held and len(held) == 2
     assert all(v.shape == (8, 12, 3) for v in imgs.values())
     assert list(load_heldout_images(tmp_path, limit=1)) == held[:1]
+    assert [n for n, _ in load_benchmark_images(tmp_path / "kodak", tmp_path, scale=2)] == held
 
 
 def test_rvgc_cache_key_covers_the_decoder_defaults(monkeypatch):

@@ -126,6 +126,15 @@ def load_heldout_images(train_dir: str | Path, scale: int = 1, limit: int | None
     return out
 
 
+def load_benchmark_images(kodak_dir: str | Path, heldout_dir: str | Path | None = None, scale: int = 4,
+                          limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """The images a benchmark runs on: Kodak's ``kodim*.png`` or, given ``heldout_dir`` (a training folder),
+    the photos the trainer holds out of it (:func:`load_heldout_images`), as (name, image) pairs."""
+    if heldout_dir:
+        return list(load_heldout_images(heldout_dir, scale=scale, limit=limit).items())
+    return list(load_images(kodak_dir, scale=scale, limit=limit, pattern="kodim*.png").items())
+
+
 def _as_list(images: Images) -> list[np.ndarray]:
     imgs = list(images.values()) if isinstance(images, Mapping) else list(images)
     if not imgs:
