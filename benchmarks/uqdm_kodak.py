@@ -2,7 +2,7 @@
 
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                     [--model uqdm-small] [--num-steps 4,8] [--heldout TRAIN_DIR]
-                                    [--no-channel-aware] [--parts 0.05,0.2,0.35] [--json out.json]
+                                    [--no-channel-aware] [--parts 0.05,0.2,0.35] [--keep 0.5] [--json out.json]
 
 Per image: compress losslessly (all T steps + the exact final section), decode the whole file
 (timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
@@ -44,10 +44,11 @@ from diffcodec.metrics import psnr
 METHODS = ("denoise", "flow", "ancestral")
 
 
-def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple[float, ...] | None = None) -> dict:
+def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple[float, ...] | None = None,
+                keep: float | None = None) -> dict:
     h, w, _ = img.shape
     t0 = time.perf_counter()
-    res = diffcodec.compress(img, model=model, lossless=True, parts=parts)
+    res = diffcodec.compress(img, model=model, lossless=True, parts=parts, keep=keep)
     t_enc = time.perf_counter() - t0
     cont = container.unpack(res.data)
     payload_bits = 8 * sum(len(s.payload) for s in cont.sections)
@@ -88,10 +89,10 @@ def jpeg_curve(images: list[tuple[str, np.ndarray]]) -> dict:
 
 
 def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_aware: bool = True,
-              parts: tuple[float, ...] | None = None) -> tuple[dict, dict]:
+              parts: tuple[float, ...] | None = None, keep: float | None = None) -> tuple[dict, dict]:
     per = {}
     for name, img in images:
-        per[name] = r = bench_image(model, img, channel_aware, parts)
+        per[name] = r = bench_image(model, img, channel_aware, parts, keep)
         print(f"{name}: {r['file_bytes']} B, rate/ideal {r['rate_ratio']:.4f}, overhead {r['overhead_bytes']} B, "
               f"lossless {r['lossless_bpd']:.3f} bpd ok={r['lossless_ok']}, enc {r['encode_s']:.1f}s "
               f"dec {r['decode_s']:.1f}s | " + " ".join(f"k{s['step']}:{s['bpp']:.2f}bpp/{s['denoise']:.1f}dB"
@@ -112,6 +113,8 @@ def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_a
         "steps": [{"step": k, "bpp": mean([r["steps"][k - 1]["bpp"] for r in rs]),
                    **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in METHODS}} for k in range(1, T + 1)],
     }
+    if keep is not None:
+        summary["keep"] = keep
     if parts:  # every image has the same sections: the mean point of each
         summary["parts"] = list(parts)
         summary["points"] = [{**{k: rs[0]["points"][j][k] for k in ("section", "step", "kind")},
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--num-steps", help="comma list of step counts to run the model at (default: its own)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--keep", type=float, help="uqdm kept coordinates: every step but the last two codes this "
+                    "fraction of its coordinates, the rest drawn from its prior (README, UQDM kept coordinates)")
     ap.add_argument("--parts", help="write the steps in parts ending at these fractions of their coordinates "
                     "(e.g. 0.05,0.2,0.35): a point after every section, BD-rates over all of them")
     ap.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
@@ -146,7 +151,7 @@ def main() -> None:
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
     runs = []
     for T in counts:
-        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts)
+        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, a.keep)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
         jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {

@@ -184,6 +184,8 @@ def test_uqdm_header_flags():
     assert m.header_params() == bytes([m.num_steps, 1]) and m.header_params(box_prior=False) == bytes([m.num_steps])
     assert m.check_header_params(bytes([m.num_steps]))["box_prior"] is False
     with pytest.raises(diffcodec.errors.FormatError, match="newer"):
+        m.check_header_params(bytes([m.num_steps, 4]))
+    with pytest.raises(diffcodec.errors.FormatError, match="malformed"):  # kept shares announced, not given
         m.check_header_params(bytes([m.num_steps, 3]))
     with pytest.raises(diffcodec.errors.FormatError):
         m.check_header_params(bytes([m.num_steps + 1, 1]))

@@ -131,7 +131,9 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     coordinates after which the file may be cut, default :data:`DEFAULT_PARTS` with ``bpp`` and none
     otherwise, and ``box_prior``, default True: code each step under its prior restricted to the box
     the steps before put x in; False writes the format of diffcodec before 2026-12-07, bigger but
-    readable by those versions); ``None`` values are ignored.
+    readable by those versions; and ``keep``, default all: the fraction of its coordinates (largest
+    prior scale first) every step but the last two codes, the others drawn from the step's prior (a
+    float, or one per step but the last; README, UQDM kept coordinates)); ``None`` values are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
@@ -150,7 +152,14 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     T = model.num_steps
     if "box_prior" in options and codec != "uqdm":
         raise DiffcodecError(f"box_prior applies to uqdm models, not {codec}")
-    params = model.header_params(box_prior=bool(options["box_prior"])) if "box_prior" in options \
+    keep = options.pop("keep", None)
+    if keep is not None and codec != "uqdm":
+        raise DiffcodecError(f"keep applies to uqdm models, not {codec}")
+    if keep is not None:
+        keep = _keep_shares(model, keep)
+        if keep is not None:
+            options["keep"] = keep
+    params = model.header_params(box_prior=bool(options.get("box_prior", True)), keep=keep) if codec == "uqdm" \
         else model.header_params()
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed), params=params)
     if "parts" in options:
@@ -329,6 +338,24 @@ def _open(data: bytes, model, steps: int | None, max_pixels: int | None = None):
     return hd, m, step_secs, final, shape
 
 
+def _keep_shares(model, keep) -> tuple[int, ...] | None:
+    """uqdm ``keep``: a fraction in (0, 1] for every coding step but the last two (the steps whose
+    coordinates the later steps hardly miss, README, UQDM kept coordinates), or one fraction per coding
+    step 1..T-1; as 255ths (the header's bytes), or None when every step keeps all (the format before)."""
+    T = model.num_steps
+    fr = [float(keep)] * max(0, T - 2) + [1.0] * min(T - 1, 1) if isinstance(keep, (int, float)) \
+        else [float(v) for v in keep]
+    if len(fr) != T - 1 or not all(0.0 < f <= 1.0 for f in fr):
+        raise DiffcodecError(f"keep: a fraction in (0, 1], or {T - 1} of them (one per step but the last)")
+    shares = tuple(max(1, min(255, round(f * 255))) for f in fr)
+    return None if all(v == 255 for v in shares) else shares
+
+
+def _keep(header: container.Header) -> tuple[int, ...] | None:
+    """The kept shares of a uqdm file's steps (the header's, since 2026-12-07), or None: every coordinate."""
+    return _codec_params(header).get("keep")
+
+
 def _box_prior(header: container.Header) -> bool:
     """Whether a file's steps were coded under their priors restricted to the earlier steps' box (uqdm
     files since 2026-12-07; the header's flag)."""
@@ -391,7 +418,8 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
     # a lossless section that conditions on the last step's prior remembers its network evaluation
     with m.reuse_evaluations() if final and m.final_uses_last_step else contextlib.nullcontext():
-        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress, box_prior=_box_prior(hd))
+        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress, box_prior=_box_prior(hd),
+                                keep=_keep(hd))
         if final and state.remaining == 0:
             pix = m.decode_final(state, final[0], (hd.channels, hd.height, hd.width), hd.seed)
             return np.ascontiguousarray(pix.transpose(1, 2, 0))
@@ -428,7 +456,8 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     # starts from the channel-aware latent instead)
     with m.reuse_evaluations():
         k = 0
-        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs, box_prior=_box_prior(hd)), 1):
+        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs, box_prior=_box_prior(hd),
+                                                 keep=_keep(hd)), 1):
             if not parts and state.part:
                 continue
             k = n if parts else k + 1

@@ -45,7 +45,8 @@ def cmd_compress(a) -> int:
     try:
         res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
                        seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max,
-                       pad=a.pad, q=a.q_step, parts=a.parts, box_prior=False if a.no_box_prior else None)
+                       pad=a.pad, q=a.q_step, parts=a.parts, box_prior=False if a.no_box_prior else None,
+                       keep=a.keep)
     finally:
         if bar:
             bar.close()
@@ -109,6 +110,9 @@ def cmd_info(a) -> int:
     else:
         prior = {True: "; steps coded under box priors", False: "; whole step priors (the format before box priors)"}
         print(f"  {d['total_steps']} diffusion steps in the model; {state}{prior.get(d.get('box_prior'), '')}")
+        if d.get("keep"):
+            shares = " / ".join(f"{v / 255:.0%}" for v in d["keep"])
+            print(f"  coordinates each step codes (steps 1-{len(d['keep'])}, the rest drawn from its prior): {shares}")
     for s in d["sections"]:
         label = f"step {s['step']}" if s["kind"] == "step" else s["kind"]
         print(f"  section {s['index']:>2} {label:<12} offset {s['offset']:>8}  {s['bytes']:>8} bytes")
@@ -207,7 +211,7 @@ def cmd_eval(a) -> int:
     except ValueError:
         raise DiffcodecError(f"--steps: expected steps or ranges like 1-12,14, got {a.steps!r}") from None
     adapters = [make_adapter(c, models[i] if models else None, _eval_methods(methods, c), nfe=a.nfe, steps=steps,
-                             channel_aware=a.channel_aware, parts=_csv_list(a.parts) or None,
+                             channel_aware=a.channel_aware, parts=_csv_list(a.parts) or None, keep=a.keep,
                              sampler_steps=a.sampler_steps, num_q=a.num_q) for i, c in enumerate(codecs)]
     adapters += [BaselineAdapter(n) for n in chosen]
     images = load_images(a.images, scale=a.downscale, limit=a.limit, pattern=a.pattern)
@@ -272,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "coordinates (largest prior scale first), e.g. 0.05,0.2,0.35: a file cut after a part decodes "
                    "to the step so far (default with --bpp: 0.5, so the target is met more closely; none: "
                    "whole steps)")
+    c.add_argument("--keep", type=float, help="uqdm: every step but the last two codes only this fraction of its "
+                   "coordinates (largest prior scale first) and draws the rest from its prior: fewer bits for "
+                   "little loss (README, UQDM kept coordinates); default: all")
     c.add_argument("--no-box-prior", dest="no_box_prior", action="store_true",
                    help="uqdm: code each step under its whole prior, not restricted to the earlier steps' box: "
                    "a bigger file in the format diffcodec wrote before 2026-12-07, which its older versions read")
@@ -395,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--parts", help="uqdm: write the steps in parts ending at these fractions of their coordinates "
                     "(e.g. 0.05,0.2,0.35) and measure a point after every section (curves MODEL+parts-METHOD, "
                     "quality = the section count)")
+    ev.add_argument("--keep", type=float, help="uqdm: files whose steps but the last two code only this fraction "
+                    "of their coordinates (see compress; curves MODEL+keepF-METHOD)")
     ev.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
                     help="diffc/uqdm: reconstruct from the received latents as they are (see decompress)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "

@@ -430,7 +430,9 @@ class DiffusionModel(nn.Module):
         z_prev = None  # the latent before the last step, kept only for a lossless section (memory)
         box = None  # what the steps so far say about x (the decoder's Received.box)
         # a lossless section that conditions on the last step's prior remembers its network evaluation
-        with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
+        # (and a step that keeps part of its coordinates finds them again for its box, UQDM.step_box)
+        remember = (lossless and self.final_uses_last_step) or options.get("keep") is not None
+        with self.reuse_evaluations() if remember else contextlib.nullcontext():
             try:
                 last = T - num_steps + 1
                 for i in range(T, last - 1, -1):
@@ -439,7 +441,7 @@ class DiffusionModel(nn.Module):
                     given = {"prior_box": box} if box is not None else {}
                     z, finish = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
                     if box_prior and i > last:  # only the next step's prior uses the box
-                        box = self.step_box(z_before, z, i, gam, box)
+                        box = self.step_box(z_before, z, i, gam, box, **options)
                     if pending is not None:
                         sections.extend(pending.result())
                         pending = None
@@ -480,20 +482,21 @@ class DiffusionModel(nn.Module):
         flat = z0.reshape(-1)
         return lambda sl: self.data_table_f64(flat[sl], gamma0)
 
-    def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section], box_prior: bool = True):
+    def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section], box_prior: bool = True,
+                     keep: tuple[int, ...] | None = None):
         """Replay the step sections, yielding a :class:`Received` state (z, gamma of z, steps remaining
         to t = 0, and the latent reconstructions start from) after each.
 
         Every prefix of a file is a valid file, so every yielded latent is what a file cut after
         that section decodes to (progressive display, benchmarks).  A step written in parts yields a
-        state after each part (``part=True`` before its last one).  ``box_prior``: as the encoder's
-        (:meth:`encode`; the file's header says which).
+        state after each part (``part=True`` before its last one).  ``box_prior``, ``keep``: as the
+        encoder's (:meth:`encode`; the file's header says which).
         """
         T = self.num_steps
         gam = self.gamma_grid(T)
         z = self.initial_latent(shape, seed)
         i = T
-        keep = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
+        keep_prev = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
         parts = None  # the step being decoded part by part
         box = None  # what the complete steps so far say about x (each step's box within the one before)
         for sec in sections:
@@ -502,7 +505,9 @@ class DiffusionModel(nn.Module):
             if i < 1:
                 raise DecodeError("step sections out of order")
             given = {"prior_box": box} if box_prior and box is not None else {}  # the step's prior, as encoded
-            if sec.kind == KIND_PART or parts is not None:
+            if keep is not None:
+                given["keep"] = keep
+            if sec.kind == KIND_PART or parts is not None or self.keeps_part(i, keep):
                 if parts is None:
                     parts = self.begin_decode_parts(z, i, gam, seed, **given)
                 self.decode_part(parts, sec, gam)
@@ -518,7 +523,11 @@ class DiffusionModel(nn.Module):
                 z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed, **given)
                 box = self.step_box(z_before, z, i, gam, box)
             i -= 1
-            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep else None, box)
+            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep_prev else None, box)
+
+    def keeps_part(self, i: int, keep: Any) -> bool:
+        """Whether step t_i -> t_{i-1} codes only part of its coordinates (UQDM's ``keep``): False here."""
+        return False
 
     def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int, **kw) -> Any:
         """Start decoding step t_i -> t_{i-1} written in parts (codecs that write them override this)."""
@@ -531,16 +540,17 @@ class DiffusionModel(nn.Module):
                   prev_box: Any = None) -> tuple[Any, np.ndarray, Any]:
         raise NotImplementedError
 
-    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, prev_box: Any = None) -> Any:
+    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, prev_box: Any = None,
+                 **options) -> Any:
         """What decoded step t_i -> t_{i-1} says about x beyond z_s (:attr:`Received.box`), given what the
         steps before said (``prev_box``); None here."""
         return None
 
     def decode_latent(self, shape: tuple[int, ...], seed: int, sections: list[Section], progress=None,
-                      box_prior: bool = True) -> Received:
+                      box_prior: bool = True, keep: tuple[int, ...] | None = None) -> Received:
         """Replay the step sections; returns the last :class:`Received` state."""
         state = None
-        for state in self.iter_latents(shape, seed, sections, box_prior):  # noqa: B007 (the last one is kept)
+        for state in self.iter_latents(shape, seed, sections, box_prior, keep):  # noqa: B007 (the last one is kept)
             if progress:
                 progress(1)
         if state is None:  # no step section: the shared starting latent z_T

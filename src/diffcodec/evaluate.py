@@ -737,7 +737,7 @@ class ProgressiveAdapter(CodecAdapter):
 
     def __init__(self, codec: str | None = None, model: str | None = None, methods: Sequence[str] = ("denoise",),
                  *, nfe: int | None = None, steps: Sequence[int] | None = None, seed: int = 0,
-                 channel_aware: bool = True, parts: Sequence[float] | None = None):
+                 channel_aware: bool = True, parts: Sequence[float] | None = None, keep: float | None = None):
         from .api import _check_parts
         from .diffusion import RECONSTRUCTION_METHODS
 
@@ -746,6 +746,10 @@ class ProgressiveAdapter(CodecAdapter):
             raise ValueError(f"{m.model_id} is a {m.codec_id} model, not a progressive one")
         # uqdm step parts: a point after every section of the steps measured (setting = the section count)
         self.parts = _check_parts(parts, m.codec_id) if parts else ()
+        # uqdm kept coordinates: every step but the last two codes this fraction of its coordinates
+        if keep is not None and (m.codec_id != "uqdm" or not 0.0 < float(keep) <= 1.0):
+            raise ValueError(f"keep must be a fraction in (0, 1] of a uqdm model's step coordinates, got {keep}")
+        self.keep = None if keep is None else float(keep)
         bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
         if bad or not methods:
             raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
@@ -764,7 +768,7 @@ class ProgressiveAdapter(CodecAdapter):
             raise ValueError(f"none of steps {list(steps or [])} is in 1..{self.num_steps} for {self.model_id}")
 
     def curves(self) -> list[str]:
-        tag = "+parts" if self.parts else ""
+        tag = (f"+keep{self.keep:g}" if self.keep is not None else "") + ("+parts" if self.parts else "")
         return [f"{self.model_id}{tag}-{method}" for method in self.methods]
 
     def curve_description(self, curve: str) -> str:
@@ -802,6 +806,8 @@ class ProgressiveAdapter(CodecAdapter):
             # the uqdm format since 2026-12-07 codes each step under its prior restricted to the earlier
             # steps' box (the files are smaller): records made before are of the earlier format
             aware += ":box-prior"
+        if self.keep is not None:
+            aware += f":keep={self.keep!r}"
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
 
     def _sections(self) -> list[int]:
@@ -830,6 +836,7 @@ class ProgressiveAdapter(CodecAdapter):
         per = len(self.parts) + 1
         top = max(want) if not self.parts else min(self.num_steps, (max(want) - 1) // per + 1)
         res = compress(img, model=m, codec=self.codec, steps=top, seed=self.seed, parts=self.parts or None,
+                       keep=self.keep,
                        progress=lambda n: marks.append(time.perf_counter() - t0))
         t_enc = time.perf_counter() - t0
         secs = info(res.data)["sections"]
@@ -989,7 +996,7 @@ PROGRESSIVE_CODECS = ("uqdm", "diffc")
 def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[str] | None = None, *,
                  nfe: int | None = None, steps: Sequence[int] | None = None, sampler_steps: int | None = None,
                  num_q: int = 6, seed: int = 0, channel_aware: bool = True,
-                 parts: Sequence[float] | None = None) -> CodecAdapter:
+                 parts: Sequence[float] | None = None, keep: float | None = None) -> CodecAdapter:
     """The adapter of a diffcodec codec: progressive for uqdm/diffc, a q sweep for rvgc only.
 
     ``codec=None`` takes the codec of ``model``; ``methods=None`` the codec's default (denoise; rvgc both)."""
@@ -997,7 +1004,8 @@ def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[
         codec = _load_model(model, None if model is not None else "uqdm").codec_id
     if codec in PROGRESSIVE_CODECS:
         return ProgressiveAdapter(codec, model, methods or ("denoise",), nfe=nfe, steps=steps, seed=seed,
-                                  channel_aware=channel_aware, parts=parts if codec == "uqdm" else None)
+                                  channel_aware=channel_aware, parts=parts if codec == "uqdm" else None,
+                                  keep=keep if codec == "uqdm" else None)
     if codec == "rvgc":
         return QSweepAdapter(codec, model, methods, num_q=num_q, sampler_steps=sampler_steps, seed=seed)
     raise ValueError(f"unknown codec {codec!r}; choose from {', '.join(PROGRESSIVE_CODECS)}, rvgc")

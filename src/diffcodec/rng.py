@@ -18,6 +18,7 @@ DITHER = 2
 ANCESTRAL = 3
 CANDIDATES = 4
 TRAIN = 5
+KEPT = 6  # UQDM steps that keep part of their coordinates: the prior draws of the others
 
 _TWO_PI = 2.0 * np.pi
 

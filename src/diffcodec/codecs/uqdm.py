@@ -97,9 +97,13 @@ class _PartState:
     shape: tuple
     i: int
     bounds: tuple[np.ndarray, np.ndarray] | None = None
+    n_keep: int = -1  # the coordinates the step codes (the others are drawn from its prior); -1: all
+    seed: int = 0  # the file's seed (the prior draws of the coordinates it does not code)
 
 
 FLAG_BOX_PRIOR = 1  # header flag: steps coded under their priors restricted to the earlier steps' box
+FLAG_KEEP = 2  # header flag: T - 1 bytes follow, each step's kept share of its coordinates in 255ths (kept steps)
+KEEP_ALL = 255
 UNBOUNDED = 1e12  # the half-width of a coordinate a cut step has not sent (unit scale; x is in [-1, 1])
 
 
@@ -192,20 +196,67 @@ class UQDM(DiffusionModel):
             out["final_basis"] = self.final_basis
         return out
 
-    def header_params(self, box_prior: bool = True) -> bytes:
+    def header_params(self, box_prior: bool = True, keep: tuple[int, ...] | None = None) -> bytes:
         """The step count T, then format flags: files written since 2026-12-07 code each step under its
         prior restricted to the box of the steps before (:data:`FLAG_BOX_PRIOR`, :meth:`_k_bounds`); files
-        with the one byte T (``box_prior=False``: the format before) code them under the whole prior."""
-        return bytes([self.num_steps, FLAG_BOX_PRIOR]) if box_prior else bytes([self.num_steps])
+        with the one byte T (``box_prior=False``: the format before) code them under the whole prior.
+        ``keep`` (:data:`FLAG_KEEP`): for coding steps 1..T-1, the share of its coordinates each step
+        codes, in 255ths (:meth:`kept_count`; 255 = all)."""
+        if keep is None:
+            return bytes([self.num_steps, FLAG_BOX_PRIOR]) if box_prior else bytes([self.num_steps])
+        keep = self.check_keep(keep)
+        return bytes([self.num_steps, (FLAG_BOX_PRIOR if box_prior else 0) | FLAG_KEEP, *keep])
+
+    def check_keep(self, keep) -> tuple[int, ...]:
+        keep = tuple(int(v) for v in keep)
+        if len(keep) != self.num_steps - 1 or not all(1 <= v <= KEEP_ALL for v in keep):
+            raise ValueError(f"keep: {self.num_steps - 1} values in 1..{KEEP_ALL} (255ths of a step's coordinates)")
+        return keep
 
     @staticmethod
     def parse_header_params(params: bytes) -> dict:
-        if not 1 <= len(params) <= 2 or params[0] < 1:
+        if not params or params[0] < 1:
             raise FormatError("malformed uqdm parameters")
-        flags = params[1] if len(params) == 2 else 0
-        if flags & ~FLAG_BOX_PRIOR:
+        flags = params[1] if len(params) >= 2 else 0
+        if flags & ~(FLAG_BOX_PRIOR | FLAG_KEEP):
             raise FormatError(f"unknown uqdm format flags {flags:#x} (a file from a newer diffcodec?)")
-        return {"total_steps": params[0], "box_prior": bool(flags & FLAG_BOX_PRIOR)}
+        T = params[0]
+        size = 2 + T - 1 if flags & FLAG_KEEP else min(len(params), 2)
+        if len(params) != size or (flags & FLAG_KEEP and not all(1 <= v <= KEEP_ALL for v in params[2:])):
+            raise FormatError("malformed uqdm parameters")
+        keep = tuple(params[2:]) if flags & FLAG_KEEP else None
+        return {"total_steps": T, "box_prior": bool(flags & FLAG_BOX_PRIOR), "keep": keep}
+
+    def kept_count(self, n: int, i: int, keep: tuple[int, ...] | None) -> int:
+        """How many of its n coordinates step t_i -> t_{i-1} codes (the largest prior scales first, the
+        parts' order): all, or keep[T - i] 255ths of them (at least one).  The others are drawn from the
+        step's prior with randomness both sides share (:meth:`_kept_z_s`): a coordinate whose prior is
+        confident costs a fraction of a bit under universal quantization for next to no information, and the
+        later steps hardly miss it (README, UQDM kept coordinates).  The last step codes all."""
+        if keep is None or i < 2 or keep[self.num_steps - i] == KEEP_ALL:
+            return n
+        return max(1, (n * keep[self.num_steps - i] + 127) // KEEP_ALL)
+
+    def _kept_z_s(self, st: _Step, basis: NoiseBasis, k: np.ndarray, u: np.ndarray, known: np.ndarray, seed: int,
+                  i: int, shape) -> np.ndarray:
+        """z_s of a step that codes only the ``known`` coordinates: those from their symbols as in
+        :meth:`_z_s`, the others a draw from the step's prior (logistic of its scale plus the uniform of
+        width D, as the ancestral sampler draws) from a stream keyed by the seed and the step."""
+        stream = rngmod.SeededStream(seed, rngmod.KEPT, i)
+        n = k.size
+        drawn = st.scale.reshape(-1) * stream.logistic((n,)) + st.delta * (stream.uniform((n,)) - 0.5)
+        y = np.where(known, (k - u) * st.delta, drawn)
+        return st.mu_p + basis.inverse(y.reshape(shape))
+
+    def _kept_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, known: np.ndarray,
+                  prev_box: StepBox | None) -> StepBox | None:
+        """The box of a step that coded only the ``known`` coordinates: theirs, and the earlier steps' box
+        (unbounded without one) for the others, as for a cut part (:meth:`part_view`)."""
+        box = self.step_box(z_t, z_s, i, gam)
+        if box is None:
+            return None
+        hw = np.where(known.reshape(z_s.shape), box.half_width, UNBOUNDED)
+        return StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis).within(prev_box)
 
     def check_header_params(self, params: bytes) -> dict:
         p = self.parse_header_params(params)
@@ -490,10 +541,11 @@ class UQDM(DiffusionModel):
         section per part."""
         parts = options.pop("parts", None)
         prior_box = options.pop("prior_box", None)
+        keep = options.pop("keep", None)
         if options:
             raise ValueError(f"uqdm has no encoder options {sorted(options)}")
-        if parts and i > 1:  # the last step is not divided: its latent is z_0, reconstructed without the network
-            return self._begin_encode_parts(z, x, i, gam, seed, parts, prior_box)
+        if (parts or keep is not None) and i > 1:  # the last step is not divided: its latent is z_0
+            return self._begin_encode_parts(z, x, i, gam, seed, parts, prior_box, keep)
         st, k, u, z_s, bounds = self._encode_symbols(z, x, i, gam, seed, prior_box)
         half_width = int(max(1, np.abs(k).max()))
         passes = self._passes(st.scale, st.delta, k, u, float(gam[i]), z.shape, bounds)  # neither mu_p nor z
@@ -577,10 +629,15 @@ class UQDM(DiffusionModel):
         k = k.astype(np.int64)
         return st, k, u, self._z_s(st, basis, k, u, z.shape), bounds
 
-    def _begin_encode_parts(self, z, x, i, gam, seed, parts, prior_box=None):
+    def _begin_encode_parts(self, z, x, i, gam, seed, parts, prior_box=None, keep=None):
         st, k, u, z_s, bounds = self._encode_symbols(z, x, i, gam, seed, prior_box)
         order = self._part_order(st)
-        ends = self._part_ends(parts, k.size)
+        n_keep = self.kept_count(k.size, i, keep)
+        ends = self._part_ends(parts, n_keep) if parts else [n_keep]
+        if n_keep < k.size:
+            known = np.zeros(k.size, dtype=bool)
+            known[order[:n_keep]] = True
+            z_s = self._kept_z_s(st, self.step_basis(i), k, u, known, seed, i, z.shape)
         scale, delta = st.scale, st.delta  # the coder thread holds neither mu_p nor z
         gamma_t, shape, index = float(gam[i]), z.shape, self.num_steps - i + 1
 
@@ -593,7 +650,7 @@ class UQDM(DiffusionModel):
                 enc = CategoricalEncoder()
                 for sub, table in self._part_passes(scale, delta, idx, k, u, e_first, gamma_t, shape, bounds):
                     enc.encode(k[sub] + half_width, 2 * half_width + 1, table(half_width))
-                kind = KIND_STEP if end == k.size else KIND_PART
+                kind = KIND_STEP if end == n_keep else KIND_PART
                 out.append(Section(kind, index, struct.pack("<HI", half_width, end), enc.finish(),
                                    symbols_crc(k[idx]), enc.ideal))
                 start = end
@@ -602,17 +659,22 @@ class UQDM(DiffusionModel):
         return z_s, finish
 
     def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int,
-                           prior_box: StepBox | None = None) -> _PartState:
+                           prior_box: StepBox | None = None, keep: tuple[int, ...] | None = None) -> _PartState:
         st, _, _ = self._step(z, float(gam[i - 1]), float(gam[i]), i)
         u = self._dither(seed, i, z.size)
         bounds = self._k_bounds(st, self.step_basis(i), z, u, prior_box)
         return _PartState(st, self._part_order(st), u, np.zeros(z.size, np.int64),
                           np.zeros(z.size) if self.context else None, np.zeros(z.size, dtype=bool), 0, z.shape, i,
-                          bounds)
+                          bounds, self.kept_count(z.size, i, keep), seed)
+
+    def keeps_part(self, i: int, keep: tuple[int, ...] | None) -> bool:
+        """Whether step t_i -> t_{i-1} of a file with these kept shares codes only some coordinates (then
+        it is decoded as parts, which hold the box of the coordinates it has not coded)."""
+        return keep is not None and i > 1 and keep[self.num_steps - i] != KEEP_ALL
 
     def decode_part(self, state: _PartState, sec: Section, gam: np.ndarray) -> None:
         """Decode one part section into ``state`` (the last one, kind step, must complete the step)."""
-        n = state.k.size
+        n = state.n_keep if state.n_keep >= 0 else state.k.size
         if len(sec.params) != 6:
             raise DecodeError(f"malformed parameters in section {sec.index}")
         half_width, end = struct.unpack("<HI", sec.params)
@@ -640,6 +702,9 @@ class UQDM(DiffusionModel):
         if state.done == state.k.size:
             z_s = self._z_s(st, basis, state.k, state.u, state.shape)
             return z_s, z_s, self.step_box(z_t, z_s, i, gam, prev_box)
+        if state.done == state.n_keep:  # complete: the coordinates it does not code are drawn from its prior
+            z_s = self._kept_z_s(st, basis, state.k, state.u, state.known, state.seed, i, state.shape)
+            return z_s, z_s, self._kept_box(z_t, z_s, i, gam, state.known, prev_box)
         e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
         z_view = st.mu_p + basis.inverse(e.reshape(state.shape))
         box = self.step_box(z_t, z_view, i, gam)
@@ -649,9 +714,9 @@ class UQDM(DiffusionModel):
         return None, z_view, StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis).within(prev_box)
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int,
-                    prior_box: StepBox | None = None) -> np.ndarray:
+                    prior_box: StepBox | None = None, keep: tuple[int, ...] | None = None) -> np.ndarray:
         if len(sec.params) == 6:  # the one part of a step divided into a single part
-            state = self.begin_decode_parts(z, i, gam, seed, prior_box)
+            state = self.begin_decode_parts(z, i, gam, seed, prior_box, keep)
             self.decode_part(state, sec, gam)
             return self.part_view(state, z, gam)[0]
         if len(sec.params) != 2:
@@ -683,12 +748,17 @@ class UQDM(DiffusionModel):
 
     # ------------------------------------------------------------------ channel-aware reconstruction (box.py)
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray,
-                 prev_box: StepBox | None = None) -> StepBox | None:
+                 prev_box: StepBox | None = None, keep: tuple[int, ...] | None = None, **_) -> StepBox | None:
         """The box decoded step t_i -> t_{i-1} puts M x in (box.py), within ``prev_box`` (the box of the
         steps before, :meth:`StepBox.within`); None for the last step, whose latent z_0 is reconstructed
         without the network."""
         if i < 2:
             return None
+        if self.keeps_part(i, keep):  # the encoder's view (the decoder's is part_view's): the prior's order
+            st, _, _ = self._step(z_t, float(gam[i - 1]), float(gam[i]), i)  # (remembered: encode's memo)
+            known = np.zeros(z_t.size, dtype=bool)
+            known[self._part_order(st)[:self.kept_count(z_t.size, i, keep)]] = True
+            return self._kept_box(z_t, z_s, i, gam, known, prev_box)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gam[i - 1]), np.float64(gam[i])))
         basis = self.step_basis(i)
         box = StepBox(basis, basis.forward(z_s - a * z_t) / b, SQRT12 * beta / (2.0 * b), float(gam[i - 2]),

@@ -1,0 +1,129 @@
+"""UQDM kept coordinates: steps that code only their largest-prior-scale coordinates and draw the others
+from their prior with randomness both sides share."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import diffcodec
+from conftest import make_tiny, synthetic_image
+from diffcodec import container
+from diffcodec.cli import main
+from diffcodec.codecs.uqdm import UQDM
+from diffcodec.errors import DiffcodecError, FormatError
+
+
+@pytest.fixture(scope="module", params=["context", "plain"])
+def model(request):
+    if request.param == "context":
+        m = make_tiny("uqdm", noise_basis="opponent-dct4", final_basis="opponent", context="checkerboard",
+                      scale_offsets=True)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            m.context_weight.copy_(0.05 * torch.randn(m.context_weight.shape, generator=g))
+    else:
+        m = make_tiny("uqdm")
+    m.model_id, m.model_hash = f"tiny-keep-{request.param}", "0123456789abcdef"
+    return m
+
+
+@pytest.mark.parametrize("box_prior", [True, False])
+def test_kept_steps_are_lossless_and_every_cut_decodes_to_its_prefix(model, box_prior):
+    img = synthetic_image(24, 32, seed=1)
+    T = model.num_steps
+    res = diffcodec.compress(img, model=model, lossless=True, seed=2, keep=0.5, box_prior=box_prior)
+    meta = diffcodec.info(res.data)
+    assert meta["keep"] == (128,) * (T - 2) + (255,) and meta["box_prior"] is box_prior
+    assert np.array_equal(diffcodec.decompress(res.data, model=model), img)
+    secs = container.unpack(res.data).sections
+    n = img.size
+    ends = [struct.unpack("<HI", s.params)[1] for s in secs[: T - 1]]
+    assert ends == [(n * 128 + 127) // 255] * (T - 2) + [n]  # one section per step, ending at its kept count
+    assert [s["kind"] for s in res.sections] == ["step"] * T + ["lossless"]
+    for k, images in diffcodec.decode_steps(res.data, model=model, methods=("denoise", "flow")):
+        for method, im in images.items():
+            assert np.array_equal(im, diffcodec.decompress(res.data, model=model, steps=k, method=method))
+    whole = diffcodec.compress(img, model=model, lossless=True, seed=2, box_prior=box_prior)
+    first_whole = container.unpack(whole.data).sections[0]
+    assert secs[0].symbols_crc != first_whole.symbols_crc  # the first step codes fewer symbols
+
+
+def test_kept_steps_with_parts_cut_anywhere(model):
+    """Parts divide the kept coordinates; a file cut after any section decodes to what decode_steps shows."""
+    img = synthetic_image(24, 32, seed=3)
+    res = diffcodec.compress(img, model=model, steps=3, seed=4, keep=(0.4, 0.6, 1.0), parts=(0.3,))
+    n = img.size
+    ends = [struct.unpack("<HI", s.params)[1] for s in container.unpack(res.data).sections]
+    k1, k2 = (n * 102 + 127) // 255, (n * 153 + 127) // 255
+    assert ends == [round(0.3 * k1), k1, round(0.3 * k2), k2, round(0.3 * n), n]
+    meta = diffcodec.info(res.data)
+    cuts = [s["offset"] + s["bytes"] for s in meta["sections"]]
+    shown = dict(diffcodec.decode_steps(res.data, model=model, methods=("denoise",), parts=True))
+    for j, end in enumerate(cuts, 1):
+        assert np.array_equal(diffcodec.decompress(res.data[:end], model=model), shown[j]["denoise"])
+
+
+def test_kept_steps_decode_the_same_under_1_and_2_threads(model):
+    img = synthetic_image(24, 32, seed=8)
+    res = diffcodec.compress(img, model=model, steps=3, keep=0.3)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append([v["denoise"] for _, v in diffcodec.decode_steps(res.data, model=model)])
+    torch.set_num_threads(1)
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+    assert diffcodec.compress(img, model=model, steps=3, keep=0.3).data == res.data
+
+
+def test_bad_keep_is_refused(model):
+    img = synthetic_image(16, 16)
+    T = model.num_steps
+    for bad in (0.0, 1.5, -0.2, (0.5,) * T, (0.5, 0.0) + (1.0,) * (T - 3)):
+        with pytest.raises(DiffcodecError, match="keep"):
+            diffcodec.compress(img, model=model, steps=2, keep=bad)
+    diffc = make_tiny("diffc")
+    diffc.model_id, diffc.model_hash = "tiny-diffc", "0123456789abcdef"
+    with pytest.raises(DiffcodecError, match="uqdm"):
+        diffcodec.compress(img, model=diffc, steps=2, keep=0.5)
+
+
+def test_malformed_keep_headers_are_refused():
+    assert UQDM.parse_header_params(bytes([4, 3, 128, 128, 255]))["keep"] == (128, 128, 255)
+    assert UQDM.parse_header_params(bytes([4, 1]))["keep"] is None
+    for bad in (bytes([4, 2, 128, 128]), bytes([4, 2, 128, 128, 255, 1]), bytes([4, 2, 0, 128, 255]),
+                bytes([4, 6, 128, 128, 255])):
+        with pytest.raises(FormatError):
+            UQDM.parse_header_params(bad)
+
+
+def test_cli_keep(tmp_path, model, capsys):
+    path = tmp_path / "tiny.safetensors"
+    from diffcodec.models import save_model
+
+    save_model(model, path)
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(synthetic_image(16, 24, seed=5)).save(img)
+    out = tmp_path / "out.dfc"
+    assert main(["compress", str(img), "-o", str(out), "--model", str(path), "--lossless", "--keep", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "coordinates each step codes" in capsys.readouterr().out
+    assert main(["decompress", str(out), "-o", str(tmp_path / "out.png"), "--model", str(path)]) == 0
+    assert np.array_equal(np.array(Image.open(tmp_path / "out.png")), np.array(Image.open(img).convert("RGB")))
+
+
+def test_eval_measures_kept_files_under_their_own_curve(model, monkeypatch):
+    """diffcodec eval --keep: its own curve name and cache key (kept files are not the whole-step files)."""
+    from diffcodec import evaluate
+
+    monkeypatch.setattr(evaluate, "_load_model", lambda name, codec: model)
+    plain = evaluate.make_adapter("uqdm", "tiny")
+    kept = evaluate.make_adapter("uqdm", "tiny", keep=0.3)
+    assert kept.curves() == [f"{model.model_id}+keep0.3-denoise"] and plain.curves() == [f"{model.model_id}-denoise"]
+    assert kept.config == plain.config + ":keep=0.3"
+    with pytest.raises(ValueError, match="keep"):
+        evaluate.make_adapter("uqdm", "tiny", keep=1.5)
