@@ -101,3 +101,14 @@ def test_every_model_has_a_golden_case():
     """A bundled or retired model without a golden file would have no format-stability check."""
     assert set(bundled_models()) | set(RETIRED_MODELS) == set(CASES)
     assert not set(bundled_models()) & set(RETIRED_MODELS)
+
+
+def test_golden_kept_coordinates_file():
+    """The uqdm format with kept coordinates (``keep``, header flag 2; ``uqdm-medium12.keep.dfc``, made by the
+    commit that added it): lossless, its step-2 cut decodes to the pinned image, and it re-encodes byte for byte."""
+    data = (GOLDEN / "uqdm-medium12.keep.dfc").read_bytes()
+    assert diffcodec.info(data)["keep"] == (76, 76, 255)
+    assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / "input.png"))
+    assert np.array_equal(diffcodec.decompress(data, steps=2), _png(GOLDEN / "uqdm-medium12.keep.steps2.png"))
+    res = diffcodec.compress(_png(GOLDEN / "input.png"), model="uqdm-medium12", seed=7, lossless=True, keep=0.3)
+    assert res.data == data
