@@ -40,6 +40,33 @@ def make_tiny_uqdm(seed: int = 0, num_steps: int = 4) -> UQDM:
     return make_tiny("uqdm", seed, num_steps=num_steps)
 
 
+def make_tiny_uqdm_variant(variant: str, model_id: str) -> UQDM:
+    """A tiny uqdm model as the bundled ones are built (``context``: opponent-dct4 noise, opponent final
+    basis, checkerboard context with non-zero weights) or the plain one (``plain``), named for files."""
+    if variant == "context":  # the checkerboard context sees only the first-pass values decoded so far
+        m = make_tiny("uqdm", noise_basis="opponent-dct4", final_basis="opponent", context="checkerboard",
+                      scale_offsets=True)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            m.context_weight.copy_(0.05 * torch.randn(m.context_weight.shape, generator=g))
+    else:
+        m = make_tiny("uqdm")
+    m.model_id, m.model_hash = model_id, "0123456789abcdef"
+    return m
+
+
+def under_threads(fn, counts=(1, 2)) -> list:
+    """fn() once under each torch thread count (then back to 1): decoded bits must not depend on it."""
+    outs = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            outs.append(fn())
+    finally:
+        torch.set_num_threads(1)
+    return outs
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-uqdm.safetensors"

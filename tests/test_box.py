@@ -3,10 +3,9 @@ logistic inside it, and the reconstructions that use them."""
 
 import numpy as np
 import pytest
-import torch
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import make_tiny, synthetic_image, under_threads
 from diffcodec.codecs.box import StepBox, truncated_logistic_mean
 from diffcodec.codecs.noise_basis import NoiseBasis
 from diffcodec.schedule import pixel_to_unit
@@ -119,11 +118,8 @@ def test_box_reconstructions(dct_model):
 def test_box_reconstruction_is_thread_count_independent(dct_model):
     img = synthetic_image(24, 32, seed=6)
     res = diffcodec.compress(img, model=dct_model, steps=2, seed=1)
-    outs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        outs.append([diffcodec.decompress(res.data, model=dct_model, method=m) for m in ("denoise", "flow")])
-    torch.set_num_threads(1)
+    outs = under_threads(lambda: [diffcodec.decompress(res.data, model=dct_model, method=m)
+                                  for m in ("denoise", "flow")])
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
 
 

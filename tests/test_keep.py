@@ -5,10 +5,9 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import make_tiny, make_tiny_uqdm_variant, synthetic_image, under_threads
 from diffcodec import container
 from diffcodec.cli import main
 from diffcodec.codecs.uqdm import UQDM
@@ -17,16 +16,7 @@ from diffcodec.errors import DiffcodecError, FormatError
 
 @pytest.fixture(scope="module", params=["context", "plain"])
 def model(request):
-    if request.param == "context":
-        m = make_tiny("uqdm", noise_basis="opponent-dct4", final_basis="opponent", context="checkerboard",
-                      scale_offsets=True)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            m.context_weight.copy_(0.05 * torch.randn(m.context_weight.shape, generator=g))
-    else:
-        m = make_tiny("uqdm")
-    m.model_id, m.model_hash = f"tiny-keep-{request.param}", "0123456789abcdef"
-    return m
+    return make_tiny_uqdm_variant(request.param, f"tiny-keep-{request.param}")
 
 
 @pytest.mark.parametrize("box_prior", [True, False])
@@ -68,11 +58,7 @@ def test_kept_steps_with_parts_cut_anywhere(model):
 def test_kept_steps_decode_the_same_under_1_and_2_threads(model):
     img = synthetic_image(24, 32, seed=8)
     res = diffcodec.compress(img, model=model, steps=3, keep=0.3)
-    outs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        outs.append([v["denoise"] for _, v in diffcodec.decode_steps(res.data, model=model)])
-    torch.set_num_threads(1)
+    outs = under_threads(lambda: [v["denoise"] for _, v in diffcodec.decode_steps(res.data, model=model)])
     assert all(np.array_equal(a, b) for a, b in zip(*outs))
     assert diffcodec.compress(img, model=model, steps=3, keep=0.3).data == res.data
 

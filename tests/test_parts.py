@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffcodec
-from conftest import make_tiny, synthetic_image
+from conftest import make_tiny, make_tiny_uqdm_variant, synthetic_image
 from diffcodec import container
 from diffcodec.cli import main
 from diffcodec.codecs.base import Section
@@ -19,16 +19,7 @@ PARTS = (0.05, 0.2, 0.35)
 
 @pytest.fixture(scope="module", params=["context", "plain"])
 def model(request):
-    if request.param == "context":  # the checkerboard context sees only the first-pass values decoded so far
-        m = make_tiny("uqdm", noise_basis="opponent-dct4", final_basis="opponent", context="checkerboard",
-                      scale_offsets=True)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            m.context_weight.copy_(0.05 * torch.randn(m.context_weight.shape, generator=g))
-    else:
-        m = make_tiny("uqdm")
-    m.model_id, m.model_hash = f"tiny-parts-{request.param}", "0123456789abcdef"
-    return m
+    return make_tiny_uqdm_variant(request.param, f"tiny-parts-{request.param}")
 
 
 def test_parts_keep_the_chain_and_the_lossless_finish(model):
