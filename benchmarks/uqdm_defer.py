@@ -1,4 +1,4 @@
-"""Experiment: UQDM steps that code only their largest-prior-scale coordinates (no file format yet).
+"""Experiment: UQDM steps that code only their largest-prior-scale coordinates (encoder-side simulation).
 
     python benchmarks/uqdm_defer.py [--model uqdm-medium12] [--heldout ../shared/data/train | --kodak DIR --scale 4]
                                    [--steps 2] [--keep 0.5] [--threads 1] [--json out.json]
@@ -10,7 +10,10 @@ fraction of a bit.  This measures the alternative: code only the fraction ``--ke
 the coding steps ``--steps`` (in decreasing order of prior scale, as the parts are) and draw the others from
 the model's own prior p(z_s | z_t) (logistic of the step's scale convolved with the uniform of width D, as
 the ancestral sampler does), with randomness both sides could share.  Every later step is coded as usual
-from that z_s, so the later steps pay for whatever the skipped coordinates would have said.
+from that z_s, so the later steps pay for whatever the skipped coordinates would have said.  This is the
+measurement that led to the codec feature (``compress(keep=...)``, README, UQDM kept coordinates), kept as the
+record of ``benchmarks/results/uqdm-defer/``; the feature itself is measured with real files by
+``benchmarks/uqdm_kodak.py --keep``.
 
 How: the encoder is run with the step's symbols computed as usual and ``parts=(keep,)``, so that the kept
 and the skipped coordinates land in separate sections; the skipped coordinates' z_s is replaced by the

@@ -351,15 +351,12 @@ def _keep_shares(model, keep) -> tuple[int, ...] | None:
     return None if all(v == 255 for v in shares) else shares
 
 
-def _keep(header: container.Header) -> tuple[int, ...] | None:
-    """The kept shares of a uqdm file's steps (the header's, since 2026-12-07), or None: every coordinate."""
-    return _codec_params(header).get("keep")
-
-
-def _box_prior(header: container.Header) -> bool:
-    """Whether a file's steps were coded under their priors restricted to the earlier steps' box (uqdm
-    files since 2026-12-07; the header's flag)."""
-    return bool(_codec_params(header).get("box_prior", False))
+def _coding(header: container.Header) -> dict:
+    """How a uqdm file's steps were coded, from its header, as the decoder's keyword arguments:
+    ``box_prior`` (each step's prior restricted to the earlier steps' box, files since 2026-12-07) and
+    ``keep`` (the steps' kept shares of their coordinates, or None: every coordinate)."""
+    p = _codec_params(header)
+    return {"box_prior": bool(p.get("box_prior", False)), "keep": p.get("keep")}
 
 
 def _check_method(method: str) -> None:
@@ -418,8 +415,7 @@ def decompress(data: bytes, model=None, steps: int | None = None, method: str = 
         raise DiffcodecError("deterministic / sampler_steps / eta apply to rvgc files; use method and nfe")
     # a lossless section that conditions on the last step's prior remembers its network evaluation
     with m.reuse_evaluations() if final and m.final_uses_last_step else contextlib.nullcontext():
-        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress, box_prior=_box_prior(hd),
-                                keep=_keep(hd))
+        state = m.decode_latent(shape, hd.seed, step_secs, progress=progress, **_coding(hd))
         if final and state.remaining == 0:
             pix = m.decode_final(state, final[0], (hd.channels, hd.height, hd.width), hd.seed)
             return np.ascontiguousarray(pix.transpose(1, 2, 0))
@@ -456,8 +452,7 @@ def decode_steps(data: bytes, model=None, methods: tuple[str, ...] = ("denoise",
     # starts from the channel-aware latent instead)
     with m.reuse_evaluations():
         k = 0
-        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs, box_prior=_box_prior(hd),
-                                                 keep=_keep(hd)), 1):
+        for n, state in enumerate(m.iter_latents(shape, hd.seed, step_secs, **_coding(hd)), 1):
             if not parts and state.part:
                 continue
             k = n if parts else k + 1

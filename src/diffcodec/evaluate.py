@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .baselines import find_quality, select_baselines
+from .errors import DiffcodecError
 from .metrics import fid, lpips_distance, ms_ssim, msssim_scales, psnr, sliced_wasserstein, swd_resolutions
 
 __all__ = [
@@ -747,8 +748,15 @@ class ProgressiveAdapter(CodecAdapter):
         # uqdm step parts: a point after every section of the steps measured (setting = the section count)
         self.parts = _check_parts(parts, m.codec_id) if parts else ()
         # uqdm kept coordinates: every step but the last two codes this fraction of its coordinates
-        if keep is not None and (m.codec_id != "uqdm" or not 0.0 < float(keep) <= 1.0):
-            raise ValueError(f"keep must be a fraction in (0, 1] of a uqdm model's step coordinates, got {keep}")
+        if keep is not None:
+            from .api import _keep_shares
+
+            if m.codec_id != "uqdm":
+                raise ValueError(f"keep applies to uqdm models, not {m.codec_id}")
+            try:  # before any image is coded: the same check as compress's
+                _keep_shares(m, float(keep))
+            except DiffcodecError as e:
+                raise ValueError(str(e)) from None
         self.keep = None if keep is None else float(keep)
         bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
         if bad or not methods:

@@ -96,14 +96,19 @@ class _PartState:
     done: int
     shape: tuple
     i: int
+    n_keep: int  # the coordinates the step codes (all, or its kept share: the others are drawn from its prior)
+    seed: int  # the file's seed (the prior draws of the coordinates it does not code)
     bounds: tuple[np.ndarray, np.ndarray] | None = None
-    n_keep: int = -1  # the coordinates the step codes (the others are drawn from its prior); -1: all
-    seed: int = 0  # the file's seed (the prior draws of the coordinates it does not code)
 
 
 FLAG_BOX_PRIOR = 1  # header flag: steps coded under their priors restricted to the earlier steps' box
 FLAG_KEEP = 2  # header flag: T - 1 bytes follow, each step's kept share of its coordinates in 255ths (kept steps)
 KEEP_ALL = 255
+
+
+def _valid_keep(keep, num_steps: int) -> bool:
+    """Kept shares as a header holds them: one per coding step 1..T-1, each in 1..255 (255ths)."""
+    return len(keep) == num_steps - 1 and all(1 <= v <= KEEP_ALL for v in keep)
 UNBOUNDED = 1e12  # the half-width of a coordinate a cut step has not sent (unit scale; x is in [-1, 1])
 
 
@@ -209,7 +214,7 @@ class UQDM(DiffusionModel):
 
     def check_keep(self, keep) -> tuple[int, ...]:
         keep = tuple(int(v) for v in keep)
-        if len(keep) != self.num_steps - 1 or not all(1 <= v <= KEEP_ALL for v in keep):
+        if not _valid_keep(keep, self.num_steps):
             raise ValueError(f"keep: {self.num_steps - 1} values in 1..{KEEP_ALL} (255ths of a step's coordinates)")
         return keep
 
@@ -222,7 +227,7 @@ class UQDM(DiffusionModel):
             raise FormatError(f"unknown uqdm format flags {flags:#x} (a file from a newer diffcodec?)")
         T = params[0]
         size = 2 + T - 1 if flags & FLAG_KEEP else min(len(params), 2)
-        if len(params) != size or (flags & FLAG_KEEP and not all(1 <= v <= KEEP_ALL for v in params[2:])):
+        if len(params) != size or (flags & FLAG_KEEP and not _valid_keep(params[2:], T)):
             raise FormatError("malformed uqdm parameters")
         keep = tuple(params[2:]) if flags & FLAG_KEEP else None
         return {"total_steps": T, "box_prior": bool(flags & FLAG_BOX_PRIOR), "keep": keep}
@@ -250,8 +255,8 @@ class UQDM(DiffusionModel):
 
     def _kept_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, known: np.ndarray,
                   prev_box: StepBox | None) -> StepBox | None:
-        """The box of a step that coded only the ``known`` coordinates: theirs, and the earlier steps' box
-        (unbounded without one) for the others, as for a cut part (:meth:`part_view`)."""
+        """The box of a step that coded (or, cut, has sent so far) only the ``known`` coordinates: theirs,
+        and the earlier steps' box (unbounded without one) for the others (:meth:`part_view`)."""
         box = self.step_box(z_t, z_s, i, gam)
         if box is None:
             return None
@@ -665,7 +670,7 @@ class UQDM(DiffusionModel):
         bounds = self._k_bounds(st, self.step_basis(i), z, u, prior_box)
         return _PartState(st, self._part_order(st), u, np.zeros(z.size, np.int64),
                           np.zeros(z.size) if self.context else None, np.zeros(z.size, dtype=bool), 0, z.shape, i,
-                          bounds, self.kept_count(z.size, i, keep), seed)
+                          self.kept_count(z.size, i, keep), seed, bounds)
 
     def keeps_part(self, i: int, keep: tuple[int, ...] | None) -> bool:
         """Whether step t_i -> t_{i-1} of a file with these kept shares codes only some coordinates (then
@@ -674,7 +679,7 @@ class UQDM(DiffusionModel):
 
     def decode_part(self, state: _PartState, sec: Section, gam: np.ndarray) -> None:
         """Decode one part section into ``state`` (the last one, kind step, must complete the step)."""
-        n = state.n_keep if state.n_keep >= 0 else state.k.size
+        n = state.n_keep
         if len(sec.params) != 6:
             raise DecodeError(f"malformed parameters in section {sec.index}")
         half_width, end = struct.unpack("<HI", sec.params)
@@ -707,11 +712,7 @@ class UQDM(DiffusionModel):
             return z_s, z_s, self._kept_box(z_t, z_s, i, gam, state.known, prev_box)
         e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
         z_view = st.mu_p + basis.inverse(e.reshape(state.shape))
-        box = self.step_box(z_t, z_view, i, gam)
-        if box is None:
-            return None, z_view, None
-        hw = np.where(state.known.reshape(state.shape), box.half_width, UNBOUNDED)
-        return None, z_view, StepBox(box.basis, box.center, hw, box.gamma_next, box.next_in_basis).within(prev_box)
+        return None, z_view, self._kept_box(z_t, z_view, i, gam, state.known, prev_box)
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int,
                     prior_box: StepBox | None = None, keep: tuple[int, ...] | None = None) -> np.ndarray:
