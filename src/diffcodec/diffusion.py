@@ -52,6 +52,17 @@ HALO = 32
 PIPELINE_MAX_ELEMENTS = 1 << 23
 
 
+class StepEncoding(NamedTuple):
+    """An encoder's step (:meth:`DiffusionModel.begin_encode_step`): the chain latent ``z_s`` now, its
+    entropy coding later (``finish()``: the Section, or the list of a step written in parts), and
+    ``box(prev_box)``: the box the step puts x in within the earlier steps' one (:meth:`step_box`),
+    from what the step itself knows (UQDM: which coordinates it coded)."""
+
+    z_s: np.ndarray
+    finish: Any
+    box: Any
+
+
 class Received(NamedTuple):
     """The decoder's state after a step section.
 
@@ -369,16 +380,17 @@ class DiffusionModel(nn.Module):
         z_s = self.decode_step(z, sec, i, gam, seed, **kw)
         return z_s, z_s, float(gam[i - 1])
 
-    def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
-        """Like :meth:`encode_step`, but returns (z_s, finish) where ``finish()`` returns the Section (or the
-        list of sections of a step written in parts: UQDM's ``parts`` option).
+    def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int,
+                          **options) -> StepEncoding:
+        """Like :meth:`encode_step`, but returns a :class:`StepEncoding` whose ``finish()`` returns the
+        Section (or the list of sections of a step written in parts: UQDM's ``parts`` option).
 
         A codec whose z_s does not depend on the coded bits (UQDM: z_s follows from the symbols, the
         range coder only writes them) leaves the entropy coding to ``finish``, so :meth:`encode`
         can run it while the network evaluates the next step.  The default finishes at once.
         """
         z_s, sec = self.encode_step(z, x, i, gam, seed, **options)
-        return z_s, lambda: sec
+        return StepEncoding(z_s, lambda: sec, lambda prev_box: self.step_box(z, z_s, i, gam, prev_box))
 
     def initial_latent(self, shape: tuple[int, ...], seed: int) -> np.ndarray:
         """z_T ~ N(0, I) from the shared seed: costs 0 bits."""
@@ -430,18 +442,16 @@ class DiffusionModel(nn.Module):
         z_prev = None  # the latent before the last step, kept only for a lossless section (memory)
         box = None  # what the steps so far say about x (the decoder's Received.box)
         # a lossless section that conditions on the last step's prior remembers its network evaluation
-        # (and a step that keeps part of its coordinates finds them again for its box, UQDM.step_box)
-        remember = (lossless and self.final_uses_last_step) or options.get("keep") is not None
+        remember = lossless and self.final_uses_last_step
         with self.reuse_evaluations() if remember else contextlib.nullcontext():
             try:
                 last = T - num_steps + 1
                 for i in range(T, last - 1, -1):
-                    z_before = z
                     z_prev = z if lossless else None
                     given = {"prior_box": box} if box is not None else {}
-                    z, finish = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
+                    z, finish, step_box = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
                     if box_prior and i > last:  # only the next step's prior uses the box
-                        box = self.step_box(z_before, z, i, gam, box, **options)
+                        box = step_box(box)
                     if pending is not None:
                         sections.extend(pending.result())
                         pending = None
@@ -540,8 +550,7 @@ class DiffusionModel(nn.Module):
                   prev_box: Any = None) -> tuple[Any, np.ndarray, Any]:
         raise NotImplementedError
 
-    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, prev_box: Any = None,
-                 **options) -> Any:
+    def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, prev_box: Any = None) -> Any:
         """What decoded step t_i -> t_{i-1} says about x beyond z_s (:attr:`Received.box`), given what the
         steps before said (``prev_box``); None here."""
         return None

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import rng as rngmod
-from ..diffusion import KIND_FINAL, KIND_PART, KIND_STEP, DiffusionModel
+from ..diffusion import KIND_FINAL, KIND_PART, KIND_STEP, DiffusionModel, StepEncoding
 from ..entropy import (
     CategoricalDecoder,
     CategoricalEncoder,
@@ -535,10 +535,11 @@ class UQDM(DiffusionModel):
 
     def encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
         """Universal quantization of step t_i -> t_{i-1}; returns (z_s, section)."""
-        z_s, finish = self.begin_encode_step(z, x, i, gam, seed, **options)
-        return z_s, finish()
+        step = self.begin_encode_step(z, x, i, gam, seed, **options)
+        return step.z_s, step.finish()
 
-    def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int, **options):
+    def begin_encode_step(self, z: np.ndarray, x: np.ndarray, i: int, gam: np.ndarray, seed: int,
+                          **options) -> StepEncoding:
         """The symbols and z_s now; their entropy coding in ``finish`` (may run in another thread).
 
         ``parts``: fractions 0 < f_1 < ... < 1 of the step's coordinates, in decreasing order of their prior
@@ -562,7 +563,7 @@ class UQDM(DiffusionModel):
             return Section(KIND_STEP, self.num_steps - i + 1, struct.pack("<H", half_width), enc.finish(),
                            symbols_crc(k), enc.ideal)
 
-        return z_s, finish
+        return StepEncoding(z_s, finish, lambda prev_box: self.step_box(z, z_s, i, gam, prev_box))
 
     # ------------------------------------------------------------------ step parts
     # A step may be written as several sections, each a range-coder stream over the next coordinates in
@@ -639,10 +640,17 @@ class UQDM(DiffusionModel):
         order = self._part_order(st)
         n_keep = self.kept_count(k.size, i, keep)
         ends = self._part_ends(parts, n_keep) if parts else [n_keep]
+        known = None
         if n_keep < k.size:
             known = np.zeros(k.size, dtype=bool)
             known[order[:n_keep]] = True
             z_s = self._kept_z_s(st, self.step_basis(i), k, u, known, seed, i, z.shape)
+        z_t = z
+
+        def box(prev_box):  # the coordinates it does not code keep the earlier box (part_view's rule)
+            if known is None:
+                return self.step_box(z_t, z_s, i, gam, prev_box)
+            return self._kept_box(z_t, z_s, i, gam, known, prev_box)
         scale, delta = st.scale, st.delta  # the coder thread holds neither mu_p nor z
         gamma_t, shape, index = float(gam[i]), z.shape, self.num_steps - i + 1
 
@@ -661,7 +669,7 @@ class UQDM(DiffusionModel):
                 start = end
             return out
 
-        return z_s, finish
+        return StepEncoding(z_s, finish, box)
 
     def begin_decode_parts(self, z: np.ndarray, i: int, gam: np.ndarray, seed: int,
                            prior_box: StepBox | None = None, keep: tuple[int, ...] | None = None) -> _PartState:
@@ -749,17 +757,12 @@ class UQDM(DiffusionModel):
 
     # ------------------------------------------------------------------ channel-aware reconstruction (box.py)
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray,
-                 prev_box: StepBox | None = None, keep: tuple[int, ...] | None = None, **_) -> StepBox | None:
+                 prev_box: StepBox | None = None) -> StepBox | None:
         """The box decoded step t_i -> t_{i-1} puts M x in (box.py), within ``prev_box`` (the box of the
-        steps before, :meth:`StepBox.within`); None for the last step, whose latent z_0 is reconstructed
-        without the network."""
+        steps before, :meth:`StepBox.within`), when it coded every coordinate (else :meth:`_kept_box`);
+        None for the last step, whose latent z_0 is reconstructed without the network."""
         if i < 2:
             return None
-        if self.keeps_part(i, keep):  # the encoder's view (the decoder's is part_view's): the prior's order
-            st, _, _ = self._step(z_t, float(gam[i - 1]), float(gam[i]), i)  # (remembered: encode's memo)
-            known = np.zeros(z_t.size, dtype=bool)
-            known[self._part_order(st)[:self.kept_count(z_t.size, i, keep)]] = True
-            return self._kept_box(z_t, z_s, i, gam, known, prev_box)
         a, b, beta = (float(v) for v in posterior_coefficients(np.float64(gam[i - 1]), np.float64(gam[i])))
         basis = self.step_basis(i)
         box = StepBox(basis, basis.forward(z_s - a * z_t) / b, SQRT12 * beta / (2.0 * b), float(gam[i - 2]),
