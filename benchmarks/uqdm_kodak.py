@@ -2,7 +2,8 @@
 
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                     [--model uqdm-small] [--num-steps 4,8] [--heldout TRAIN_DIR]
-                                    [--no-channel-aware] [--parts 0.05,0.2,0.35] [--keep 0.5] [--json out.json]
+                                    [--no-channel-aware] [--parts 0.05,0.2,0.35] [--keep 0.5|0.2,0.3,1]
+                                    [--json out.json]
 
 Per image: compress losslessly (all T steps + the exact final section), decode the whole file
 (timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
@@ -45,7 +46,7 @@ METHODS = ("denoise", "flow", "ancestral")
 
 
 def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple[float, ...] | None = None,
-                keep: float | None = None) -> dict:
+                keep: float | list[float] | None = None) -> dict:
     h, w, _ = img.shape
     t0 = time.perf_counter()
     res = diffcodec.compress(img, model=model, lossless=True, parts=parts, keep=keep)
@@ -89,7 +90,7 @@ def jpeg_curve(images: list[tuple[str, np.ndarray]]) -> dict:
 
 
 def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_aware: bool = True,
-              parts: tuple[float, ...] | None = None, keep: float | None = None) -> tuple[dict, dict]:
+              parts: tuple[float, ...] | None = None, keep: float | list[float] | None = None) -> tuple[dict, dict]:
     per = {}
     for name, img in images:
         per[name] = r = bench_image(model, img, channel_aware, parts, keep)
@@ -134,8 +135,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--num-steps", help="comma list of step counts to run the model at (default: its own)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--keep", type=float, help="uqdm kept coordinates: every step but the last two codes this "
-                    "fraction of its coordinates, the rest drawn from its prior (README, UQDM kept coordinates)")
+    ap.add_argument("--keep", help="uqdm kept coordinates: every step but the last two codes this fraction of its "
+                    "coordinates, the rest drawn from its prior (README, UQDM kept coordinates); or a comma list, "
+                    "one fraction per step but the last (e.g. 0.2,0.3,1)")
     ap.add_argument("--parts", help="write the steps in parts ending at these fractions of their coordinates "
                     "(e.g. 0.05,0.2,0.35): a point after every section, BD-rates over all of them")
     ap.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
@@ -149,9 +151,11 @@ def main() -> None:
     jpeg = jpeg_curve(images)
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
+    keep = None if a.keep is None else [float(v) for v in a.keep.split(",")]
+    keep = keep[0] if keep is not None and len(keep) == 1 else keep
     runs = []
     for T in counts:
-        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, a.keep)
+        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, keep)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
         jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {
