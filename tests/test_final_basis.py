@@ -74,8 +74,8 @@ def test_training_loss_is_the_code_length():
     torch.manual_seed(0)
     with torch.no_grad():
         out = m(x, all_steps=True)
-    coded = np.mean([diffcodec.compress(img, model=m, lossless=True, seed=s).ideal_bits_total / img.size
-                     for s in range(8)])
+    coded = np.mean([diffcodec.compress(img, model=m, lossless=True, seed=s, keep=1).ideal_bits_total / img.size
+                     for s in range(8)])  # the loss codes every coordinate
     assert coded == pytest.approx(float(out["bpd"].mean()), rel=0.03)
     res = diffcodec.compress(img, model=m, lossless=True, seed=3)
     final = [s for s in res.sections if s["kind"] == "lossless"][0]
@@ -141,7 +141,8 @@ def test_lossless_section_needs_the_previous_latent():
     img = synthetic_image(16, 16, seed=1)
     cont = container.unpack(diffcodec.compress(img, model=m, lossless=True).data)
     state = None
-    for state in m.iter_latents((1, 3, 16, 16), cont.header.seed, cont.sections[:-1]):  # noqa: B007
+    coding = diffcodec.api._coding(cont.header)
+    for state in m.iter_latents((1, 3, 16, 16), cont.header.seed, cont.sections[:-1], **coding):  # noqa: B007
         pass
     with pytest.raises(DecodeError, match="before the last step"):
         m.decode_final(state._replace(z_prev=None), cont.sections[-1], (3, 16, 16), cont.header.seed)

@@ -73,14 +73,14 @@ def test_golden_file_decodes_and_reencodes_identically(name, request, monkeypatc
 @pytest.mark.parametrize("name", sorted(UQDM_CASES))
 def test_golden_box_prior_file_decodes_and_reencodes_identically(name, request, monkeypatch):
     """The uqdm format since 2026-12-07 (steps coded under their priors restricted to the earlier steps' box;
-    ``{name}.box.dfc``, made by the commit that added it): lossless, and re-encoded byte for byte; the
-    files above, in the format before it, are re-encoded with ``box_prior=False``."""
+    ``{name}.box.dfc``, made by the commit that added it, before kept coordinates: ``keep=1``): lossless, and
+    re-encoded byte for byte; the files above, in the format before it, are re-encoded with ``box_prior=False``."""
     if name in RETIRED_MODELS:
         monkeypatch.setenv(MODEL_PATH_ENV, str(request.getfixturevalue("retired_dir")))
     data = (GOLDEN / f"{name}.box.dfc").read_bytes()
     assert diffcodec.info(data)["box_prior"] is True
     assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / "input.png"))
-    kwargs = {k: v for k, v in CASES[name].items() if k != "box_prior"}
+    kwargs = {**{k: v for k, v in CASES[name].items() if k != "box_prior"}, "keep": 1}  # every coordinate
     assert diffcodec.compress(_png(GOLDEN / "input.png"), model=name, seed=7, **kwargs).data == data
     assert len(data) < len((GOLDEN / f"{name}.dfc").read_bytes())
 
@@ -103,12 +103,15 @@ def test_every_model_has_a_golden_case():
     assert not set(bundled_models()) & set(RETIRED_MODELS)
 
 
-def test_golden_kept_coordinates_file():
+@pytest.mark.parametrize("kind, kwargs, shares", [("keep", {"keep": 0.3}, (76, 76, 255)),
+                                                  ("default", {}, (26, 76, 204))])
+def test_golden_kept_coordinates_file(kind, kwargs, shares):
     """The uqdm format with kept coordinates (``keep``, header flag 2; ``uqdm-medium12.keep.dfc``, made by the
-    commit that added it): lossless, its step-2 cut decodes to the pinned image, and it re-encodes byte for byte."""
-    data = (GOLDEN / "uqdm-medium12.keep.dfc").read_bytes()
-    assert diffcodec.info(data)["keep"] == (76, 76, 255)
+    commit that added it with keep 0.3, and ``uqdm-medium12.default.dfc``, the default shares since they became
+    the default): lossless, the step-2 cut decodes to the pinned image, and it re-encodes byte for byte."""
+    data = (GOLDEN / f"uqdm-medium12.{kind}.dfc").read_bytes()
+    assert diffcodec.info(data)["keep"] == shares
     assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / "input.png"))
-    assert np.array_equal(diffcodec.decompress(data, steps=2), _png(GOLDEN / "uqdm-medium12.keep.steps2.png"))
-    res = diffcodec.compress(_png(GOLDEN / "input.png"), model="uqdm-medium12", seed=7, lossless=True, keep=0.3)
+    assert np.array_equal(diffcodec.decompress(data, steps=2), _png(GOLDEN / f"uqdm-medium12.{kind}.steps2.png"))
+    res = diffcodec.compress(_png(GOLDEN / "input.png"), model="uqdm-medium12", seed=7, lossless=True, **kwargs)
     assert res.data == data

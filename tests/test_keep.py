@@ -35,9 +35,26 @@ def test_kept_steps_are_lossless_and_every_cut_decodes_to_its_prefix(model, box_
     for k, images in diffcodec.decode_steps(res.data, model=model, methods=("denoise", "flow")):
         for method, im in images.items():
             assert np.array_equal(im, diffcodec.decompress(res.data, model=model, steps=k, method=method))
-    whole = diffcodec.compress(img, model=model, lossless=True, seed=2, box_prior=box_prior)
+    whole = diffcodec.compress(img, model=model, lossless=True, seed=2, box_prior=box_prior, keep=1)
     first_whole = container.unpack(whole.data).sections[0]
     assert secs[0].symbols_crc != first_whole.symbols_crc  # the first step codes fewer symbols
+
+
+def test_kept_shares_by_default():
+    """compress writes the model's default shares (10% / 30% / 80% back from step T-1 for T = 4, the first steps
+    of longer chains 10%); keep=1 codes every coordinate in the format before (no keep flag); box_prior=False
+    (the format of the versions before box priors, which know no kept coordinates) codes every coordinate."""
+    img = synthetic_image(16, 16)
+    for T, fractions in ((4, (0.1, 0.3, 0.8)), (2, (0.8,)), (6, (0.1, 0.1, 0.1, 0.3, 0.8))):
+        m = make_tiny("uqdm", num_steps=T)
+        m.model_id, m.model_hash = f"tiny-default-keep-{T}", "0123456789abcdef"
+        assert m.default_keep() == fractions
+        assert diffcodec.info(diffcodec.compress(img, model=m, steps=1).data)["keep"] == \
+            tuple(round(255 * f) for f in fractions)
+    assert diffcodec.info(diffcodec.compress(img, model=m, steps=1, keep=1).data)["keep"] is None
+    old = diffcodec.info(diffcodec.compress(img, model=m, steps=1, box_prior=False).data)
+    assert old["keep"] is None and old["box_prior"] is False
+    assert diffcodec.info(diffcodec.compress(img, model=m, steps=1, box_prior=False, keep=0.5).data)["keep"]
 
 
 def test_kept_steps_with_parts_cut_anywhere(model):
@@ -100,16 +117,30 @@ def test_cli_keep(tmp_path, model, capsys):
     assert "coordinates each step codes" in capsys.readouterr().out
     assert main(["decompress", str(out), "-o", str(tmp_path / "out.png"), "--model", str(path)]) == 0
     assert np.array_equal(np.array(Image.open(tmp_path / "out.png")), np.array(Image.open(img).convert("RGB")))
+    for arg, shares in (("0.2,0.4,1", (51, 102, 255)), ("1", None)):  # one share per step; every coordinate
+        assert main(["compress", str(img), "-o", str(out), "--model", str(path), "--keep", arg, "--force"]) == 0
+        assert diffcodec.info(out.read_bytes())["keep"] == shares
+    with pytest.raises(SystemExit):
+        main(["compress", str(img), "-o", str(out), "--model", str(path), "--keep", "half", "--force"])
 
 
 def test_eval_measures_kept_files_under_their_own_curve(model, monkeypatch):
-    """diffcodec eval --keep: its own curve name and cache key (kept files are not the whole-step files)."""
+    """diffcodec eval: the default files (the model's kept shares) as MODEL-METHOD, --keep F as
+    MODEL+keepF-METHOD, --keep 1 (every coordinate, the format before) as MODEL-METHOD under the cache key
+    of the records made before kept coordinates; each kind of file has its own cache key."""
     from diffcodec import evaluate
 
     monkeypatch.setattr(evaluate, "_load_model", lambda name, codec: model)
-    plain = evaluate.make_adapter("uqdm", "tiny")
+    default = evaluate.make_adapter("uqdm", "tiny")
     kept = evaluate.make_adapter("uqdm", "tiny", keep=0.3)
-    assert kept.curves() == [f"{model.model_id}+keep0.3-denoise"] and plain.curves() == [f"{model.model_id}-denoise"]
-    assert kept.config == plain.config + ":keep=0.3"
+    every = evaluate.make_adapter("uqdm", "tiny", keep=1)
+    assert kept.curves() == [f"{model.model_id}+keep0.3-denoise"]
+    assert default.curves() == every.curves() == [f"{model.model_id}-denoise"]
+    shares = diffcodec.api._keep_shares(model, None)
+    assert shares == tuple(round(255 * f) for f in model.default_keep())
+    assert default.config == every.config + f":keep={','.join(map(str, shares))}/255"
+    assert kept.config == every.config + ":keep=0.3"
+    assert every.config.endswith(":box-prior")  # the key of the records made before kept coordinates
+    assert "coding 10% / 30% / 80% of their coordinates" in default.curve_description(default.curves()[0])
     with pytest.raises(ValueError, match="keep"):
         evaluate.make_adapter("uqdm", "tiny", keep=1.5)

@@ -24,8 +24,8 @@ def model(request):
 
 def test_parts_keep_the_chain_and_the_lossless_finish(model):
     img = synthetic_image(24, 32, seed=1)
-    whole = diffcodec.compress(img, model=model, lossless=True, seed=2)
-    parted = diffcodec.compress(img, model=model, lossless=True, seed=2, parts=PARTS)
+    whole = diffcodec.compress(img, model=model, lossless=True, seed=2, keep=1)  # parts of every coordinate
+    parted = diffcodec.compress(img, model=model, lossless=True, seed=2, parts=PARTS, keep=1)
     T = model.num_steps
     kinds = [s["kind"] for s in parted.sections]
     assert kinds == ["part"] * 3 + ["step"] + ["part"] * 3 + ["step"] + ["part"] * 3 + ["step"] + ["step", "lossless"]
@@ -179,7 +179,7 @@ def test_a_part_keeps_the_previous_steps_box(model):
     """After a part, a coordinate the step has not sent keeps the box of the complete step before it, a sent
     one lies in both boxes (their intersection); the image is inside every part's box."""
     img = synthetic_image(24, 32, seed=9)
-    res = diffcodec.compress(img, model=model, steps=3, seed=5, parts=PARTS)
+    res = diffcodec.compress(img, model=model, steps=3, seed=5, parts=PARTS, keep=1)  # parts of every coordinate
     x = pixel_to_unit(img.transpose(2, 0, 1).astype(np.float64))[None]
     states = list(model.iter_latents(x.shape, 5, container.unpack(res.data).sections))
     assert [s.part for s in states] == ([True] * 3 + [False]) * 3

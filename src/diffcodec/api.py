@@ -131,9 +131,12 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     coordinates after which the file may be cut, default :data:`DEFAULT_PARTS` with ``bpp`` and none
     otherwise, and ``box_prior``, default True: code each step under its prior restricted to the box
     the steps before put x in; False writes the format of diffcodec before 2026-12-07, bigger but
-    readable by those versions; and ``keep``, default all: the fraction of its coordinates (largest
-    prior scale first) every step but the last two codes, the others drawn from the step's prior (a
-    float, or one per step but the last; README, UQDM kept coordinates)); ``None`` values are ignored.
+    readable by those versions; and ``keep``: the fraction of its coordinates (largest prior scale
+    first) every step but the last two codes, the others drawn from the step's prior, or one fraction
+    per step but the last; 1 codes every coordinate (the files written before kept coordinates were the
+    default); default: the model's
+    :meth:`~diffcodec.codecs.uqdm.UQDM.default_keep` (all with ``box_prior=False``); README, UQDM kept
+    coordinates); ``None`` values are ignored.
     """
     options = {k: v for k, v in options.items() if v is not None}
     if sum(v is not None and v is not False for v in (steps, bpp, lossless)) > 1:
@@ -155,8 +158,8 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     keep = options.pop("keep", None)
     if keep is not None and codec != "uqdm":
         raise DiffcodecError(f"keep applies to uqdm models, not {codec}")
-    if keep is not None:
-        keep = _keep_shares(model, keep)
+    if codec == "uqdm":
+        keep = _keep_shares(model, keep, box_prior=bool(options.get("box_prior", True)))
         if keep is not None:
             options["keep"] = keep
     params = model.header_params(box_prior=bool(options.get("box_prior", True)), keep=keep) if codec == "uqdm" \
@@ -338,11 +341,15 @@ def _open(data: bytes, model, steps: int | None, max_pixels: int | None = None):
     return hd, m, step_secs, final, shape
 
 
-def _keep_shares(model, keep) -> tuple[int, ...] | None:
+def _keep_shares(model, keep, box_prior: bool = True) -> tuple[int, ...] | None:
     """uqdm ``keep``: a fraction in (0, 1] for every coding step but the last two (the steps whose
     coordinates the later steps hardly miss, README, UQDM kept coordinates), or one fraction per coding
-    step 1..T-1; as 255ths (the header's bytes), or None when every step keeps all (the format before)."""
+    step 1..T-1, or None: the model's default (every coordinate without ``box_prior``: the format of the
+    versions before both); as 255ths (the header's bytes), or None when every step keeps all (the format
+    before)."""
     T = model.num_steps
+    if keep is None:
+        keep = model.default_keep() if box_prior else 1.0
     fr = [float(keep)] * max(0, T - 2) + [1.0] * min(T - 1, 1) if isinstance(keep, (int, float)) \
         else [float(v) for v in keep]
     if len(fr) != T - 1 or not all(0.0 < f <= 1.0 for f in fr):

@@ -164,6 +164,15 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _keep_arg(text: str) -> float | list[float]:
+    """``--keep``: one fraction, or a comma list of them (one per step but the last)."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction or a comma list of fractions: {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
 def _csv_list(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
 
@@ -276,9 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "coordinates (largest prior scale first), e.g. 0.05,0.2,0.35: a file cut after a part decodes "
                    "to the step so far (default with --bpp: 0.5, so the target is met more closely; none: "
                    "whole steps)")
-    c.add_argument("--keep", type=float, help="uqdm: every step but the last two codes only this fraction of its "
-                   "coordinates (largest prior scale first) and draws the rest from its prior: fewer bits for "
-                   "little loss (README, UQDM kept coordinates); default: all")
+    c.add_argument("--keep", type=_keep_arg, help="uqdm: every step but the last two codes only this fraction of "
+                   "its coordinates (largest prior scale first) and draws the rest from its prior: fewer bits for "
+                   "little loss (README, UQDM kept coordinates); or one fraction per step but the last, e.g. "
+                   "0.1,0.3,0.8; 1: every coordinate (the files before kept coordinates were the default); "
+                   "default: the model's shares (info shows them)")
     c.add_argument("--no-box-prior", dest="no_box_prior", action="store_true",
                    help="uqdm: code each step under its whole prior, not restricted to the earlier steps' box: "
                    "a bigger file in the format diffcodec wrote before 2026-12-07, which its older versions read")
@@ -403,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(e.g. 0.05,0.2,0.35) and measure a point after every section (curves MODEL+parts-METHOD, "
                     "quality = the section count)")
     ev.add_argument("--keep", type=float, help="uqdm: files whose steps but the last two code only this fraction "
-                    "of their coordinates (see compress; curves MODEL+keepF-METHOD)")
+                    "of their coordinates (see compress; curves MODEL+keepF-METHOD); 1: files coding every "
+                    "coordinate (curves MODEL-METHOD); default: the files compress writes (curves MODEL-METHOD)")
     ev.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
                     help="diffc/uqdm: reconstruct from the received latents as they are (see decompress)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "

@@ -747,17 +747,18 @@ class ProgressiveAdapter(CodecAdapter):
             raise ValueError(f"{m.model_id} is a {m.codec_id} model, not a progressive one")
         # uqdm step parts: a point after every section of the steps measured (setting = the section count)
         self.parts = _check_parts(parts, m.codec_id) if parts else ()
-        # uqdm kept coordinates: every step but the last two codes this fraction of its coordinates
-        if keep is not None:
+        # uqdm kept coordinates: every step but the last two codes this fraction of its coordinates (1: all);
+        # default: the model's default shares, as compress writes them
+        self.keep, self.shares = None if keep is None else float(keep), None
+        if keep is not None and m.codec_id != "uqdm":
+            raise ValueError(f"keep applies to uqdm models, not {m.codec_id}")
+        if m.codec_id == "uqdm":
             from .api import _keep_shares
 
-            if m.codec_id != "uqdm":
-                raise ValueError(f"keep applies to uqdm models, not {m.codec_id}")
             try:  # before any image is coded: the same check as compress's
-                _keep_shares(m, float(keep))
+                self.shares = _keep_shares(m, self.keep)
             except DiffcodecError as e:
                 raise ValueError(str(e)) from None
-        self.keep = None if keep is None else float(keep)
         bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
         if bad or not methods:
             raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
@@ -776,15 +777,19 @@ class ProgressiveAdapter(CodecAdapter):
             raise ValueError(f"none of steps {list(steps or [])} is in 1..{self.num_steps} for {self.model_id}")
 
     def curves(self) -> list[str]:
-        tag = (f"+keep{self.keep:g}" if self.keep is not None else "") + ("+parts" if self.parts else "")
+        kept = self.keep is not None and self.shares is not None  # a share given (not the default, not all)
+        tag = (f"+keep{self.keep:g}" if kept else "") + ("+parts" if self.parts else "")
         return [f"{self.model_id}{tag}-{method}" for method in self.methods]
 
     def curve_description(self, curve: str) -> str:
         method = self.methods[self.curves().index(curve)]
+        kept = "" if self.shares is None else \
+            f" (steps 1-{len(self.shares)} coding {' / '.join(f'{v / 255:.0%}' for v in self.shares)} of their " \
+            "coordinates, the rest drawn from their priors)"
         if self.parts:
             fr = ",".join(f"{f:g}" for f in self.parts)
             return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction, "
-                    f"channel-aware={self.channel_aware}; one file per image with steps {self.steps[0]}-"
+                    f"channel-aware={self.channel_aware}; one file per image{kept} with steps {self.steps[0]}-"
                     f"{self.steps[-1]} written in parts ending at {fr} of each step's coordinates (the last step "
                     f"whole), point n = that file cut after its n-th section; quality = n")
         nfe = "" if method == "denoise" else f" with nfe = {self.nfe or 'the remaining step count'}"
@@ -796,7 +801,7 @@ class ProgressiveAdapter(CodecAdapter):
         else:
             nfe += " from the received latent as it is (--no-channel-aware)"
         return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction{nfe}; "
-                f"one file per image with all {self.num_steps} steps, point k = that file cut after step section "
+                f"one file per image with all {self.num_steps} steps{kept}, point k = that file cut after step section "
                 f"k (header + sections 1..k); quality = k")
 
     @property
@@ -814,8 +819,9 @@ class ProgressiveAdapter(CodecAdapter):
             # the uqdm format since 2026-12-07 codes each step under its prior restricted to the earlier
             # steps' box (the files are smaller): records made before are of the earlier format
             aware += ":box-prior"
-        if self.keep is not None:
-            aware += f":keep={self.keep!r}"
+        if self.shares is not None:  # kept coordinates (files coding every one have no key: the format before)
+            aware += f":keep={self.keep!r}" if self.keep is not None else \
+                f":keep={','.join(str(v) for v in self.shares)}/255"
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
 
     def _sections(self) -> list[int]:

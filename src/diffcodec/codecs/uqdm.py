@@ -104,6 +104,10 @@ class _PartState:
 FLAG_BOX_PRIOR = 1  # header flag: steps coded under their priors restricted to the earlier steps' box
 FLAG_KEEP = 2  # header flag: T - 1 bytes follow, each step's kept share of its coordinates in 255ths (kept steps)
 KEEP_ALL = 255
+# The share of its coordinates each step codes by default (:meth:`UQDM.default_keep`), from the last step but
+# one (t_2 -> t_1) backwards, the earliest steps all taking the last value: chosen on held-out training photos
+# (benchmarks/results/uqdm-keep/README.md): the first steps' confident coordinates cost most for least
+DEFAULT_KEEP_FROM_END = (0.8, 0.3, 0.1)
 
 
 def _valid_keep(keep, num_steps: int) -> bool:
@@ -231,6 +235,12 @@ class UQDM(DiffusionModel):
             raise FormatError("malformed uqdm parameters")
         keep = tuple(params[2:]) if flags & FLAG_KEEP else None
         return {"total_steps": T, "box_prior": bool(flags & FLAG_BOX_PRIOR), "keep": keep}
+
+    def default_keep(self) -> tuple[float, ...]:
+        """The kept shares (fractions) of coding steps 1..T-1 in files written with the defaults:
+        :data:`DEFAULT_KEEP_FROM_END` counted back from step T-1."""
+        T, last = self.num_steps, len(DEFAULT_KEEP_FROM_END) - 1
+        return tuple(DEFAULT_KEEP_FROM_END[min(T - 1 - j, last)] for j in range(1, T))
 
     def kept_count(self, n: int, i: int, keep: tuple[int, ...] | None) -> int:
         """How many of its n coordinates step t_i -> t_{i-1} codes (the largest prior scales first, the
