@@ -114,8 +114,9 @@ def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_a
         "steps": [{"step": k, "bpp": mean([r["steps"][k - 1]["bpp"] for r in rs]),
                    **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in METHODS}} for k in range(1, T + 1)],
     }
-    if keep is not None:
-        summary["keep"] = keep
+    # the kept shares of steps 1..T-1 (fractions; 1 = every coordinate): as given, or the model's default
+    summary["keep"] = keep if keep is not None else list(model.default_keep())
+    summary["keep_default"] = keep is None
     if parts:  # every image has the same sections: the mean point of each
         summary["parts"] = list(parts)
         summary["points"] = [{**{k: rs[0]["points"][j][k] for k in ("section", "step", "kind")},
