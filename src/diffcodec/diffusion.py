@@ -449,9 +449,9 @@ class DiffusionModel(nn.Module):
                 for i in range(T, last - 1, -1):
                     z_prev = z if lossless else None
                     given = {"prior_box": box} if box is not None else {}
-                    z, finish, step_box = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
+                    z, finish, box_of = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
                     if box_prior and i > last:  # only the next step's prior uses the box
-                        box = step_box(box)
+                        box = box_of(box)
                     if pending is not None:
                         sections.extend(pending.result())
                         pending = None
