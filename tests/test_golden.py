@@ -108,7 +108,8 @@ def test_every_model_has_a_golden_case():
 def test_golden_kept_coordinates_file(kind, kwargs, shares):
     """The uqdm format with kept coordinates (``keep``, header flag 2; ``uqdm-medium12.keep.dfc``, made by the
     commit that added it with keep 0.3, and ``uqdm-medium12.default.dfc``, the default shares since they became
-    the default): lossless, the step-2 cut decodes to the pinned image, and it re-encodes byte for byte."""
+    the default): lossless, the step-2 cut decodes to the pinned image (pinned again when a complete kept step
+    after the first came to be reconstructed from its prior mean), and it re-encodes byte for byte."""
     data = (GOLDEN / f"uqdm-medium12.{kind}.dfc").read_bytes()
     assert diffcodec.info(data)["keep"] == shares
     assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / "input.png"))

@@ -57,6 +57,22 @@ def test_kept_shares_by_default():
     assert diffcodec.info(diffcodec.compress(img, model=m, steps=1, box_prior=False, keep=0.5).data)["keep"]
 
 
+def test_a_kept_steps_view_is_its_prior_mean_after_the_first_step(model):
+    """The chain goes on from a kept step's draws; reconstructions start from the draws after the first step
+    and from the prior mean (the coded coordinates as sent, the others at the mean) after the later ones."""
+    img = synthetic_image(24, 32, seed=6)
+    res = diffcodec.compress(img, model=model, steps=3, seed=3, keep=(0.2, 0.5, 1.0))
+    cont = container.unpack(res.data)
+    states = list(model.iter_latents((1, 3, 24, 32), 3, cont.sections, **diffcodec.api._coding(cont.header)))
+    assert np.array_equal(states[0].z_view, states[0].z) and np.array_equal(states[2].z_view, states[2].z)
+    T, n = model.num_steps, img.size
+    diff = model.step_basis(T - 1).forward(states[1].z_view - states[1].z).reshape(-1)
+    assert np.sum(np.abs(diff) < 1e-9) == (n * 128 + 127) // 255  # the coded coordinates agree, the others not
+    assert np.array_equal(diffcodec.decompress(res.data, model=model, steps=2),
+                          model.reconstruct(states[1].z_view, states[1].gamma_view, box=states[1].box)[0]
+                          .transpose(1, 2, 0))
+
+
 def test_kept_steps_with_parts_cut_anywhere(model):
     """Parts divide the kept coordinates; a file cut after any section decodes to what decode_steps shows."""
     img = synthetic_image(24, 32, seed=3)
@@ -138,8 +154,8 @@ def test_eval_measures_kept_files_under_their_own_curve(model, monkeypatch):
     assert default.curves() == every.curves() == [f"{model.model_id}-denoise"]
     shares = diffcodec.api._keep_shares(model, None)
     assert shares == tuple(round(255 * f) for f in model.default_keep())
-    assert default.config == every.config + f":keep={','.join(map(str, shares))}/255"
-    assert kept.config == every.config + ":keep=0.3"
+    assert default.config == every.config + f":keep={','.join(map(str, shares))}/255:mean-view"
+    assert kept.config == every.config + ":keep=0.3:mean-view"
     assert every.config.endswith(":box-prior")  # the key of the records made before kept coordinates
     assert "coding 10% / 30% / 80% of their coordinates" in default.curve_description(default.curves()[0])
     with pytest.raises(ValueError, match="keep"):
