@@ -57,20 +57,24 @@ def test_kept_shares_by_default():
     assert diffcodec.info(diffcodec.compress(img, model=m, steps=1, box_prior=False, keep=0.5).data)["keep"]
 
 
-def test_a_kept_steps_view_is_its_prior_mean_after_the_first_step(model):
-    """The chain goes on from a kept step's draws; reconstructions start from the draws after the first step
-    and from the prior mean (the coded coordinates as sent, the others at the mean) after the later ones."""
+def test_denoise_starts_from_a_kept_steps_prior_mean_after_the_first_step(model):
+    """The chain, flow and ancestral go on from a kept step's draws; denoise starts from them after the first
+    step and from the prior mean (the coded coordinates as sent, the others at the mean) after the later ones."""
     img = synthetic_image(24, 32, seed=6)
     res = diffcodec.compress(img, model=model, steps=3, seed=3, keep=(0.2, 0.5, 1.0))
     cont = container.unpack(res.data)
     states = list(model.iter_latents((1, 3, 24, 32), 3, cont.sections, **diffcodec.api._coding(cont.header)))
-    assert np.array_equal(states[0].z_view, states[0].z) and np.array_equal(states[2].z_view, states[2].z)
+    assert all(np.array_equal(st.z_view, st.z) for st in states)
+    assert states[0].z_denoise is None and states[2].z_denoise is None  # the first step; a step coding all
     T, n = model.num_steps, img.size
-    diff = model.step_basis(T - 1).forward(states[1].z_view - states[1].z).reshape(-1)
+    diff = model.step_basis(T - 1).forward(states[1].z_denoise - states[1].z).reshape(-1)
     assert np.sum(np.abs(diff) < 1e-9) == (n * 128 + 127) // 255  # the coded coordinates agree, the others not
-    assert np.array_equal(diffcodec.decompress(res.data, model=model, steps=2),
-                          model.reconstruct(states[1].z_view, states[1].gamma_view, box=states[1].box)[0]
-                          .transpose(1, 2, 0))
+    st = states[1]
+    for method, z in (("denoise", st.z_denoise), ("flow", st.z)):
+        expect = model.reconstruct(z, st.gamma_view, method=method, box=st.box, default_steps=max(1, st.remaining),
+                                   rng=diffcodec.rng.SeededStream(3, diffcodec.rng.ANCESTRAL))
+        assert np.array_equal(diffcodec.decompress(res.data, model=model, steps=2, method=method),
+                              expect[0].transpose(1, 2, 0))
 
 
 def test_kept_steps_with_parts_cut_anywhere(model):

@@ -308,17 +308,20 @@ def test_decode_steps_equals_cut_files(tiny_model):
 
 
 def test_decode_steps_reuses_the_evaluation_it_shows(tiny_model, monkeypatch):
-    """x_hat(z_k) and step k+1's prior share one network evaluation; outputs are unchanged."""
+    """x_hat(z_k) and step k+1's prior share one network evaluation; outputs are unchanged.  A kept step after
+    the first is reconstructed from its prior mean, not from the chain latent: one evaluation more."""
     img = synthetic_image(20, 24, seed=8)
-    data = diffcodec.compress(img, model=tiny_model, steps=4).data
-    calls = []
     real = tiny_model.evaluate_network
-    monkeypatch.setattr(tiny_model, "evaluate_network", lambda z, g: calls.append(g) or real(z, g))
-    got = {k: recs["denoise"] for k, recs in diffcodec.decode_steps(data, model=tiny_model)}
-    assert len(calls) == 4  # priors at z_4..z_1; x_hat(z_3..z_1) reused them; z_0 needs no network
-    assert tiny_model._eval_memo is None  # the memo lives only inside decode_steps
-    for k, y in got.items():
-        assert np.array_equal(y, diffcodec.decompress(data, model=tiny_model, steps=k))
+    for keep, evaluations in ((1, 4), (None, 6)):  # priors at z_4..z_1; x_hat(z_3..z_1) reused them, or not
+        data = diffcodec.compress(img, model=tiny_model, steps=4, keep=keep).data  # for kept steps 2 and 3
+        calls: list[float] = []
+        monkeypatch.setattr(tiny_model, "evaluate_network", lambda z, g, calls=calls: calls.append(g) or real(z, g))
+        got = {k: recs["denoise"] for k, recs in diffcodec.decode_steps(data, model=tiny_model)}
+        assert len(calls) == evaluations  # z_0 needs no network
+        assert tiny_model._eval_memo is None  # the memo lives only inside decode_steps
+        monkeypatch.undo()
+        for k, y in got.items():
+            assert np.array_equal(y, diffcodec.decompress(data, model=tiny_model, steps=k))
 
 
 def test_fewer_steps_encode_the_same_prefix(tiny_model):

@@ -382,7 +382,7 @@ def _crop(pix: np.ndarray, hd: container.Header) -> np.ndarray:
 def _to_image(m, hd: container.Header, state, method: str, nfe: int | None, channel_aware: bool):
     """uint8 (H, W, C) reconstruction of a received state, cropped, gray files averaged to 1 channel."""
     rng = SeededStream(hd.seed, ANCESTRAL)
-    z, gamma = state.latent(channel_aware)
+    z, gamma = state.latent(channel_aware, method)
     pix = m.reconstruct(z, gamma, method=method, nfe=nfe, rng=rng, default_steps=max(1, state.remaining),
                         box=state.box if channel_aware else None)
     return _crop(pix, hd)

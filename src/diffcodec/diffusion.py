@@ -63,6 +63,17 @@ class StepEncoding(NamedTuple):
     box: Any
 
 
+class PartView(NamedTuple):
+    """A step decoded part by part, so far (:meth:`DiffusionModel.part_view`): the chain latent ``z_s`` once
+    the step is complete (else None), the latent reconstructions start from (``z_view``), what the step says
+    about x (``box``), and ``z_denoise``: where the denoise reconstruction starts instead, or None."""
+
+    z_s: np.ndarray | None
+    z_view: np.ndarray
+    box: Any
+    z_denoise: np.ndarray | None = None
+
+
 class Received(NamedTuple):
     """The decoder's state after a step section.
 
@@ -85,10 +96,16 @@ class Received(NamedTuple):
     z_prev: np.ndarray | None = None
     box: Any = None
     part: bool = False
+    z_denoise: np.ndarray | None = None  # the denoise reconstruction's start instead of z_view (UQDM kept steps)
 
-    def latent(self, channel_aware: bool = True) -> tuple[np.ndarray, float]:
-        """(latent, gamma) to reconstruct from: the view, or the chain latent as received."""
-        return (self.z_view, self.gamma_view) if channel_aware else (self.z, self.gamma)
+    def latent(self, channel_aware: bool = True, method: str = "denoise") -> tuple[np.ndarray, float]:
+        """(latent, gamma) to reconstruct from: the view (for ``denoise`` ``z_denoise`` where there is one),
+        or the chain latent as received."""
+        if not channel_aware:
+            return self.z, self.gamma
+        if method == "denoise" and self.z_denoise is not None:
+            return self.z_denoise, self.gamma_view
+        return self.z_view, self.gamma_view
 
 
 class DiffusionModel(nn.Module):
@@ -521,19 +538,20 @@ class DiffusionModel(nn.Module):
                 if parts is None:
                     parts = self.begin_decode_parts(z, i, gam, seed, **given)
                 self.decode_part(parts, sec, gam)
-                z_s, z_view, part_box = self.part_view(parts, z, gam, box)
+                view = self.part_view(parts, z, gam, box)
                 if sec.kind == KIND_PART:
-                    yield Received(z, float(gam[i]), i, z_view, float(gam[i - 1]), None, part_box, part=True)
+                    yield Received(z, float(gam[i]), i, view.z_view, float(gam[i - 1]), None, view.box, part=True)
                     continue
-                box = part_box
+                box, z_view, z_denoise = view.box, view.z_view, view.z_denoise
                 parts = None
-                z_before, z, gamma_view = z, z_s, float(gam[i - 1])
+                z_before, z, gamma_view = z, view.z_s, float(gam[i - 1])
             else:
-                z_before = z
+                z_before, z_denoise = z, None
                 z, z_view, gamma_view = self.decode_step_view(z, sec, i, gam, seed, **given)
                 box = self.step_box(z_before, z, i, gam, box)
             i -= 1
-            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep_prev else None, box)
+            yield Received(z, float(gam[i]), i, z_view, gamma_view, z_before if keep_prev else None, box,
+                           z_denoise=z_denoise)
 
     def keeps_part(self, i: int, keep: Any) -> bool:
         """Whether step t_i -> t_{i-1} codes only part of its coordinates (UQDM's ``keep``): False here."""
@@ -546,8 +564,7 @@ class DiffusionModel(nn.Module):
     def decode_part(self, state: Any, sec: Section, gam: np.ndarray) -> None:
         raise NotImplementedError
 
-    def part_view(self, state: Any, z_t: np.ndarray, gam: np.ndarray,
-                  prev_box: Any = None) -> tuple[Any, np.ndarray, Any]:
+    def part_view(self, state: Any, z_t: np.ndarray, gam: np.ndarray, prev_box: Any = None) -> PartView:
         raise NotImplementedError
 
     def step_box(self, z_t: np.ndarray, z_s: np.ndarray, i: int, gam: np.ndarray, prev_box: Any = None) -> Any:

@@ -822,8 +822,8 @@ class ProgressiveAdapter(CodecAdapter):
         if self.shares is not None:  # kept coordinates (files coding every one have no key: the format before)
             aware += f":keep={self.keep!r}" if self.keep is not None else \
                 f":keep={','.join(str(v) for v in self.shares)}/255"
-            # since 2026-12-07 a complete kept step after the first is reconstructed from its prior mean, not its
-            # draws (UQDM.part_view): records made before are of another reconstruction
+            # since 2026-12-07 denoise reconstructs a complete kept step after the first from its prior mean, not
+            # its draws (UQDM.part_view): records made before are of another reconstruction
             aware += ":mean-view" if self.channel_aware else ""
         return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}{parts}"
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import rng as rngmod
-from ..diffusion import KIND_FINAL, KIND_PART, KIND_STEP, DiffusionModel, StepEncoding
+from ..diffusion import KIND_FINAL, KIND_PART, KIND_STEP, DiffusionModel, PartView, StepEncoding
 from ..entropy import (
     CategoricalDecoder,
     CategoricalEncoder,
@@ -715,35 +715,37 @@ class UQDM(DiffusionModel):
         state.known[idx] = True
         state.done = end
 
-    def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray, prev_box: StepBox | None = None):
-        """(z_s, z_view, box) after the parts decoded so far: z_s (the chain latent) only once the step is
-        complete, else None; z_view with the unknown coordinates at the prior mean (a complete first step's
-        view: its z_s, below); the box of the known coordinates, within the box of the steps before
-        (``prev_box``, :meth:`StepBox.within`).  A
+    def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray,
+                  prev_box: StepBox | None = None) -> PartView:
+        """The step after the parts decoded so far: z_s (the chain latent) only once the step is complete, else
+        None; z_view with the unknown coordinates at the prior mean (a complete step's: its z_s, below); the
+        box of the known coordinates, within the box of the steps before (``prev_box``,
+        :meth:`StepBox.within`).  A
         coordinate this step has not sent keeps that earlier box (unbounded without one): without it, a cut
         after a few coordinates would forget what the complete previous step said about all the others."""
         st, basis, i = state.st, self.step_basis(state.i), state.i
         if state.done == state.k.size:
             z_s = self._z_s(st, basis, state.k, state.u, state.shape)
-            return z_s, z_s, self.step_box(z_t, z_s, i, gam, prev_box)
+            return PartView(z_s, z_s, self.step_box(z_t, z_s, i, gam, prev_box))
         e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
-        z_view = st.mu_p + basis.inverse(e.reshape(state.shape))
+        z_mean = st.mu_p + basis.inverse(e.reshape(state.shape))
         if state.done == state.n_keep:  # complete: the coordinates it does not code are drawn from its prior
             z_s = self._kept_z_s(st, basis, state.k, state.u, state.known, state.seed, i, state.shape)
-            # The chain goes on from the draws (the encoder's z_s); reconstructions start from the prior mean
-            # instead, except after the first step, whose prior (given z_T, pure noise) says nothing about x:
-            # its mean is a flat latent the denoiser reads worse than a draw (uqdm-medium12, held-out photos,
-            # denoise: step 1 -0.24 dB with the mean, steps 2 / 3 +0.14 / +0.15 dB; README, UQDM kept coordinates)
+            # The chain, flow and ancestral go on from the draws (a sample, as they expect); the posterior mean
+            # (denoise) starts from the prior mean instead, except after the first step, whose prior (given z_T,
+            # pure noise) says nothing about x: its mean is a flat latent the denoiser reads worse than a draw
+            # (uqdm-medium12, held-out photos: step 1 -0.24 dB with the mean, steps 2 / 3 +0.14 / +0.15 dB;
+            # README, UQDM kept coordinates)
             box = self._kept_box(z_t, z_s, i, gam, state.known, prev_box)
-            return z_s, z_s if i == self.num_steps else z_view, box
-        return None, z_view, self._kept_box(z_t, z_view, i, gam, state.known, prev_box)
+            return PartView(z_s, z_s, box, None if i == self.num_steps else z_mean)
+        return PartView(None, z_mean, self._kept_box(z_t, z_mean, i, gam, state.known, prev_box))
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int,
                     prior_box: StepBox | None = None, keep: tuple[int, ...] | None = None) -> np.ndarray:
         if len(sec.params) == 6:  # the one part of a step divided into a single part
             state = self.begin_decode_parts(z, i, gam, seed, prior_box, keep)
             self.decode_part(state, sec, gam)
-            return self.part_view(state, z, gam)[0]
+            return self.part_view(state, z, gam).z_s
         if len(sec.params) != 2:
             raise DecodeError(f"malformed parameters in section {sec.index}")
         (half_width,) = struct.unpack("<H", sec.params)
