@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import diffcodec
@@ -43,9 +42,7 @@ def variant(mean_after_first: bool, mean_first: bool):
         first = state.i == self.num_steps
         if not (mean_first if first else mean_after_first):
             return PartView(view.z_s, view.z_view, view.box)
-        e = np.where(state.known, (state.k - state.u) * state.st.delta, 0.0)
-        z_mean = state.st.mu_p + self.step_basis(state.i).inverse(e.reshape(state.shape))
-        return PartView(view.z_s, view.z_view, view.box, z_mean)
+        return PartView(view.z_s, view.z_view, view.box, self.known_view(state))
 
     return part_view
 

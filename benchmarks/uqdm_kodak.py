@@ -39,6 +39,7 @@ import torch
 
 import diffcodec
 from diffcodec import container
+from diffcodec.cli import _keep_arg
 from diffcodec.evaluate import bd_rate, evaluate_baselines, load_benchmark_images
 from diffcodec.metrics import psnr
 
@@ -136,9 +137,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--num-steps", help="comma list of step counts to run the model at (default: its own)")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--keep", help="uqdm kept coordinates: every step but the last two codes this fraction of its "
-                    "coordinates, the rest drawn from its prior (README, UQDM kept coordinates); or a comma list, "
-                    "one fraction per step but the last (e.g. 0.2,0.3,1)")
+    ap.add_argument("--keep", type=_keep_arg, help="uqdm kept coordinates: every step but the last two codes this "
+                    "fraction of its coordinates, the rest drawn from its prior (README, UQDM kept coordinates); or a "
+                    "comma list, one fraction per step but the last (e.g. 0.2,0.3,1); default: the model's shares")
     ap.add_argument("--parts", help="write the steps in parts ending at these fractions of their coordinates "
                     "(e.g. 0.05,0.2,0.35): a point after every section, BD-rates over all of them")
     ap.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
@@ -152,11 +153,9 @@ def main() -> None:
     jpeg = jpeg_curve(images)
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
-    keep = None if a.keep is None else [float(v) for v in a.keep.split(",")]
-    keep = keep[0] if keep is not None and len(keep) == 1 else keep
     runs = []
     for T in counts:
-        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, keep)
+        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, a.keep)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
         jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {

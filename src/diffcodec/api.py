@@ -159,11 +159,13 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     if keep is not None and codec != "uqdm":
         raise DiffcodecError(f"keep applies to uqdm models, not {codec}")
     if codec == "uqdm":
-        keep = _keep_shares(model, keep, box_prior=bool(options.get("box_prior", True)))
+        box_prior = bool(options.get("box_prior", True))
+        keep = _keep_shares(model, keep, box_prior=box_prior)
         if keep is not None:
             options["keep"] = keep
-    params = model.header_params(box_prior=bool(options.get("box_prior", True)), keep=keep) if codec == "uqdm" \
-        else model.header_params()
+        params = model.header_params(box_prior=box_prior, keep=keep)
+    else:
+        params = model.header_params()
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed), params=params)
     if "parts" in options:
         options["parts"] = _check_parts(options["parts"], codec)

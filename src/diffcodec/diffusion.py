@@ -459,8 +459,7 @@ class DiffusionModel(nn.Module):
         z_prev = None  # the latent before the last step, kept only for a lossless section (memory)
         box = None  # what the steps so far say about x (the decoder's Received.box)
         # a lossless section that conditions on the last step's prior remembers its network evaluation
-        remember = lossless and self.final_uses_last_step
-        with self.reuse_evaluations() if remember else contextlib.nullcontext():
+        with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
             try:
                 last = T - num_steps + 1
                 for i in range(T, last - 1, -1):

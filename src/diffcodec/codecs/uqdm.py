@@ -655,12 +655,11 @@ class UQDM(DiffusionModel):
             known = np.zeros(k.size, dtype=bool)
             known[order[:n_keep]] = True
             z_s = self._kept_z_s(st, self.step_basis(i), k, u, known, seed, i, z.shape)
-        z_t = z
 
         def box(prev_box):  # the coordinates it does not code keep the earlier box (part_view's rule)
             if known is None:
-                return self.step_box(z_t, z_s, i, gam, prev_box)
-            return self._kept_box(z_t, z_s, i, gam, known, prev_box)
+                return self.step_box(z, z_s, i, gam, prev_box)
+            return self._kept_box(z, z_s, i, gam, known, prev_box)
         scale, delta = st.scale, st.delta  # the coder thread holds neither mu_p nor z
         gamma_t, shape, index = float(gam[i]), z.shape, self.num_steps - i + 1
 
@@ -718,17 +717,15 @@ class UQDM(DiffusionModel):
     def part_view(self, state: _PartState, z_t: np.ndarray, gam: np.ndarray,
                   prev_box: StepBox | None = None) -> PartView:
         """The step after the parts decoded so far: z_s (the chain latent) only once the step is complete, else
-        None; z_view with the unknown coordinates at the prior mean (a complete step's: its z_s, below); the
-        box of the known coordinates, within the box of the steps before (``prev_box``,
-        :meth:`StepBox.within`).  A
-        coordinate this step has not sent keeps that earlier box (unbounded without one): without it, a cut
-        after a few coordinates would forget what the complete previous step said about all the others."""
+        None; z_view with the unknown coordinates at the prior mean (:meth:`known_view`; a complete step's: its
+        z_s, below); the box of the known coordinates, within the box of the steps before (``prev_box``,
+        :meth:`StepBox.within`).  A coordinate this step has not sent keeps that earlier box (unbounded
+        without one): without it, a cut after a few coordinates would forget what the complete previous step
+        said about all the others."""
         st, basis, i = state.st, self.step_basis(state.i), state.i
         if state.done == state.k.size:
             z_s = self._z_s(st, basis, state.k, state.u, state.shape)
             return PartView(z_s, z_s, self.step_box(z_t, z_s, i, gam, prev_box))
-        e = np.where(state.known, (state.k - state.u) * st.delta, 0.0)
-        z_mean = st.mu_p + basis.inverse(e.reshape(state.shape))
         if state.done == state.n_keep:  # complete: the coordinates it does not code are drawn from its prior
             z_s = self._kept_z_s(st, basis, state.k, state.u, state.known, state.seed, i, state.shape)
             # The chain, flow and ancestral go on from the draws (a sample, as they expect); the posterior mean
@@ -737,8 +734,14 @@ class UQDM(DiffusionModel):
             # (uqdm-medium12, held-out photos: step 1 -0.24 dB with the mean, steps 2 / 3 +0.14 / +0.15 dB;
             # README, UQDM kept coordinates)
             box = self._kept_box(z_t, z_s, i, gam, state.known, prev_box)
-            return PartView(z_s, z_s, box, None if i == self.num_steps else z_mean)
+            return PartView(z_s, z_s, box, None if i == self.num_steps else self.known_view(state))
+        z_mean = self.known_view(state)
         return PartView(None, z_mean, self._kept_box(z_t, z_mean, i, gam, state.known, prev_box))
+
+    def known_view(self, state: _PartState) -> np.ndarray:
+        """The step's latent from the coordinates decoded so far, the others at the prior mean."""
+        e = np.where(state.known, (state.k - state.u) * state.st.delta, 0.0)
+        return state.st.mu_p + self.step_basis(state.i).inverse(e.reshape(state.shape))
 
     def decode_step(self, z: np.ndarray, sec: Section, i: int, gam: np.ndarray, seed: int,
                     prior_box: StepBox | None = None, keep: tuple[int, ...] | None = None) -> np.ndarray:
