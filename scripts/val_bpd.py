@@ -5,7 +5,9 @@
 The trainer validates on ``--val-batch`` held-out crops of its own ``--crop`` size, so runs with
 different crop sizes log numbers that cannot be compared.  This evaluates any models (bundled names,
 names on ``DIFFCODEC_MODEL_PATH`` or .safetensors paths, e.g. a run's EMA weights) on the crops that
-a run of the given crop size and validation batch validates on: the same numbers the run logs.
+a run of the given crop size and validation batch validates on, in float32; a CPU run validates with its
+network under bf16 autocast (unless ``train --no-bf16``), which ``--bf16`` repeats to give the numbers
+the run logs (with ``--keep``, the kept steps' coordinate choice follows the network's rounding too).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 
 import torch
 
+from diffcodec.api import _keep_shares
 from diffcodec.data import validation_batch
 from diffcodec.models import load_model
 from diffcodec.train import evaluate_bpd
@@ -27,15 +30,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crop", type=int, default=96)
     ap.add_argument("--n", type=int, default=32, help="crops (the trainer's --val-batch)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="the network under bf16 autocast, as a CPU run validates")
+    ap.add_argument("--keep", help="uqdm: the code length of kept-share files ('default' or fractions like "
+                    "0.1,0.3,0.8; a run trained with --keep-chain validates so)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     batch = validation_batch(a.data, a.crop, a.n)
     out = {}
     for name in a.models:
-        # float32, as the trainer validates its EMA model
-        out[name] = evaluate_bpd(load_model(name).float(), batch)
+        model = load_model(name).float()
+        model.autocast_bf16 = a.bf16
+        keep = None
+        if a.keep:
+            fr = None if a.keep == "default" else [float(v) for v in a.keep.split(",")]
+            keep = _keep_shares(model, fr[0] if fr and len(fr) == 1 else fr)
+        out[name] = evaluate_bpd(model, batch, keep=keep)
         print(f"{name}: {out[name]:.4f} bits/dim on {a.n} held-out {a.crop}x{a.crop} crops", flush=True)
-    print(json.dumps({"crop": a.crop, "n": a.n, "val_bpd": out}))
+    print(json.dumps({"crop": a.crop, "n": a.n, "keep": a.keep, "val_bpd": out}))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
     says where from, and --resume of the fine-tuning run keeps that architecture."""
     import torch
 
+    from diffcodec.data import validation_batch
     from diffcodec.models import load_model
+    from diffcodec.train import evaluate_bpd
 
     base = ["train", "--data", str(image_folder), "--crop", "16", "--batch", "2", "--val-batch", "2", "-q"]
     src = tmp_path / "src"
@@ -152,9 +154,23 @@ def test_init_fine_tunes_from_a_trained_model(tmp_path, image_folder):
                  ",".join(["1"] * (before.num_steps - 1) + ["0"]), "--iters", "2"]) == 0
     recs = [json.loads(line) for line in (sw / "log.jsonl").read_text().splitlines()]
     assert all("loss" in r and r["loss"] != r["bpd"] for r in recs)
+    # --keep-chain: the chain and code length of kept-share files; validation is their code length
+    kc = tmp_path / "kc"
+    assert main([*base, "--out", str(kc), "--init", str(src / "model.safetensors"), "--keep-chain", "default",
+                 "--iters", "2", "--val-every", "1"]) == 0
+    recs = [json.loads(line) for line in (kc / "log.jsonl").read_text().splitlines()]
+    val = validation_batch(str(image_folder), 16, 2)
+    kept = load_model(str(kc / "model.safetensors")).float()
+    kept.autocast_bf16 = True  # as the trainer's EMA model validates
+    assert recs[-1]["val_bpd"] == pytest.approx(evaluate_bpd(kept, val, keep=kept.check_keep(
+        [round(255 * f) for f in kept.default_keep()])), rel=1e-5)
+    assert recs[-1]["val_bpd"] != pytest.approx(evaluate_bpd(kept, val), rel=1e-5)
+    assert torch.load(kc / "checkpoint.pt", weights_only=False)["config"]["keep_chain"] == "default"
     for bad in (["--train-steps", "6,x"], ["--train-steps", "0"], ["--codec", "diffc", "--train-steps", "8"],
                 ["--step-weights", "1,1"], ["--step-weights", "1,x,1,1"], ["--step-weights", "0,0,0,0"],
-                ["--step-weights", "1,1,1,1", "--train-steps", "4,8"], ["--codec", "diffc", "--step-weights", "1"]):
+                ["--step-weights", "1,1,1,1", "--train-steps", "4,8"], ["--codec", "diffc", "--step-weights", "1"],
+                ["--keep-chain", "x"], ["--keep-chain", "0.1,0.2"], ["--keep-chain", "0"],
+                ["--keep-chain", "default", "--train-steps", "4,8"], ["--codec", "diffc", "--keep-chain", "default"]):
         assert main([*base, "--out", str(tmp_path / "bad"), "--preset", "tiny", "--iters", "1", *bad]) == 1
     # --mid-blocks grows the network at its coarsest level: with lr 0 the grown model codes like the init
     mb = tmp_path / "mb"

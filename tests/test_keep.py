@@ -164,3 +164,34 @@ def test_eval_measures_kept_files_under_their_own_curve(model, monkeypatch):
     assert "coding 10% / 30% / 80% of their coordinates" in default.curve_description(default.curves()[0])
     with pytest.raises(ValueError, match="keep"):
         evaluate.make_adapter("uqdm", "tiny", keep=1.5)
+
+
+def test_kept_chain_loss_is_the_kept_files_code_length(model):
+    """forward(keep=...) (train --keep-chain): each step's share of the code length (one-hot step weights)
+    is the bits a real kept file's step section costs (its coded coordinates only, the context seeing no
+    uncoded neighbour), and the kept steps cost less than the same steps coding every coordinate."""
+    import torch
+
+    T = model.num_steps
+    img = synthetic_image(16, 16, seed=3)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].to(next(model.parameters()).dtype) * (2 / 256) + (1 / 256 - 1)
+    xb = x.repeat(64, 1, 1, 1)
+    keep = model.check_keep([128] * (T - 1))
+    with torch.no_grad():
+        def shares(**kw):
+            out = []
+            for k in range(T):
+                torch.manual_seed(1)
+                out.append(float(model(xb, all_steps=True, step_weights=torch.eye(T)[k], **kw)["loss"].mean()) / T)
+            return out
+        kept, whole = shares(keep=keep), shares()
+        torch.manual_seed(1)
+        assert abs(sum(kept) - float(model(xb, all_steps=True, keep=keep)["bpd"].mean())) < 1e-4 * sum(kept)
+    files = [diffcodec.compress(img, model=model, lossless=True, seed=s, keep=[128 / 255] * (T - 1)).sections
+             for s in range(8)]
+    bits = [np.mean([f[k]["ideal_bits"] for f in files]) / x.numel() for k in range(T + 1)]
+    for k in range(T - 1):
+        assert abs(kept[k] - bits[k]) < 0.2 * bits[k] + 0.05, (k, kept, bits)
+        assert kept[k] < whole[k]
+    with pytest.raises(ValueError):
+        model(x, keep=(255,) * T)  # one share per step but the last

@@ -137,3 +137,11 @@ def test_val_bpd_script_reports_the_trainers_validation_number(tmp_path, capsys)
     script.main([str(path), "--data", str(data), "--crop", "16", "--n", "2", "--threads", "1"])
     got = json.loads(capsys.readouterr().out.splitlines()[-1])["val_bpd"][str(path)]
     assert got == evaluate_bpd(load_model(str(path)).float(), validation_batch(data, 16, 2)) > 0
+    # --keep default --bf16: kept-share files' code length, the network under bf16 autocast (a CPU run's log)
+    script.main([str(path), "--data", str(data), "--crop", "16", "--n", "2", "--threads", "1", "--keep", "default",
+                 "--bf16"])
+    kept = json.loads(capsys.readouterr().out.splitlines()[-1])["val_bpd"][str(path)]
+    model = load_model(str(path)).float()
+    model.autocast_bf16 = True
+    shares = model.check_keep([round(255 * f) for f in model.default_keep()])
+    assert kept == evaluate_bpd(model, validation_batch(data, 16, 2), keep=shares) != got

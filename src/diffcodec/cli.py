@@ -343,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--step-weights", dest="step_weights", help="uqdm: weight each coding step's bits in the loss, "
                    "one number per step in coding order (the last also weights the lossless term), e.g. "
                    "1,2,2,0.5 to spend the network on the rates where files are cut; validation stays the code length")
+    t.add_argument("--keep-chain", dest="keep_chain", help="uqdm: train on the chain of files that code only a "
+                   "share of their steps' coordinates (README, UQDM kept coordinates): 'default' (the model's default "
+                   "shares, what compress writes) or one fraction per step but the last, e.g. 0.1,0.3,0.8; "
+                   "validation is then those files' code length")
     t.add_argument("--noise-basis", dest="noise_basis", choices=["rgb", "opponent", "opponent-dct4"],
                    help="uqdm: axes of the uniform noise and of the factorised prior: rgb (the paper's), "
                    "opponent (luminance + two colour differences) or opponent-dct4 (and a 4x4 DCT of each; "

@@ -83,6 +83,7 @@ class TrainConfig:
     num_steps: int = 0  # diffusion steps T of the progressive codec (0 = codec default: uqdm 4, diffc 16)
     train_steps: str = ""  # uqdm: e.g. "6,8,12": each iteration simulates the chain on one of these T's grids
     step_weights: str = ""  # uqdm: e.g. "1,2,2,0.5": each coding step's bits weighted in the loss (UQDM.forward)
+    keep_chain: str = ""  # uqdm: "default" or shares like "0.1,0.3,0.8": train on the chain of kept-share files
     noise_basis: str = ""  # uqdm: basis of the uniform noise (codecs/noise_basis.py; "" = default / the --init model's)
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
@@ -358,8 +359,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
-    """Exact (all steps) code length in bits/dim on a fixed batch, with a fixed noise seed.
+def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16, keep: tuple[int, ...] | None = None) -> float:
+    """Exact (all steps) code length in bits/dim on a fixed batch, with a fixed noise seed; ``keep``
+    (uqdm): of files with these kept shares (255ths), on their chain.
 
     For rvgc, whose ``bpd`` entry is its rate-distortion loss, this is that loss (q drawn from the
     fixed seed)."""
@@ -368,7 +370,8 @@ def evaluate_bpd(model, batch: torch.Tensor, chunk: int = 16) -> float:
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        vals = [model(batch[i : i + chunk], all_steps=True)["bpd"] for i in range(0, len(batch), chunk)]
+        kw = {} if keep is None else {"keep": keep}
+        vals = [model(batch[i : i + chunk], all_steps=True, **kw)["bpd"] for i in range(0, len(batch), chunk)]
     finally:
         torch.random.set_rng_state(state)
         model.train(was)
@@ -404,6 +407,27 @@ def parse_step_weights(cfg: TrainConfig, num_steps: int) -> torch.Tensor | None:
     except ValueError as e:
         raise DiffcodecError(f"--step-weights {cfg.step_weights!r}: {e}") from None
     return w
+
+
+def parse_keep_chain(cfg: TrainConfig, model) -> tuple[int, ...] | None:
+    """The kept shares (255ths, as a file's header holds them) of ``--keep-chain`` (uqdm only; None: the
+    plain chain): ``default`` is the model's default shares (:meth:`UQDM.default_keep`)."""
+    if not cfg.keep_chain:
+        return None
+    if cfg.codec != "uqdm":
+        raise DiffcodecError("--keep-chain is for uqdm (kept coordinates are a uqdm file option)")
+    if cfg.train_steps:
+        raise DiffcodecError("--keep-chain trains the model's own steps; it does not go with --train-steps")
+    from .api import _keep_shares
+
+    try:
+        fr = None if cfg.keep_chain == "default" else [float(v) for v in cfg.keep_chain.split(",")]
+    except ValueError:
+        raise DiffcodecError(f"--keep-chain takes 'default' or fractions like 0.1,0.3,0.8, not {cfg.keep_chain!r}") \
+            from None
+    if fr is not None and len(fr) == 1:
+        fr = fr[0]
+    return _keep_shares(model, fr)
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:
@@ -457,6 +481,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         model = _grow_decoder(cfg, model, resumed=ck is not None)
         mcfg = model.config_dict()
     step_weights = parse_step_weights(cfg, getattr(model, "num_steps", 0))
+    keep = parse_keep_chain(cfg, model)
     model = model.to(device)
     model.autocast_bf16 = cfg.bf16 and device.type == "cpu"
     ema = copy.deepcopy(model).eval()
@@ -525,8 +550,8 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
         elif grids:
             # the same draw on every rank (a function of the step only), so DDP ranks run one graph
             res = net(x, num_steps=grids[int(np.random.default_rng(cfg.seed * 1_000_003 + step).integers(len(grids)))])
-        elif step_weights is not None:
-            res = net(x, step_weights=step_weights)
+        elif step_weights is not None or keep is not None:
+            res = net(x, step_weights=step_weights, keep=keep)
         else:
             res = net(x)
         loss = res.get("loss", res["bpd"]).mean()
@@ -561,7 +586,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             rec = {"step": step, "bpd": bpd_now, **{k: float(v.detach().mean()) for k, v in res.items() if k != "bpd"},
                    "lr": lr_at(step - 1, cfg), "grad_norm": float(gnorm), "elapsed": round(elapsed, 1)}
             if step % cfg.val_every == 0 or step == cfg.iters:
-                rec["val_bpd"] = evaluate_bpd(ema, val_batch.to(device))
+                rec["val_bpd"] = evaluate_bpd(ema, val_batch.to(device), keep=keep)
                 metrics["val_bpd"] = rec["val_bpd"]
                 bar.write(f"step {step}: val bpd {rec['val_bpd']:.4f} (train ~{run_bpd:.4f})")
             log.write(json.dumps(rec) + "\n")
@@ -571,7 +596,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
     bar.close()
     if main:
         if "val_bpd" not in metrics:
-            metrics["val_bpd"] = evaluate_bpd(ema, val_batch.to(device))
+            metrics["val_bpd"] = evaluate_bpd(ema, val_batch.to(device), keep=keep)
         save({"val_bpd": metrics["val_bpd"], "train_bpd": run_bpd})
         log.close()
     if distributed:

@@ -351,7 +351,8 @@ class UQDM(DiffusionModel):
         return torch.cat([w.new_zeros(1), w.flip(0)]) * (num_steps / w.sum())
 
     def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None,
-                step_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                step_weights: torch.Tensor | None = None,
+                keep: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
         """Code length of x (float in [-1, 1], pixel-centred) in bits per dimension.
 
         Simulates the forward chain from z_T ~ N(0, I) (no network calls), then evaluates the
@@ -365,6 +366,10 @@ class UQDM(DiffusionModel):
         training a model towards the rates where a file is cut (``train --step-weights``).  The network
         is shared by all steps, so the weights move its capacity between noise levels; ``bpd`` stays the
         true code length.
+        ``keep`` (kept shares in 255ths, one per coding step 1..T-1, as a file's header holds them): the
+        chain and the code length of files that code only those shares of their steps' coordinates
+        (:meth:`kept_count`; ``train --keep-chain``): the network then learns on the latents it meets in
+        such files, whose uncoded coordinates are draws from its own prior (:meth:`_kept_chain`).
         Returns a dict with ``bpd`` (per-example, for the optimiser unless ``loss``), and diagnostics.
         """
         T = num_steps or self.num_steps
@@ -373,14 +378,19 @@ class UQDM(DiffusionModel):
         dims = x[0].numel()
         t = torch.arange(T + 1, dtype=x.dtype, device=x.device) / T
         gam = self.schedule(t)
-        z = torch.randn_like(x)
-        chain = [None] * (T + 1)
-        chain[T] = z
-        for j in range(T, 0, -1):
-            a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
-            mu_q = a * z + b * x
-            z = mu_q + SQRT12 * beta * self.step_basis(j).inverse_t(torch.rand_like(x) - 0.5)
-            chain[j - 1] = z
+        if keep is not None:
+            if T != self.num_steps:
+                raise ValueError("kept shares are for the model's own step count")
+            chain, kept = self._kept_chain(x, gam.detach(), self.check_keep(keep))
+        else:
+            z = torch.randn_like(x)
+            chain, kept = [None] * (T + 1), None
+            chain[T] = z
+            for j in range(T, 0, -1):
+                a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
+                mu_q = a * z + b * x
+                z = mu_q + SQRT12 * beta * self.step_basis(j).inverse_t(torch.rand_like(x) - 0.5)
+                chain[j - 1] = z
         if all_steps:
             steps = [torch.full((B,), j, device=x.device, dtype=torch.long) for j in range(1, T + 1)]
             weight = 1.0
@@ -410,15 +420,20 @@ class UQDM(DiffusionModel):
                 d = torch.where(fin.view(B, 1, 1, 1), self.final.forward_t(z_s - mu_p), d)
                 if bool(fin.all()):
                     last_prior = (mu_p, scale)
+            coded = None if kept is None else kept[idx, ar]  # (B, C, H, W) 0/1: the coordinates the file codes
             if self.context:  # the second pass's prior, moved and rescaled by the first pass's values
                 p = basis.block
                 db, sb = to_blocks(d, p), to_blocks(scale, p)
-                m, s2 = context_t(db, sb, self.param_at(self.context_weight, gam[idx]),
+                # the coder's context sees zero for a first-pass coordinate it has not decoded (never, uncoded)
+                seen = db if coded is None else to_blocks(d * coded, p)
+                m, s2 = context_t(seen, sb, self.param_at(self.context_weight, gam[idx]),
                                   self.param_at(self.context_adapt, gam[idx]))
                 sel = torch.as_tensor(second_pass(*db.shape[-2:]), device=d.device)
                 d = from_blocks(torch.where(sel, db - m, db))
                 scale = from_blocks(torch.where(sel, s2, sb))
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
+            if coded is not None:
+                nll = nll * coded
             nats = nll.flatten(1).sum(1)
             step_nats = step_nats + nats
             if step_weights is not None:
@@ -439,6 +454,47 @@ class UQDM(DiffusionModel):
         if step_weights is not None:
             out["loss"] = (weight * weighted_nats + w_chain[1] * data_nats) / norm
         return out
+
+    @torch.no_grad()
+    def _kept_chain(self, x: torch.Tensor, gam: torch.Tensor, keep: tuple[int, ...]):
+        """The forward chain of files with kept shares ``keep`` (255ths): each step codes the share of its
+        coordinates with the largest prior scales (per example, as the coder orders a step: :meth:`kept_count`,
+        :meth:`_part_order`), whose values follow q(z_s | z_t, x) as in the plain chain, and draws the others
+        from its prior p(z_s | z_t) (logistic of its scale plus the uniform of width D, :meth:`_kept_z_s`).
+        The draws depend on the network, so the chain is walked step by step (one evaluation per kept step,
+        without gradients: the loss differentiates the steps' code lengths given the chain, as for the plain
+        chain).  Returns the chain (index j: z_{t_j}) and a (T + 1, B, C, H, W) 0/1 tensor of the coordinates
+        each step j codes (in its basis; ones for steps coding all)."""
+        T, B = self.num_steps, x.shape[0]
+        z = torch.randn_like(x)
+        chain = [None] * (T + 1)
+        chain[T] = z
+        kept = torch.ones((T + 1, *x.shape), dtype=x.dtype, device=x.device)
+        for j in range(T, 0, -1):
+            a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
+            mu_q = a * z + b * x
+            delta = SQRT12 * beta
+            basis = self.step_basis(j)
+            noise = torch.rand_like(x) - 0.5
+            n = x[0].numel()
+            n_keep = self.kept_count(n, j, keep)
+            if n_keep == n:
+                z = mu_q + delta * basis.inverse_t(noise)
+            else:
+                g = gam[j].expand(B)
+                eps, aux = self.split_output(self.net_train(z, g))
+                mu_p = a * z + b * self.x_hat_from_eps(z, eps, gam[j])
+                scale = self._scale_t(aux, g, b)
+                flat = scale.reshape(B, -1)
+                order = torch.sort(-flat, dim=1, stable=True).indices[:, :n_keep]  # the coder's order
+                mask = torch.zeros_like(flat).scatter_(1, order, 1.0).view_as(x)
+                logistic = torch.logit(torch.rand_like(x).clamp(1e-7, 1 - 1e-7))
+                drawn = scale * logistic + delta * (torch.rand_like(x) - 0.5)
+                y = torch.where(mask > 0, basis.forward_t(mu_q - mu_p) + delta * noise, drawn)
+                z = mu_p + basis.inverse_t(y)
+                kept[j] = mask
+            chain[j - 1] = z
+        return chain, kept
 
     @torch.no_grad()
     def step_residuals(self, x: torch.Tensor):
