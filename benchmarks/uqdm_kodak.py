@@ -17,7 +17,7 @@ Reported:
   * per step k: cumulative bpp of the file prefix (whole prefix, headers included) and PSNR;
   * encode and decode seconds per image (decode = the complete lossless file).
 Results are printed and written as JSON (CompressAI-like: per method, bpp and psnr-rgb lists), with
-each method's BD-rate against JPEG (its default quality grid, on the same images).
+each method's BD-rate against JPEG and against WebP (their default quality grids, on the same images).
 
 ``--num-steps 4,8,12`` also runs the model on other step counts' grids (real files: the header says
 the step count, and only a model run the same way decodes them) -- for networks trained on several
@@ -85,9 +85,10 @@ def with_num_steps(model, num_steps: int):
     return m
 
 
-def jpeg_curve(images: list[tuple[str, np.ndarray]]) -> dict:
-    """JPEG on the same images over its default quality grid (the eval harness's anchor), CompressAI-style."""
-    return evaluate_baselines(dict(images), ["jpeg"], swd=False)["jpeg"]
+def jpeg_curve(images: list[tuple[str, np.ndarray]], codec: str = "jpeg") -> dict:
+    """JPEG (or another baseline) on the same images over its default quality grid (the eval harness's
+    anchors), CompressAI-style."""
+    return evaluate_baselines(dict(images), [codec], swd=False)[codec]
 
 
 def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_aware: bool = True,
@@ -151,6 +152,7 @@ def main() -> None:
     model = diffcodec.get_model(a.model)
     images = load_benchmark_images(a.kodak, a.heldout, scale=a.scale, limit=a.limit)
     jpeg = jpeg_curve(images)
+    webp = jpeg_curve(images, "webp")
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
     runs = []
@@ -160,6 +162,9 @@ def main() -> None:
         jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {
             m: bd_rate(jb, jp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in METHODS}
+        wb, wp = webp["results"]["bpp"], webp["results"]["psnr-rgb"]
+        summary["bd_rate_vs_webp"] = {
+            m: bd_rate(wb, wp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in METHODS}
         if parts:  # every cut point, and the points no other cut beats at fewer bits (the codec's best choices)
             pts = summary["points"]
             summary["bd_rate_vs_jpeg_all_points"] = {
@@ -177,7 +182,7 @@ def main() -> None:
         print(json.dumps(summary, indent=1), flush=True)
         runs.append({"summary": summary, "compressai": results, "per_image": per})
     out = dict(runs[0]) if len(runs) == 1 else {"by_num_steps": {str(T): r for T, r in zip(counts, runs)}}
-    out["jpeg"] = jpeg
+    out["jpeg"], out["webp"] = jpeg, webp
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))

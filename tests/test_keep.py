@@ -169,7 +169,8 @@ def test_eval_measures_kept_files_under_their_own_curve(model, monkeypatch):
 def test_kept_chain_loss_is_the_kept_files_code_length(model):
     """forward(keep=...) (train --keep-chain): each step's share of the code length (one-hot step weights)
     is the bits a real kept file's step section costs (its coded coordinates only, the context seeing no
-    uncoded neighbour), and the kept steps cost less than the same steps coding every coordinate."""
+    uncoded neighbour), and the kept steps cost less than the same steps coding every coordinate; with
+    uncoded_weight 1 (--keep-chain-uncoded 1) the uncoded coordinates' posterior samples count too."""
     import torch
 
     T = model.num_steps
@@ -185,6 +186,8 @@ def test_kept_chain_loss_is_the_kept_files_code_length(model):
                 out.append(float(model(xb, all_steps=True, step_weights=torch.eye(T)[k], **kw)["loss"].mean()) / T)
             return out
         kept, whole = shares(keep=keep), shares()
+        # W = 1: every coordinate's posterior sample given the kept chain
+        full = shares(keep=keep, uncoded_weight=1.0)
         torch.manual_seed(1)
         assert abs(sum(kept) - float(model(xb, all_steps=True, keep=keep)["bpd"].mean())) < 1e-4 * sum(kept)
     files = [diffcodec.compress(img, model=model, lossless=True, seed=s, keep=[128 / 255] * (T - 1)).sections
@@ -192,6 +195,10 @@ def test_kept_chain_loss_is_the_kept_files_code_length(model):
     bits = [np.mean([f[k]["ideal_bits"] for f in files]) / x.numel() for k in range(T + 1)]
     for k in range(T - 1):
         assert abs(kept[k] - bits[k]) < 0.2 * bits[k] + 0.05, (k, kept, bits)
-        assert kept[k] < whole[k]
+        assert kept[k] < whole[k] and kept[k] < full[k]
+    # the first step starts from z_T in both chains, with the same noise: with W = 1 it costs what the plain
+    # chain's first step does (but for the context, which sees only the coded first-pass coordinates)
+    if not model.context:
+        assert full[0] == pytest.approx(whole[0], rel=1e-5)
     with pytest.raises(ValueError):
         model(x, keep=(255,) * T)  # one share per step but the last

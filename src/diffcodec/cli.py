@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "share of their steps' coordinates (README, UQDM kept coordinates): 'default' (the model's default "
                    "shares, what compress writes) or one fraction per step but the last, e.g. 0.1,0.3,0.8; "
                    "validation is then those files' code length")
+    t.add_argument("--keep-chain-uncoded", dest="keep_chain_uncoded", type=float, help="uqdm, with --keep-chain: "
+                   "add this weight times the code length of the coordinates the kept steps do not code (their "
+                   "posterior samples given the chain), so that the prior keeps predicting x there (what the "
+                   "reconstruction after a kept step shows); default 0")
     t.add_argument("--noise-basis", dest="noise_basis", choices=["rgb", "opponent", "opponent-dct4"],
                    help="uqdm: axes of the uniform noise and of the factorised prior: rgb (the paper's), "
                    "opponent (luminance + two colour differences) or opponent-dct4 (and a 4x4 DCT of each; "

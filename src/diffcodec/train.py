@@ -84,6 +84,7 @@ class TrainConfig:
     train_steps: str = ""  # uqdm: e.g. "6,8,12": each iteration simulates the chain on one of these T's grids
     step_weights: str = ""  # uqdm: e.g. "1,2,2,0.5": each coding step's bits weighted in the loss (UQDM.forward)
     keep_chain: str = ""  # uqdm: "default" or shares like "0.1,0.3,0.8": train on the chain of kept-share files
+    keep_chain_uncoded: float = 0.0  # ... adding this weight times the uncoded coordinates' code length (UQDM.forward)
     noise_basis: str = ""  # uqdm: basis of the uniform noise (codecs/noise_basis.py; "" = default / the --init model's)
     c_max: int = 12  # DiffC: chunk size cap of the reverse channel coder, in bits
     iters: int = 10000
@@ -413,7 +414,11 @@ def parse_keep_chain(cfg: TrainConfig, model) -> tuple[int, ...] | None:
     """The kept shares (255ths, as a file's header holds them) of ``--keep-chain`` (uqdm only; None: the
     plain chain): ``default`` is the model's default shares (:meth:`UQDM.default_keep`)."""
     if not cfg.keep_chain:
+        if cfg.keep_chain_uncoded:
+            raise DiffcodecError("--keep-chain-uncoded weights a term of --keep-chain's loss; give --keep-chain")
         return None
+    if not 0.0 <= cfg.keep_chain_uncoded <= 1e3:
+        raise DiffcodecError(f"--keep-chain-uncoded takes a weight >= 0, not {cfg.keep_chain_uncoded}")
     if cfg.codec != "uqdm":
         raise DiffcodecError("--keep-chain is for uqdm (kept coordinates are a uqdm file option)")
     if cfg.train_steps:
@@ -551,7 +556,7 @@ def train(cfg: TrainConfig, quiet: bool = False) -> dict:
             # the same draw on every rank (a function of the step only), so DDP ranks run one graph
             res = net(x, num_steps=grids[int(np.random.default_rng(cfg.seed * 1_000_003 + step).integers(len(grids)))])
         elif step_weights is not None or keep is not None:
-            res = net(x, step_weights=step_weights, keep=keep)
+            res = net(x, step_weights=step_weights, keep=keep, uncoded_weight=cfg.keep_chain_uncoded)
         else:
             res = net(x)
         loss = res.get("loss", res["bpd"]).mean()

@@ -351,8 +351,8 @@ class UQDM(DiffusionModel):
         return torch.cat([w.new_zeros(1), w.flip(0)]) * (num_steps / w.sum())
 
     def forward(self, x: torch.Tensor, all_steps: bool = False, num_steps: int | None = None,
-                step_weights: torch.Tensor | None = None,
-                keep: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+                step_weights: torch.Tensor | None = None, keep: tuple[int, ...] | None = None,
+                uncoded_weight: float = 0.0) -> dict[str, torch.Tensor]:
         """Code length of x (float in [-1, 1], pixel-centred) in bits per dimension.
 
         Simulates the forward chain from z_T ~ N(0, I) (no network calls), then evaluates the
@@ -370,6 +370,9 @@ class UQDM(DiffusionModel):
         chain and the code length of files that code only those shares of their steps' coordinates
         (:meth:`kept_count`; ``train --keep-chain``): the network then learns on the latents it meets in
         such files, whose uncoded coordinates are draws from its own prior (:meth:`_kept_chain`).
+        ``uncoded_weight`` W > 0 adds W times the code length the uncoded coordinates' posterior samples
+        would cost (``train --keep-chain-uncoded``): what the reconstruction after a kept step lacks, which
+        the kept files' code length alone leaves untrained (the prior mean of those coordinates).
         Returns a dict with ``bpd`` (per-example, for the optimiser unless ``loss``), and diagnostics.
         """
         T = num_steps or self.num_steps
@@ -381,10 +384,10 @@ class UQDM(DiffusionModel):
         if keep is not None:
             if T != self.num_steps:
                 raise ValueError("kept shares are for the model's own step count")
-            chain, kept = self._kept_chain(x, gam.detach(), self.check_keep(keep))
+            chain, kept, targets = self._kept_chain(x, gam.detach(), self.check_keep(keep))
         else:
             z = torch.randn_like(x)
-            chain, kept = [None] * (T + 1), None
+            chain, kept, targets = [None] * (T + 1), None, None
             chain[T] = z
             for j in range(T, 0, -1):
                 a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
@@ -398,6 +401,8 @@ class UQDM(DiffusionModel):
             steps = [torch.randint(1, T + 1, (B,), device=x.device)]
             weight = float(T)
         zs_all = torch.stack(chain)  # (T+1, B, C, H, W)
+        # the posterior samples the loss measures: the chain's own, or with W > 0 a kept step's uncoded ones too
+        zq_all = torch.stack(targets) if uncoded_weight > 0 and targets is not None else zs_all
         ar = torch.arange(B, device=x.device)
         step_nats = torch.zeros(B, dtype=x.dtype, device=x.device)
         if step_weights is not None:
@@ -405,7 +410,7 @@ class UQDM(DiffusionModel):
             weighted_nats = torch.zeros_like(step_nats)
         last_prior = None  # (mu_P, scale) of the last step, where every example evaluated it
         for idx in steps:
-            z_t, z_s = zs_all[idx, ar], zs_all[idx - 1, ar]
+            z_t, z_s = zs_all[idx, ar], zq_all[idx - 1, ar]
             g_t = gam[idx].view(B, 1, 1, 1)
             g_s = gam[idx - 1].view(B, 1, 1, 1)
             eps, aux = self.split_output(self.net_train(z_t, gam[idx]))
@@ -433,7 +438,7 @@ class UQDM(DiffusionModel):
                 scale = from_blocks(torch.where(sel, s2, sb))
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             if coded is not None:
-                nll = nll * coded
+                nll = nll * (coded + uncoded_weight * (1.0 - coded)) if uncoded_weight > 0 else nll * coded
             nats = nll.flatten(1).sum(1)
             step_nats = step_nats + nats
             if step_weights is not None:
@@ -463,12 +468,13 @@ class UQDM(DiffusionModel):
         from its prior p(z_s | z_t) (logistic of its scale plus the uniform of width D, :meth:`_kept_z_s`).
         The draws depend on the network, so the chain is walked step by step (one evaluation per kept step,
         without gradients: the loss differentiates the steps' code lengths given the chain, as for the plain
-        chain).  Returns the chain (index j: z_{t_j}) and a (T + 1, B, C, H, W) 0/1 tensor of the coordinates
-        each step j codes (in its basis; ones for steps coding all)."""
+        chain).  Returns the chain (index j: z_{t_j}), a (T + 1, B, C, H, W) 0/1 tensor of the coordinates
+        each step j codes (in its basis; ones for steps coding all), and the posterior samples given the
+        chain: z_{t_{j-1}} ~ q(. | z_{t_j}, x) with the chain's noise (the chain itself where a step codes all)."""
         T, B = self.num_steps, x.shape[0]
         z = torch.randn_like(x)
-        chain = [None] * (T + 1)
-        chain[T] = z
+        chain, targets = [None] * (T + 1), [None] * (T + 1)
+        chain[T] = targets[T] = z
         kept = torch.ones((T + 1, *x.shape), dtype=x.dtype, device=x.device)
         for j in range(T, 0, -1):
             a, b, beta = posterior_coefficients(gam[j - 1], gam[j])
@@ -493,8 +499,11 @@ class UQDM(DiffusionModel):
                 y = torch.where(mask > 0, basis.forward_t(mu_q - mu_p) + delta * noise, drawn)
                 z = mu_p + basis.inverse_t(y)
                 kept[j] = mask
+                targets[j - 1] = mu_q + delta * basis.inverse_t(noise)  # the plain chain's sample given z_t
             chain[j - 1] = z
-        return chain, kept
+            if targets[j - 1] is None:
+                targets[j - 1] = z
+        return chain, kept, targets
 
     @torch.no_grad()
     def step_residuals(self, x: torch.Tensor):
