@@ -175,7 +175,7 @@ def test_kept_chain_loss_is_the_kept_files_code_length(model):
 
     T = model.num_steps
     img = synthetic_image(16, 16, seed=3)
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].to(next(model.parameters()).dtype) * (2 / 256) + (1 / 256 - 1)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].to(next(model.net.parameters()).dtype) * (2 / 256) + (1 / 256 - 1)
     xb = x.repeat(64, 1, 1, 1)
     keep = model.check_keep([128] * (T - 1))
     with torch.no_grad():
