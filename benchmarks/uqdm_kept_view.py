@@ -21,11 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import diffcodec
-from diffcodec import rng as rngmod
 from diffcodec.codecs import uqdm as uqdm_mod
 from diffcodec.diffusion import PartView
 from diffcodec.evaluate import bd_rate, load_benchmark_images
@@ -70,13 +68,10 @@ def averaged(draws: int):
         if held is None or method != "denoise" or box is None:
             return SHIPPED_RECONSTRUCT(self, z, gamma_t, method, nfe, rng, default_steps, box)
         state, z_s = held
-        st, basis, n = state.st, self.step_basis(state.i), state.k.size
         total = SHIPPED_RECONSTRUCT(self, z_s, gamma_t, method, nfe, rng, default_steps, box)
-        for r in range(1, draws):
-            stream = rngmod.SeededStream(1000 + r, rngmod.KEPT, state.i)
-            drawn = st.scale.reshape(-1) * stream.logistic((n,)) + st.delta * (stream.uniform((n,)) - 0.5)
-            y = np.where(state.known, (state.k - state.u) * st.delta, drawn)
-            z_r = st.mu_p + basis.inverse(y.reshape(state.shape))
+        for r in range(1, draws):  # the coder's own draw of the uncoded coordinates, under other seeds
+            z_r = self._kept_z_s(state.st, self.step_basis(state.i), state.k, state.u, state.known, 1000 + r,
+                                 state.i, state.shape)
             total = total + SHIPPED_RECONSTRUCT(self, z_r, gamma_t, method, nfe, rng, default_steps, box)
         return total / draws
 

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from diffcodec.api import _keep_shares
+from diffcodec.api import _keep_shares, parse_keep
 from diffcodec.data import validation_batch
 from diffcodec.models import load_model
 from diffcodec.train import evaluate_bpd
@@ -40,10 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.models:
         model = load_model(name).float()
         model.autocast_bf16 = a.bf16
-        keep = None
-        if a.keep:
-            fr = None if a.keep == "default" else [float(v) for v in a.keep.split(",")]
-            keep = _keep_shares(model, fr[0] if fr and len(fr) == 1 else fr)
+        keep = _keep_shares(model, parse_keep(a.keep)) if a.keep else None
         out[name] = evaluate_bpd(model, batch, keep=keep)
         print(f"{name}: {out[name]:.4f} bits/dim on {a.n} held-out {a.crop}x{a.crop} crops", flush=True)
     print(json.dumps({"crop": a.crop, "n": a.n, "keep": a.keep, "val_bpd": out}))

@@ -112,6 +112,16 @@ def test_bad_keep_is_refused(model):
         diffcodec.compress(img, model=diffc, steps=2, keep=0.5)
 
 
+def test_keep_text_is_parsed_once_for_every_command():
+    """--keep, train --keep-chain and scripts/val_bpd.py --keep share one parser (api.parse_keep)."""
+    from diffcodec.api import parse_keep
+
+    assert parse_keep("default") is None and parse_keep("0.3") == 0.3 and parse_keep("0.1,0.3,0.8") == [0.1, 0.3, 0.8]
+    for bad in ("x", "0.1,,0.3", ""):
+        with pytest.raises(ValueError):
+            parse_keep(bad)
+
+
 def test_malformed_keep_headers_are_refused():
     assert UQDM.parse_header_params(bytes([4, 3, 128, 128, 255]))["keep"] == (128, 128, 255)
     assert UQDM.parse_header_params(bytes([4, 1]))["keep"] is None

@@ -343,6 +343,19 @@ def _open(data: bytes, model, steps: int | None, max_pixels: int | None = None):
     return hd, m, step_secs, final, shape
 
 
+def parse_keep(text: str) -> float | list[float] | None:
+    """uqdm kept shares as text (``--keep``, ``train --keep-chain``, ``scripts/val_bpd.py --keep``): one
+    fraction, a comma list of them (one per step but the last), or ``default`` (None: the model's default
+    shares).  ValueError for anything else; the values are checked against a model by :func:`_keep_shares`."""
+    if text.strip() == "default":
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"not 'default', a fraction or a comma list of fractions: {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
 def _keep_shares(model, keep, box_prior: bool = True) -> tuple[int, ...] | None:
     """uqdm ``keep``: a fraction in (0, 1] for every coding step but the last two (the steps whose
     coordinates the later steps hardly miss, README, UQDM kept coordinates), or one fraction per coding

@@ -164,13 +164,14 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def _keep_arg(text: str) -> float | list[float]:
-    """``--keep``: one fraction, or a comma list of them (one per step but the last)."""
+def _keep_arg(text: str) -> float | list[float] | None:
+    """``--keep``: one fraction, a comma list of them (one per step but the last), or ``default``."""
+    from .api import parse_keep
+
     try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a fraction or a comma list of fractions: {text!r}") from None
-    return vals[0] if len(vals) == 1 else vals
+        return parse_keep(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _csv_list(text: str | None) -> list[str]:

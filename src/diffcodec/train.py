@@ -423,16 +423,12 @@ def parse_keep_chain(cfg: TrainConfig, model) -> tuple[int, ...] | None:
         raise DiffcodecError("--keep-chain is for uqdm (kept coordinates are a uqdm file option)")
     if cfg.train_steps:
         raise DiffcodecError("--keep-chain trains the model's own steps; it does not go with --train-steps")
-    from .api import _keep_shares
+    from .api import _keep_shares, parse_keep
 
     try:
-        fr = None if cfg.keep_chain == "default" else [float(v) for v in cfg.keep_chain.split(",")]
-    except ValueError:
-        raise DiffcodecError(f"--keep-chain takes 'default' or fractions like 0.1,0.3,0.8, not {cfg.keep_chain!r}") \
-            from None
-    if fr is not None and len(fr) == 1:
-        fr = fr[0]
-    return _keep_shares(model, fr)
+        return _keep_shares(model, parse_keep(cfg.keep_chain))
+    except ValueError as e:
+        raise DiffcodecError(f"--keep-chain: {e}") from None
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> dict:

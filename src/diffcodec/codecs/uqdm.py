@@ -384,7 +384,7 @@ class UQDM(DiffusionModel):
         if keep is not None:
             if T != self.num_steps:
                 raise ValueError("kept shares are for the model's own step count")
-            chain, kept, targets = self._kept_chain(x, gam.detach(), self.check_keep(keep))
+            chain, kept, targets = self._kept_chain(x, gam.detach(), self.check_keep(keep), uncoded_weight > 0)
         else:
             z = torch.randn_like(x)
             chain, kept, targets = [None] * (T + 1), None, None
@@ -402,7 +402,7 @@ class UQDM(DiffusionModel):
             weight = float(T)
         zs_all = torch.stack(chain)  # (T+1, B, C, H, W)
         # the posterior samples the loss measures: the chain's own, or with W > 0 a kept step's uncoded ones too
-        zq_all = torch.stack(targets) if uncoded_weight > 0 and targets is not None else zs_all
+        zq_all = zs_all if targets is None else torch.stack(targets)
         ar = torch.arange(B, device=x.device)
         step_nats = torch.zeros(B, dtype=x.dtype, device=x.device)
         if step_weights is not None:
@@ -461,7 +461,7 @@ class UQDM(DiffusionModel):
         return out
 
     @torch.no_grad()
-    def _kept_chain(self, x: torch.Tensor, gam: torch.Tensor, keep: tuple[int, ...]):
+    def _kept_chain(self, x: torch.Tensor, gam: torch.Tensor, keep: tuple[int, ...], posterior: bool = False):
         """The forward chain of files with kept shares ``keep`` (255ths): each step codes the share of its
         coordinates with the largest prior scales (per example, as the coder orders a step: :meth:`kept_count`,
         :meth:`_part_order`), whose values follow q(z_s | z_t, x) as in the plain chain, and draws the others
@@ -469,8 +469,9 @@ class UQDM(DiffusionModel):
         The draws depend on the network, so the chain is walked step by step (one evaluation per kept step,
         without gradients: the loss differentiates the steps' code lengths given the chain, as for the plain
         chain).  Returns the chain (index j: z_{t_j}), a (T + 1, B, C, H, W) 0/1 tensor of the coordinates
-        each step j codes (in its basis; ones for steps coding all), and the posterior samples given the
-        chain: z_{t_{j-1}} ~ q(. | z_{t_j}, x) with the chain's noise (the chain itself where a step codes all)."""
+        each step j codes (in its basis; ones for steps coding all), and with ``posterior`` the posterior samples
+        given the chain, z_{t_{j-1}} ~ q(. | z_{t_j}, x) with the chain's noise (the chain itself where a step
+        codes all; else None)."""
         T, B = self.num_steps, x.shape[0]
         z = torch.randn_like(x)
         chain, targets = [None] * (T + 1), [None] * (T + 1)
@@ -499,11 +500,12 @@ class UQDM(DiffusionModel):
                 y = torch.where(mask > 0, basis.forward_t(mu_q - mu_p) + delta * noise, drawn)
                 z = mu_p + basis.inverse_t(y)
                 kept[j] = mask
-                targets[j - 1] = mu_q + delta * basis.inverse_t(noise)  # the plain chain's sample given z_t
+                if posterior:  # the plain chain's sample given z_t
+                    targets[j - 1] = mu_q + delta * basis.inverse_t(noise)
             chain[j - 1] = z
             if targets[j - 1] is None:
                 targets[j - 1] = z
-        return chain, kept, targets
+        return chain, kept, targets if posterior else None
 
     @torch.no_grad()
     def step_residuals(self, x: torch.Tensor):
