@@ -2,7 +2,8 @@
 
 * Anything Pillow reads is accepted; EXIF orientation is applied (what a viewer shows is what is
   coded).  Palette and 1-bit images are expanded losslessly.  16-bit, float and CMYK images are
-  refused with a clear message rather than silently converted.
+  refused with a clear message rather than silently converted, and so are animations and multi-page
+  files (coding their first frame alone would lose the rest without a word).
 * An alpha channel is never dropped silently: ``alpha="error"`` (default) refuses, ``"drop"``
   discards it on explicit request.
 * Outputs are written atomically (temp file + fsync + rename), never onto an input file, and
@@ -36,13 +37,19 @@ def read_image(src, alpha: str = "error") -> np.ndarray:
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_SIDE:
             raise ImageError(f"{name}: {w}x{h} is too large (limit {MAX_IMAGE_PIXELS} pixels, {MAX_SIDE} per side)")
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        if frames > 1:
+            raise ImageError(f"{name}: has {frames} frames (an animation or a multi-page file); diffcodec codes "
+                             "still images: save the frame you want as its own file")
         im = ImageOps.exif_transpose(im)
         im.load()
     except DiffcodecError:
         raise
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own check, at open, of sizes far past ours
+        raise ImageError(f"{name}: too large (limit {MAX_IMAGE_PIXELS} pixels; {e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({e})") from None
     mode = im.mode
     if mode == "P":
