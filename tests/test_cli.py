@@ -180,3 +180,51 @@ def test_compress_no_box_prior_writes_the_earlier_format(png, tmp_path, tiny_mod
     capsys.readouterr()
     assert main(["info", str(new)]) == 0 and "coded under box priors" in capsys.readouterr().out
     assert main(["info", str(old)]) == 0 and "the format before box priors" in capsys.readouterr().out
+
+
+def test_several_inputs_share_one_model_and_a_failure_does_not_stop_the_rest(tmp_path, tiny_model_path, capsys):
+    srcs = []
+    for k, (h, w) in enumerate([(22, 30), (17, 9), (8, 40)]):
+        srcs.append(tmp_path / f"im{k}.png")
+        Image.fromarray(synthetic_image(h, w, seed=k)).save(srcs[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "out"  # created
+    args = ["compress", *map(str, [srcs[0], bad, *srcs[1:]]), "-o", str(out), "--model", str(tiny_model_path),
+            "--lossless", "--json"]
+    assert main(args) == 1  # one input failed ...
+    cap = capsys.readouterr()
+    reps = [json.loads(line) for line in cap.out.splitlines()]  # ... the three others were written, one line each
+    assert [r["input"] for r in reps] == [str(s) for s in srcs]
+    assert "bad.png" in cap.err and "not a readable image" in cap.err and "Traceback" not in cap.err
+    for s, r in zip(srcs, reps):
+        assert r["output"] == str(out / f"{s.stem}.dfc") and (out / f"{s.stem}.dfc").stat().st_size == r["file_bytes"]
+
+    dec = tmp_path / "dec"
+    assert main(["decompress", *[str(out / f"{s.stem}.dfc") for s in srcs], "-o", str(dec), "-q",
+                 "--model", str(tiny_model_path)]) == 0
+    for s in srcs:  # lossless: each decodes to its own image, named after it
+        assert np.array_equal(np.asarray(Image.open(dec / f"{s.stem}.png")), np.asarray(Image.open(s)))
+    # nothing is overwritten without --force, and every output is checked before any work
+    code, _, err = run("decompress", *[out / f"{s.stem}.dfc" for s in srcs], "-o", dec, "--model", tiny_model_path)
+    assert code == 1 and "exists" in err
+    # without -o each output lies beside its input
+    assert main(["compress", str(srcs[1]), "--model", str(tiny_model_path), "--steps", "1", "-q"]) == 0
+    assert (tmp_path / "im1.dfc").exists()
+
+
+def test_several_inputs_refuse_colliding_outputs_and_a_file_as_directory(tmp_path, tiny_model_path):
+    a, b = tmp_path / "x" / "same.png", tmp_path / "y" / "same.png"
+    for p in (a, b):
+        p.parent.mkdir()
+        Image.fromarray(synthetic_image(8, 8)).save(p)
+    code, _, err = run("compress", a, b, "-o", tmp_path / "out", "--model", tiny_model_path)
+    assert code == 1 and "would both be written" in err and not (tmp_path / "out").exists()
+    f = tmp_path / "file.dfc"
+    f.write_bytes(b"x")
+    code, _, err = run("compress", a, b, "-o", f, "--model", tiny_model_path)
+    assert code == 1 and "names a directory" in err
+    # one input and an existing directory: the output goes inside it
+    assert main(["compress", str(a), "-o", str(tmp_path / "y"), "--model", str(tiny_model_path), "-q",
+                 "--steps", "1"]) == 0
+    assert (tmp_path / "y" / "same.dfc").exists()

@@ -33,26 +33,77 @@ def _read_input(path: str) -> bytes:
     return p.read_bytes()
 
 
-def cmd_compress(a) -> int:
-    from .api import compress, get_model
-    from .imageio import atomic_write, check_output
+def _outputs(inputs: list[str], output: str | None, suffix: str, beside: str) -> list[str]:
+    """Output paths for ``inputs``: ``-o`` a file (one input), or a directory (several inputs, or an existing
+    directory) holding ``<stem><suffix>`` each; without ``-o`` each output lies beside its input as
+    ``<stem><beside>``.  Two inputs that would write the same output are refused before any work."""
+    many = len(inputs) > 1
+    if output is not None and (many or Path(output).is_dir()):
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():
+            raise DiffcodecError(f"{output}: with several inputs -o names a directory, and this is a file")
+        outs = [str(folder / (Path(i).stem + suffix)) for i in inputs]
+    elif output is not None:
+        outs = [output]
+    else:
+        outs = [str(Path(i).with_suffix(beside)) for i in inputs]
+    seen: dict[str, str] = {}
+    for i, o in zip(inputs, outs):
+        key = os.path.normcase(os.path.abspath(o))
+        if key in seen:
+            raise DiffcodecError(f"{seen[key]} and {i} would both be written to {o}")
+        seen[key] = i
+    return outs
 
-    out = a.output or str(Path(a.input).with_suffix(".dfc"))
-    check_output(out, inputs=(a.input,), overwrite=a.force)  # before any work
+
+def _each(a, outs: list[str], one) -> int:
+    """Run ``one(input, output)`` over the inputs.  A single input raises its error as before; with several,
+    an input that fails prints its one-line error and the others go on (exit status 1 if any failed)."""
+    if len(a.input) == 1:
+        return one(a.input[0], outs[0])
+    failed = 0
+    for src, out in zip(a.input, outs):
+        try:
+            one(src, out)
+        except (DiffcodecError, ValueError, OSError) as e:
+            failed += 1
+            print(f"diffcodec: error: {src}: {e}" if src not in str(e) else f"diffcodec: error: {e}",
+                  file=sys.stderr)
+    if failed and not getattr(a, "json", False):
+        print(f"diffcodec: {failed} of {len(a.input)} inputs failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_compress(a) -> int:
+    from .api import get_model
+    from .imageio import check_output
+
+    outs = _outputs(a.input, a.output, ".dfc", ".dfc")
+    for src, out in zip(a.input, outs):
+        check_output(out, inputs=(src,), overwrite=a.force)  # every output before any work
+    if len(a.input) > 1 and a.output is not None:
+        Path(a.output).mkdir(parents=True, exist_ok=True)
     model = get_model(a.model, a.codec or "uqdm")
+    return _each(a, outs, lambda src, out: _compress_one(a, src, out, model))
+
+
+def _compress_one(a, src: str, out: str, model) -> int:
+    from .api import compress
+    from .imageio import atomic_write
+
     total = model.num_steps if (a.lossless or a.bpp is not None or model.codec_id == "rvgc") else (a.steps or 0)
     bar, cb = _progress(total, "encoding", a.quiet or a.json)
     try:
-        res = compress(a.input, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
+        res = compress(src, model=model, codec=a.codec, steps=a.steps, bpp=a.bpp, lossless=a.lossless,
                        seed=a.seed, alpha="drop" if a.drop_alpha else "error", progress=cb, c_max=a.c_max,
                        pad=a.pad, q=a.q_step, parts=a.parts, box_prior=False if a.no_box_prior else None,
                        keep=a.keep)
     finally:
         if bar:
             bar.close()
-    atomic_write(out, res.data, inputs=(a.input,), overwrite=a.force)
+    atomic_write(out, res.data, inputs=(src,), overwrite=a.force)
     if a.json:
-        print(json.dumps({"output": out, **res.summary()}))
+        print(json.dumps({"input": src, "output": out, **res.summary()}), flush=True)
     elif not a.quiet:
         kind = f"q {res.q:.4g}" if res.q is not None else "lossless" if res.lossless else f"{res.steps} step(s)"
         tail = 0  # the parts of a step the file ends inside (uqdm step parts)
@@ -62,27 +113,36 @@ def cmd_compress(a) -> int:
             tail += 1
         if tail:
             kind += f" and {tail} part(s) of step {res.steps + 1}"
-        print(f"{a.input} -> {out}: {res.file_bytes} bytes, {res.bpp:.4f} bpp, {kind}, "
-              f"model {res.model} (ideal {res.ideal_bits_total / 8:.0f} bytes)")
+        print(f"{src} -> {out}: {res.file_bytes} bytes, {res.bpp:.4f} bpp, {kind}, "
+              f"model {res.model} (ideal {res.ideal_bits_total / 8:.0f} bytes)", flush=True)
     return 0
 
 
 def cmd_decompress(a) -> int:
-    from .api import decompress, info
-    from .imageio import check_output, write_image
+    from .imageio import check_output
 
-    data = _read_input(a.input)
     # default name: never photo.png next to photo.dfc, which is likely the user's original
-    out = a.output or str(Path(a.input).with_suffix(".decoded.png"))
-    check_output(out, inputs=(a.input,), overwrite=a.force)  # before any work
+    outs = _outputs(a.input, a.output, ".png", ".decoded.png")
+    for src, out in zip(a.input, outs):
+        check_output(out, inputs=(src,), overwrite=a.force)  # every output before any work
+    if len(a.input) > 1 and a.output is not None:
+        Path(a.output).mkdir(parents=True, exist_ok=True)
+    return _each(a, outs, lambda src, out: _decompress_one(a, src, out))
+
+
+def _decompress_one(a, src: str, out: str) -> int:
+    from .api import decompress, info
+    from .imageio import write_image
+
+    data = _read_input(src)
     meta = info(data, max_pixels=a.max_pixels)
     img = decompress(data, model=a.model, steps=a.steps, method=a.method, nfe=a.nfe, max_pixels=a.max_pixels,
                      deterministic=a.deterministic, sampler_steps=a.sampler_steps, eta=a.eta,
                      channel_aware=a.channel_aware)
-    write_image(out, img, inputs=(a.input,), overwrite=a.force)
+    write_image(out, img, inputs=(src,), overwrite=a.force)
     if not meta["complete"]:
         used = a.steps or meta["sections_in_file"]
-        print(f"diffcodec: note: file truncated: decoded {used} of {meta['sections_encoded']} sections",
+        print(f"diffcodec: note: {src} is truncated: decoded {used} of {meta['sections_encoded']} sections",
               file=sys.stderr)
     if not a.quiet:
         if meta["codec"] != "rvgc":
@@ -91,7 +151,7 @@ def cmd_decompress(a) -> int:
             how = "plain synthesis"
         else:  # the model's default may be the plain synthesis at this q (its sampler_max_q)
             how = f"sampler, {a.sampler_steps} steps" if a.sampler_steps is not None else "the model's default decoder"
-        print(f"{a.input} -> {out}: {img.shape[1]}x{img.shape[0]}, {how}")
+        print(f"{src} -> {out}: {img.shape[1]}x{img.shape[0]}, {how}", flush=True)
     return 0
 
 
@@ -264,9 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("compress", help="image -> .dfc")
-    c.add_argument("input")
-    c.add_argument("-o", "--output")
+    c = sub.add_parser("compress", help="image(s) -> .dfc")
+    c.add_argument("input", nargs="+", help="image file(s); several share one loaded model")
+    c.add_argument("-o", "--output", help="output file, or a directory for <stem>.dfc files (several inputs: a "
+                   "directory, created if missing; default: beside each input)")
     c.add_argument("--codec", choices=["uqdm", "diffc", "rvgc"], help="codec of the default model (default: uqdm, "
                    "or the codec of --model)")
     c.add_argument("--model", help="bundled model name or .safetensors path (default: the codec's default)")
@@ -295,14 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uqdm: code each step under its whole prior, not restricted to the earlier steps' box: "
                    "a bigger file in the format diffcodec wrote before 2026-12-07, which its older versions read")
     c.add_argument("--drop-alpha", action="store_true", help="discard an alpha channel instead of refusing")
-    c.add_argument("--json", action="store_true", help="print one JSON object with sizes and ideal bits")
+    c.add_argument("--json", action="store_true", help="print one JSON object per file (one line each) with sizes "
+                   "and ideal bits")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compress)
 
-    d = sub.add_parser("decompress", help=".dfc (complete or truncated) -> image")
-    d.add_argument("input")
-    d.add_argument("-o", "--output")
+    d = sub.add_parser("decompress", help=".dfc (complete or truncated) -> image(s)")
+    d.add_argument("input", nargs="+", help=".dfc file(s)")
+    d.add_argument("-o", "--output", help="output image, or a directory for <stem>.png files (several inputs: a "
+                   "directory, created if missing; default: <stem>.decoded.png beside each input)")
     d.add_argument("--model", help="model to decode with (default: the one named in the file)")
     d.add_argument("--steps", type=int, help="decode only the first K step sections")
     d.add_argument("--method", default="denoise", choices=["denoise", "ancestral", "flow"])
