@@ -3,7 +3,7 @@
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                     [--model uqdm-small] [--num-steps 4,8] [--heldout TRAIN_DIR]
                                     [--no-channel-aware] [--parts 0.05,0.2,0.35] [--keep 0.5|0.2,0.3,1]
-                                    [--json out.json]
+                                    [--methods denoise,flow,ancestral] [--json out.json]
 
 Per image: compress losslessly (all T steps + the exact final section), decode the whole file
 (timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
@@ -47,7 +47,7 @@ METHODS = ("denoise", "flow", "ancestral")
 
 
 def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple[float, ...] | None = None,
-                keep: float | list[float] | None = None) -> dict:
+                keep: float | list[float] | None = None, methods: tuple[str, ...] = METHODS) -> dict:
     h, w, _ = img.shape
     t0 = time.perf_counter()
     res = diffcodec.compress(img, model=model, lossless=True, parts=parts, keep=keep)
@@ -62,7 +62,7 @@ def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple
     t_dec = time.perf_counter() - t0
 
     points = []  # after every step or step part: what the file cut there decodes to
-    for n, images in diffcodec.decode_steps(res.data, model=model, methods=METHODS, channel_aware=channel_aware,
+    for n, images in diffcodec.decode_steps(res.data, model=model, methods=methods, channel_aware=channel_aware,
                                             parts=True):
         sec = res.sections[n - 1]
         points.append({"section": n, "step": sec["step"], "kind": sec["kind"], "bpp": 8.0 * ends[n - 1] / (h * w),
@@ -92,10 +92,11 @@ def jpeg_curve(images: list[tuple[str, np.ndarray]], codec: str = "jpeg") -> dic
 
 
 def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_aware: bool = True,
-              parts: tuple[float, ...] | None = None, keep: float | list[float] | None = None) -> tuple[dict, dict]:
+              parts: tuple[float, ...] | None = None, keep: float | list[float] | None = None,
+              methods: tuple[str, ...] = METHODS) -> tuple[dict, dict]:
     per = {}
     for name, img in images:
-        per[name] = r = bench_image(model, img, channel_aware, parts, keep)
+        per[name] = r = bench_image(model, img, channel_aware, parts, keep, methods)
         print(f"{name}: {r['file_bytes']} B, rate/ideal {r['rate_ratio']:.4f}, overhead {r['overhead_bytes']} B, "
               f"lossless {r['lossless_bpd']:.3f} bpd ok={r['lossless_ok']}, enc {r['encode_s']:.1f}s "
               f"dec {r['decode_s']:.1f}s | " + " ".join(f"k{s['step']}:{s['bpp']:.2f}bpp/{s['denoise']:.1f}dB"
@@ -114,7 +115,7 @@ def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_a
         "lossless_all_exact": all(r["lossless_ok"] for r in rs),
         "encode_s": mean([r["encode_s"] for r in rs]), "decode_s": mean([r["decode_s"] for r in rs]),
         "steps": [{"step": k, "bpp": mean([r["steps"][k - 1]["bpp"] for r in rs]),
-                   **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in METHODS}} for k in range(1, T + 1)],
+                   **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in methods}} for k in range(1, T + 1)],
     }
     # the kept shares of steps 1..T-1 (fractions; 1 = every coordinate): as given, or the model's default
     summary["keep"] = keep if keep is not None else list(model.default_keep())
@@ -123,7 +124,7 @@ def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_a
         summary["parts"] = list(parts)
         summary["points"] = [{**{k: rs[0]["points"][j][k] for k in ("section", "step", "kind")},
                               "bpp": mean([r["points"][j]["bpp"] for r in rs]),
-                              **{m: mean([r["points"][j][m] for r in rs]) for m in METHODS}}
+                              **{m: mean([r["points"][j][m] for r in rs]) for m in methods}}
                              for j in range(len(rs[0]["points"]))]
     return summary, per
 
@@ -145,6 +146,8 @@ def main() -> None:
                     "(e.g. 0.05,0.2,0.35): a point after every section, BD-rates over all of them")
     ap.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
                     help="reconstruct from the received latents as they are (x_hat), not inside the steps' boxes")
+    ap.add_argument("--methods", default=",".join(METHODS), help="reconstructions to measure (default: all three; "
+                    "denoise alone is the quickest)")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
     if a.threads:
@@ -155,22 +158,25 @@ def main() -> None:
     webp = jpeg_curve(images, "webp")
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
+    methods = tuple(m for m in METHODS if m in a.methods.split(","))
+    if not methods:
+        ap.error(f"--methods: some of {', '.join(METHODS)}")
     runs = []
     for T in counts:
-        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, a.keep)
+        summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, a.keep, methods)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
         jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {
-            m: bd_rate(jb, jp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in METHODS}
+            m: bd_rate(jb, jp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in methods}
         wb, wp = webp["results"]["bpp"], webp["results"]["psnr-rgb"]
         summary["bd_rate_vs_webp"] = {
-            m: bd_rate(wb, wp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in METHODS}
+            m: bd_rate(wb, wp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in methods}
         if parts:  # every cut point, and the points no other cut beats at fewer bits (the codec's best choices)
             pts = summary["points"]
             summary["bd_rate_vs_jpeg_all_points"] = {
-                m: bd_rate(jb, jp, [p["bpp"] for p in pts], [p[m] for p in pts]) for m in METHODS}
+                m: bd_rate(jb, jp, [p["bpp"] for p in pts], [p[m] for p in pts]) for m in methods}
             summary["bd_rate_vs_jpeg_dominant_points"] = {}
-            for m in METHODS:
+            for m in methods:
                 best = [p for p in pts if not any(q["bpp"] <= p["bpp"] and q[m] > p[m] for q in pts)]
                 summary["bd_rate_vs_jpeg_dominant_points"][m] = bd_rate(jb, jp, [p["bpp"] for p in best],
                                                                         [p[m] for p in best])
@@ -178,7 +184,7 @@ def main() -> None:
         results = {m: {"name": f"diffcodec-uqdm-{m}", "description": f"{model.model_id} at {T} steps, {m} "
                        f"reconstruction{how}", "results": {"bpp": [s["bpp"] for s in summary["steps"]],
                                                            "psnr-rgb": [s[m] for s in summary["steps"]]}}
-                   for m in METHODS}
+                   for m in methods}
         print(json.dumps(summary, indent=1), flush=True)
         runs.append({"summary": summary, "compressai": results, "per_image": per})
     out = dict(runs[0]) if len(runs) == 1 else {"by_num_steps": {str(T): r for T, r in zip(counts, runs)}}

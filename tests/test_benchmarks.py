@@ -121,6 +121,8 @@ def test_uqdm_bench_runs_a_model_at_another_step_count(tmp_path):
     assert summary["num_steps"] == 2 * T and len(summary["steps"]) == 2 * T and summary["lossless_all_exact"]
     bpp = [s["bpp"] for s in summary["steps"]]
     assert bpp == sorted(bpp) and per["a"]["lossless_ok"]
+    quick, _ = bench.summarise(model, [("a", img)], scale=1, methods=("denoise",))  # one reconstruction only
+    assert set(quick["steps"][0]) == {"step", "bpp", "denoise"}
     data = diffcodec.compress(img, model=other, steps=2 * T).data
     with pytest.raises(DiffcodecError):
         diffcodec.decompress(data, model=model)
