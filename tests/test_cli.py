@@ -224,6 +224,11 @@ def test_several_inputs_refuse_colliding_outputs_and_a_file_as_directory(tmp_pat
     f.write_bytes(b"x")
     code, _, err = run("compress", a, b, "-o", f, "--model", tiny_model_path)
     assert code == 1 and "names a directory" in err
+    # an output that is another input is refused, even with --force
+    other = tmp_path / "x" / "same.dfc"
+    other.write_bytes(b"keep me")
+    code, _, err = run("compress", a, other, "--model", tiny_model_path, "--force")
+    assert code == 1 and "would both be written" in err and other.read_bytes() == b"keep me"
     # one input and an existing directory: the output goes inside it
     assert main(["compress", str(a), "-o", str(tmp_path / "y"), "--model", str(tiny_model_path), "-q",
                  "--steps", "1"]) == 0

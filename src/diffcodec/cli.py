@@ -79,8 +79,8 @@ def cmd_compress(a) -> int:
     from .imageio import check_output
 
     outs = _outputs(a.input, a.output, ".dfc", ".dfc")
-    for src, out in zip(a.input, outs):
-        check_output(out, inputs=(src,), overwrite=a.force)  # every output before any work
+    for out in outs:
+        check_output(out, inputs=tuple(a.input), overwrite=a.force)  # every output before any work, onto no input
     if len(a.input) > 1 and a.output is not None:
         Path(a.output).mkdir(parents=True, exist_ok=True)
     model = get_model(a.model, a.codec or "uqdm")
@@ -101,7 +101,7 @@ def _compress_one(a, src: str, out: str, model) -> int:
     finally:
         if bar:
             bar.close()
-    atomic_write(out, res.data, inputs=(src,), overwrite=a.force)
+    atomic_write(out, res.data, inputs=tuple(a.input), overwrite=a.force)
     if a.json:
         print(json.dumps({"input": src, "output": out, **res.summary()}), flush=True)
     elif not a.quiet:
@@ -123,8 +123,8 @@ def cmd_decompress(a) -> int:
 
     # default name: never photo.png next to photo.dfc, which is likely the user's original
     outs = _outputs(a.input, a.output, ".png", ".decoded.png")
-    for src, out in zip(a.input, outs):
-        check_output(out, inputs=(src,), overwrite=a.force)  # every output before any work
+    for out in outs:
+        check_output(out, inputs=tuple(a.input), overwrite=a.force)  # every output before any work, onto no input
     if len(a.input) > 1 and a.output is not None:
         Path(a.output).mkdir(parents=True, exist_ok=True)
     return _each(a, outs, lambda src, out: _decompress_one(a, src, out))
@@ -139,7 +139,7 @@ def _decompress_one(a, src: str, out: str) -> int:
     img = decompress(data, model=a.model, steps=a.steps, method=a.method, nfe=a.nfe, max_pixels=a.max_pixels,
                      deterministic=a.deterministic, sampler_steps=a.sampler_steps, eta=a.eta,
                      channel_aware=a.channel_aware)
-    write_image(out, img, inputs=(src,), overwrite=a.force)
+    write_image(out, img, inputs=tuple(a.input), overwrite=a.force)
     if not meta["complete"]:
         used = a.steps or meta["sections_in_file"]
         print(f"diffcodec: note: {src} is truncated: decoded {used} of {meta['sections_encoded']} sections",
