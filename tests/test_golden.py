@@ -104,12 +104,13 @@ def test_every_model_has_a_golden_case():
 
 
 @pytest.mark.parametrize("kind, kwargs, shares", [("keep", {"keep": 0.3}, (76, 76, 255)),
-                                                  ("default", {}, (26, 76, 204))])
+                                                  ("default", {"keep": (0.1, 0.3, 0.8)}, (26, 76, 204))])
 def test_golden_kept_coordinates_file(kind, kwargs, shares):
     """The uqdm format with kept coordinates (``keep``, header flag 2; ``uqdm-medium12.keep.dfc``, made by the
-    commit that added it with keep 0.3, and ``uqdm-medium12.default.dfc``, the default shares since they became
-    the default): lossless, the step-2 cut decodes to the pinned image (pinned again when a complete kept step
-    after the first came to be reconstructed from its prior mean), and it re-encodes byte for byte."""
+    commit that added it with keep 0.3, and ``uqdm-medium12.default.dfc``, the default shares from 2026-12-07
+    to 2026-12-08, 10% / 30% / 80%, written again with those shares given): lossless, the step-2 cut decodes to
+    the pinned image (pinned again when a complete kept step after the first came to be reconstructed from its
+    prior mean), and it re-encodes byte for byte."""
     data = (GOLDEN / f"uqdm-medium12.{kind}.dfc").read_bytes()
     assert diffcodec.info(data)["keep"] == shares
     assert np.array_equal(diffcodec.decompress(data), _png(GOLDEN / "input.png"))

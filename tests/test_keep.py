@@ -41,11 +41,11 @@ def test_kept_steps_are_lossless_and_every_cut_decodes_to_its_prefix(model, box_
 
 
 def test_kept_shares_by_default():
-    """compress writes the model's default shares (10% / 30% / 80% back from step T-1 for T = 4, the first steps
+    """compress writes the model's default shares (10% / 20% / 80% back from step T-1 for T = 4, the first steps
     of longer chains 10%); keep=1 codes every coordinate in the format before (no keep flag); box_prior=False
     (the format of the versions before box priors, which know no kept coordinates) codes every coordinate."""
     img = synthetic_image(16, 16)
-    for T, fractions in ((4, (0.1, 0.3, 0.8)), (2, (0.8,)), (6, (0.1, 0.1, 0.1, 0.3, 0.8))):
+    for T, fractions in ((4, (0.1, 0.2, 0.8)), (2, (0.8,)), (6, (0.1, 0.1, 0.1, 0.2, 0.8))):
         m = make_tiny("uqdm", num_steps=T)
         m.model_id, m.model_hash = f"tiny-default-keep-{T}", "0123456789abcdef"
         assert m.default_keep() == fractions
@@ -171,7 +171,7 @@ def test_eval_measures_kept_files_under_their_own_curve(model, monkeypatch):
     assert default.config == every.config + f":keep={','.join(map(str, shares))}/255:mean-view"
     assert kept.config == every.config + ":keep=0.3:mean-view"
     assert every.config.endswith(":box-prior")  # the key of the records made before kept coordinates
-    assert "coding 10% / 30% / 80% of their coordinates" in default.curve_description(default.curves()[0])
+    assert "coding 10% / 20% / 80% of their coordinates" in default.curve_description(default.curves()[0])
     with pytest.raises(ValueError, match="keep"):
         evaluate.make_adapter("uqdm", "tiny", keep=1.5)
 
