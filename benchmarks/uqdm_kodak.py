@@ -3,7 +3,7 @@
     python benchmarks/uqdm_kodak.py [--kodak ../shared/data/kodak] [--scale 4] [--limit N]
                                     [--model uqdm-small] [--num-steps 4,8] [--heldout TRAIN_DIR]
                                     [--no-channel-aware] [--parts 0.05,0.2,0.35] [--keep 0.5|0.2,0.3,1]
-                                    [--methods denoise,flow,ancestral] [--json out.json]
+                                    [--methods denoise,flow,ancestral] [--lossless-only] [--json out.json]
 
 Per image: compress losslessly (all T steps + the exact final section), decode the whole file
 (timed, checked bit-exact), then reconstruct every prefix with each method (denoise / flow /
@@ -18,6 +18,7 @@ Reported:
   * encode and decode seconds per image (decode = the complete lossless file).
 Results are printed and written as JSON (CompressAI-like: per method, bpp and psnr-rgb lists), with
 each method's BD-rate against JPEG and against WebP (their default quality grids, on the same images).
+``--lossless-only`` measures the lossless files alone (encode, decode, bit-exact check): no prefixes.
 
 ``--num-steps 4,8,12`` also runs the model on other step counts' grids (real files: the header says
 the step count, and only a model run the same way decodes them) -- for networks trained on several
@@ -62,8 +63,8 @@ def bench_image(model, img: np.ndarray, channel_aware: bool = True, parts: tuple
     t_dec = time.perf_counter() - t0
 
     points = []  # after every step or step part: what the file cut there decodes to
-    for n, images in diffcodec.decode_steps(res.data, model=model, methods=methods, channel_aware=channel_aware,
-                                            parts=True):
+    for n, images in [] if not methods else diffcodec.decode_steps(res.data, model=model, methods=methods,
+                                                                   channel_aware=channel_aware, parts=True):
         sec = res.sections[n - 1]
         points.append({"section": n, "step": sec["step"], "kind": sec["kind"], "bpp": 8.0 * ends[n - 1] / (h * w),
                        **{method: psnr(img, y) for method, y in images.items()}})
@@ -115,7 +116,8 @@ def summarise(model, images: list[tuple[str, np.ndarray]], scale: int, channel_a
         "lossless_all_exact": all(r["lossless_ok"] for r in rs),
         "encode_s": mean([r["encode_s"] for r in rs]), "decode_s": mean([r["decode_s"] for r in rs]),
         "steps": [{"step": k, "bpp": mean([r["steps"][k - 1]["bpp"] for r in rs]),
-                   **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in methods}} for k in range(1, T + 1)],
+                   **{m: mean([r["steps"][k - 1][m] for r in rs]) for m in methods}}
+                  for k in range(1, T + 1)] if methods else [],
     }
     # the kept shares of steps 1..T-1 (fractions; 1 = every coordinate): as given, or the model's default
     summary["keep"] = keep if keep is not None else list(model.default_keep())
@@ -148,6 +150,8 @@ def main() -> None:
                     help="reconstruct from the received latents as they are (x_hat), not inside the steps' boxes")
     ap.add_argument("--methods", default=",".join(METHODS), help="reconstructions to measure (default: all three; "
                     "denoise alone is the quickest)")
+    ap.add_argument("--lossless-only", dest="lossless_only", action="store_true", help="only the lossless files "
+                    "(encode, decode, bit-exact check; no prefixes, no BD-rates): full-size images in minutes")
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
     if a.threads:
@@ -158,8 +162,8 @@ def main() -> None:
     webp = jpeg_curve(images, "webp")
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
-    methods = tuple(m for m in METHODS if m in a.methods.split(","))
-    if not methods:
+    methods = () if a.lossless_only else tuple(m for m in METHODS if m in a.methods.split(","))
+    if not methods and not a.lossless_only:
         ap.error(f"--methods: some of {', '.join(METHODS)}")
     runs = []
     for T in counts:

@@ -123,6 +123,10 @@ def test_uqdm_bench_runs_a_model_at_another_step_count(tmp_path):
     assert bpp == sorted(bpp) and per["a"]["lossless_ok"]
     quick, _ = bench.summarise(model, [("a", img)], scale=1, methods=("denoise",))  # one reconstruction only
     assert set(quick["steps"][0]) == {"step", "bpp", "denoise"}
+    lossless, per_lossless = bench.summarise(model, [("a", img)], scale=1, methods=())  # --lossless-only
+    assert lossless["steps"] == [] and lossless["lossless_all_exact"]
+    assert lossless["lossless_bpd"] == quick["lossless_bpd"]  # the same files
+    assert per_lossless["a"]["steps"] == [] and per_lossless["a"]["lossless_ok"]
     data = diffcodec.compress(img, model=other, steps=2 * T).data
     with pytest.raises(DiffcodecError):
         diffcodec.decompress(data, model=model)
