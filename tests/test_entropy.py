@@ -107,3 +107,17 @@ def test_logistic_bin_probs_equal_the_formula_bit_for_bit():
         ref = np.exp(entropy.log_logistic_bin(lo, hi))
         got = entropy.logistic_bin_probs(lo.copy(), hi)
     assert np.array_equal(got.view(np.uint64), ref.view(np.uint64))
+
+
+def test_rows_of_vanishing_mass_code_under_the_uniform_table():
+    """A table row whose mass constriction cannot normalise (a prior hundreds of scales off every symbol:
+    below ~1e-301 it panicked, below ~2e-308 it refused) is coded under the uniform table, on both sides;
+    rows it took before are untouched."""
+    rows = np.array([[0.5e-316, 0.5e-316, 0.0], [0.5e-303, 0.5e-303, 0.0], [0.0, 0.0, 0.0],
+                     [0.2, 0.3, 0.5], [1e-250, 0.0, 1e-250]])
+    fixed = entropy.codable(rows)
+    assert np.array_equal(fixed[:3], np.ones((3, 3))) and np.array_equal(fixed[3:], rows[3:])
+    sym = np.array([1, 0, 2, 2, 0], dtype=np.int32)
+    payload, ideal = entropy.encode_categorical(sym, 3, lambda sl: rows[sl])
+    assert np.array_equal(entropy.decode_categorical(payload, sym.size, 3, lambda sl: rows[sl]), sym)
+    assert ideal == pytest.approx(3 * np.log2(3) + -np.log2(0.5) + 1.0, rel=1e-9)

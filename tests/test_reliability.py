@@ -491,7 +491,7 @@ def test_cli_truncated_file_note(tmp_path, tiny_model_path, capsys):
     cut.write_bytes(f.read_bytes()[: meta["sections"][2]["offset"] + 5])  # inside section 3
     capsys.readouterr()
     assert main(["decompress", str(cut), "-o", str(tmp_path / "c.png"), "--model", str(tiny_model_path), "-q"]) == 0
-    assert capsys.readouterr().err.strip() == "diffcodec: note: file truncated: decoded 2 of 5 sections"
+    assert capsys.readouterr().err.strip() == f"diffcodec: note: {cut} is truncated: decoded 2 of 5 sections"
     assert main(["info", str(cut), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert (d["complete"], d["truncated"], d["sections_in_file"], d["sections_encoded"]) == (False, True, 2, 5)

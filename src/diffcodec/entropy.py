@@ -133,6 +133,22 @@ def _categorical() -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(perfect=False)
 
 
+# constriction scales a table by (2^24 - K) / its total mass: a row whose mass is below about 2^24 / f64::MAX
+# (~1e-301: a prior hundreds of scales away from every symbol it may code) overflows that scale, and the coder
+# panics (a BaseException) or refuses the row.  Such rows are coded under the uniform table instead; both sides
+# test the same float64 values.  The margin (16x) leaves every row constriction took before as it was.
+MIN_ROW_MASS = 16.0 * 2.0**24 / np.finfo(np.float64).max
+
+
+def codable(probs: np.ndarray) -> np.ndarray:
+    """``probs`` (n, K) with every row constriction cannot normalise replaced by the uniform table."""
+    bad = ~(probs.sum(axis=1) >= MIN_ROW_MASS)  # NaN sums too
+    if bad.any():
+        probs = probs.copy()
+        probs[bad] = 1.0
+    return probs
+
+
 class CategoricalEncoder:
     """Range-codes sequences of symbols under per-element tables into one stream, in order.
 
@@ -152,7 +168,7 @@ class CategoricalEncoder:
             raise ValueError("symbol outside the alphabet")
 
         def build(sl: slice) -> tuple[np.ndarray, float]:  # in a worker: the table and its ideal bits
-            probs = np.ascontiguousarray(table(sl), dtype=np.float64)
+            probs = codable(np.ascontiguousarray(table(sl), dtype=np.float64))
             sym = symbols[sl]
             p = probs[np.arange(sym.size), sym] / probs.sum(axis=1)
             return probs, float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
@@ -181,10 +197,13 @@ class CategoricalDecoder:
     def decode(self, n: int, alphabet: int, table: TableFn) -> np.ndarray:
         """The next ``n`` symbols; ``table`` must produce the encoder's tables."""
         out = np.empty(n, dtype=np.int32)
-        for sl, probs in table_blocks(n, alphabet, lambda sl: np.ascontiguousarray(table(sl), dtype=np.float64)):
+        for sl, probs in table_blocks(n, alphabet,
+                                      lambda sl: codable(np.ascontiguousarray(table(sl), dtype=np.float64))):
             try:
                 out[sl] = self._dec.decode(self._model, probs)
-            except Exception as e:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # constriction's Rust panics are BaseExceptions
                 raise DecodeError(f"corrupt entropy-coded data: {e}") from None
         return out
 
