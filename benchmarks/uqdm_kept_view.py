@@ -29,7 +29,7 @@ from diffcodec.diffusion import PartView
 from diffcodec.evaluate import bd_rate, load_benchmark_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uqdm_kodak import jpeg_curve, summarise  # noqa: E402
+from uqdm_kodak import baseline_curve, summarise  # noqa: E402
 
 SHIPPED = uqdm_mod.UQDM.part_view
 
@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
     images = load_benchmark_images(a.kodak, a.heldout, scale=4)
-    jpeg = jpeg_curve(images)
+    jpeg = baseline_curve(images)
     jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
     out = {"model": model.model_id, "images": "held-out training photos" if a.heldout else "kodak",
            "keep": list(model.default_keep()), "variants": {}}

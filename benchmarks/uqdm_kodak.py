@@ -86,7 +86,7 @@ def with_num_steps(model, num_steps: int):
     return m
 
 
-def jpeg_curve(images: list[tuple[str, np.ndarray]], codec: str = "jpeg") -> dict:
+def baseline_curve(images: list[tuple[str, np.ndarray]], codec: str = "jpeg") -> dict:
     """JPEG (or another baseline) on the same images over its default quality grid (the eval harness's
     anchors), CompressAI-style."""
     return evaluate_baselines(dict(images), [codec], swd=False)[codec]
@@ -158,8 +158,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     model = diffcodec.get_model(a.model)
     images = load_benchmark_images(a.kodak, a.heldout, scale=a.scale, limit=a.limit)
-    jpeg = jpeg_curve(images)
-    webp = jpeg_curve(images, "webp")
+    # the anchors of the BD-rates (none for --lossless-only, which measures no curve)
+    jpeg, webp = (None, None) if a.lossless_only else (baseline_curve(images), baseline_curve(images, "webp"))
     counts = [int(v) for v in a.num_steps.split(",")] if a.num_steps else [model.num_steps]
     parts = tuple(float(v) for v in a.parts.split(",")) if a.parts else None
     methods = () if a.lossless_only else tuple(m for m in METHODS if m in a.methods.split(","))
@@ -169,6 +169,10 @@ def main() -> None:
     for T in counts:
         summary, per = summarise(with_num_steps(model, T), images, a.scale, a.channel_aware, parts, a.keep, methods)
         summary["image_set"] = "held-out training photos" if a.heldout else "kodak"
+        if a.lossless_only:
+            print(json.dumps(summary, indent=1), flush=True)
+            runs.append({"summary": summary, "per_image": per})
+            continue
         jb, jp = jpeg["results"]["bpp"], jpeg["results"]["psnr-rgb"]
         summary["bd_rate_vs_jpeg"] = {
             m: bd_rate(jb, jp, [s["bpp"] for s in summary["steps"]], [s[m] for s in summary["steps"]]) for m in methods}
@@ -192,7 +196,8 @@ def main() -> None:
         print(json.dumps(summary, indent=1), flush=True)
         runs.append({"summary": summary, "compressai": results, "per_image": per})
     out = dict(runs[0]) if len(runs) == 1 else {"by_num_steps": {str(T): r for T, r in zip(counts, runs)}}
-    out["jpeg"], out["webp"] = jpeg, webp
+    if not a.lossless_only:
+        out["jpeg"], out["webp"] = jpeg, webp
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))

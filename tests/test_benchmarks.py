@@ -131,7 +131,7 @@ def test_uqdm_bench_runs_a_model_at_another_step_count(tmp_path):
     with pytest.raises(DiffcodecError):
         diffcodec.decompress(data, model=model)
     for codec in ("jpeg", "webp"):  # the anchors of its BD-rates
-        curve = bench.jpeg_curve([("a", img)], codec)
+        curve = bench.baseline_curve([("a", img)], codec)
         bpp = curve["results"]["bpp"]
         assert curve["name"] == codec and len(bpp) == len(curve["results"]["quality"]) and bpp == sorted(bpp)
 

@@ -33,10 +33,13 @@ def _read_input(path: str) -> bytes:
     return p.read_bytes()
 
 
-def _outputs(inputs: list[str], output: str | None, suffix: str, beside: str) -> list[str]:
-    """Output paths for ``inputs``: ``-o`` a file (one input), or a directory (several inputs, or an existing
-    directory) holding ``<stem><suffix>`` each; without ``-o`` each output lies beside its input as
-    ``<stem><beside>``.  Two inputs that would write the same output are refused before any work."""
+def _outputs(inputs: list[str], output: str | None, suffix: str, beside: str, force: bool) -> list[str]:
+    """Output paths for ``inputs``, checked before any work: ``-o`` a file (one input), or a directory (several
+    inputs, or an existing directory; created if missing) holding ``<stem><suffix>`` each; without ``-o`` each
+    output lies beside its input as ``<stem><beside>``.  Refused: two inputs that would write the same output,
+    an output onto any input, and (without ``force``) an existing file."""
+    from .imageio import check_output
+
     many = len(inputs) > 1
     if output is not None and (many or Path(output).is_dir()):
         folder = Path(output)
@@ -53,6 +56,10 @@ def _outputs(inputs: list[str], output: str | None, suffix: str, beside: str) ->
         if key in seen:
             raise DiffcodecError(f"{seen[key]} and {i} would both be written to {o}")
         seen[key] = i
+    for o in outs:
+        check_output(o, inputs=tuple(inputs), overwrite=force)
+    if many and output is not None:
+        Path(output).mkdir(parents=True, exist_ok=True)
     return outs
 
 
@@ -76,13 +83,8 @@ def _each(a, outs: list[str], one) -> int:
 
 def cmd_compress(a) -> int:
     from .api import get_model
-    from .imageio import check_output
 
-    outs = _outputs(a.input, a.output, ".dfc", ".dfc")
-    for out in outs:
-        check_output(out, inputs=tuple(a.input), overwrite=a.force)  # every output before any work, onto no input
-    if len(a.input) > 1 and a.output is not None:
-        Path(a.output).mkdir(parents=True, exist_ok=True)
+    outs = _outputs(a.input, a.output, ".dfc", ".dfc", a.force)
     model = get_model(a.model, a.codec or "uqdm")
     return _each(a, outs, lambda src, out: _compress_one(a, src, out, model))
 
@@ -119,14 +121,8 @@ def _compress_one(a, src: str, out: str, model) -> int:
 
 
 def cmd_decompress(a) -> int:
-    from .imageio import check_output
-
     # default name: never photo.png next to photo.dfc, which is likely the user's original
-    outs = _outputs(a.input, a.output, ".png", ".decoded.png")
-    for out in outs:
-        check_output(out, inputs=tuple(a.input), overwrite=a.force)  # every output before any work, onto no input
-    if len(a.input) > 1 and a.output is not None:
-        Path(a.output).mkdir(parents=True, exist_ok=True)
+    outs = _outputs(a.input, a.output, ".png", ".decoded.png", a.force)
     return _each(a, outs, lambda src, out: _decompress_one(a, src, out))
 
 

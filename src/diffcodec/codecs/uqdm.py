@@ -440,7 +440,7 @@ class UQDM(DiffusionModel):
                 scale = from_blocks(torch.where(sel, s2, sb))
             nll = -log_logistic_bin_t((d - half) / scale, (d + half) / scale)
             if coded is not None:
-                nll = nll * (coded + uncoded_weight * (1.0 - coded)) if uncoded_weight > 0 else nll * coded
+                nll = nll * (coded + uncoded_weight * (1.0 - coded))  # W = 0: the coded coordinates' alone
             nats = nll.flatten(1).sum(1)
             step_nats = step_nats + nats
             if step_weights is not None:
