@@ -2,11 +2,12 @@
 
     python benchmarks/speed.py [--image ../shared/data/kodak/kodim01.png] [--sizes full,small]
                                [--codecs uqdm,diffc,rvgc] [--model NAME_OR_PATH] [--threads 2] [--repeat 1]
-                               [--json out.json]
+                               [--bpp RATE] [--json out.json]
 
 For each codec and image size (``full`` = the Kodak image as is, 768x512; ``small`` = downscaled 4x
 to 192x128) one case runs in a fresh subprocess (so peak memory is that case's own): compress with
-the model's default quality, then decompress with the default decoder.  The model is the codec's
+the model's default quality (``--bpp``: to that rate, the encoder's rate control), then decompress with
+the default decoder.  The model is the codec's
 default unless ``--model`` names another (with a single codec).  Every network module's
 ``forward`` is timed; "coding" is all the rest (probability tables, entropy and channel coding,
 random streams, container, image conversion).  NFE counts the main network's evaluations (the
@@ -61,7 +62,8 @@ def _instrument(model) -> dict:
     return stats
 
 
-def run_case(codec: str, size: str, image: str, threads: int, model_name: str | None = None) -> dict:
+def run_case(codec: str, size: str, image: str, threads: int, model_name: str | None = None,
+             bpp: float | None = None) -> dict:
     import torch
 
     import diffcodec
@@ -73,12 +75,13 @@ def run_case(codec: str, size: str, image: str, threads: int, model_name: str | 
     img = next(iter(imgs.values()))
     model = diffcodec.get_model(model_name, codec)
     stats = _instrument(model)
-    out = {"codec": codec, "model": model.model_id, "size": f"{img.shape[1]}x{img.shape[0]}", "threads": threads}
+    out = {"codec": codec, "model": model.model_id, "size": f"{img.shape[1]}x{img.shape[0]}", "threads": threads,
+           "target_bpp": bpp}
     for phase in ("encode", "decode"):
         stats["network_s"], stats["nfe"] = 0.0, 0
         t0 = time.perf_counter()
         if phase == "encode":
-            res = diffcodec.compress(img, model=model)
+            res = diffcodec.compress(img, model=model, bpp=bpp)
             data = res.data
         else:
             diffcodec.decompress(data, model=model)
@@ -114,12 +117,13 @@ def main() -> None:
     p.add_argument("--model", help="a model name or .safetensors path instead of the default (one codec only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1, help="runs per case (fresh processes); medians reported")
+    p.add_argument("--bpp", type=float, help="compress to this rate (rate control) instead of the default quality")
     p.add_argument("--json")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: CODEC:SIZE, run in a subprocess
     a = p.parse_args()
     if a.case:
         codec, size = a.case.split(":")
-        print(json.dumps(run_case(codec, size, a.image, a.threads, a.model)))
+        print(json.dumps(run_case(codec, size, a.image, a.threads, a.model, a.bpp)))
         return
     if a.model and "," in a.codecs:
         p.error("--model needs a single codec (--codecs)")
@@ -129,7 +133,8 @@ def main() -> None:
             runs = []
             for _ in range(max(1, a.repeat)):
                 r = subprocess.run([sys.executable, __file__, "--case", f"{codec}:{size}", "--image", a.image,
-                                    "--threads", str(a.threads)] + (["--model", a.model] if a.model else []),
+                                    "--threads", str(a.threads)] + (["--model", a.model] if a.model else [])
+                                   + (["--bpp", str(a.bpp)] if a.bpp else []),
                                    capture_output=True, text=True)
                 if r.returncode:
                     print(r.stderr, file=sys.stderr)

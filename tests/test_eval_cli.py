@@ -146,6 +146,38 @@ def test_progressive_points_are_cut_files(tiny_model_path, tiny_model):
     assert [(p.curve, p.setting) for p in part] == [("tiny-uqdm-flow", 2)]
 
 
+def test_rate_points_are_the_files_compress_writes_for_each_target(images_dir, tiny_model_path, tiny_model,
+                                                                    tmp_path):
+    """--bpp: one file per image and target, the one compress(bpp=target) writes, in curves of their own."""
+    from diffcodec.evaluate import RateAdapter
+
+    img = synthetic_image(24, 32, seed=3)
+    ad = make_adapter("uqdm", str(tiny_model_path), ("denoise", "flow"), bpp=[8.0, 1.5, 1.5])
+    assert isinstance(ad, RateAdapter) and ad.targets == (1.5, 8.0)
+    assert ad.curves() == ["tiny-uqdm+bpp-denoise", "tiny-uqdm+bpp-flow"]
+    assert ad.config != ProgressiveAdapter("uqdm", str(tiny_model_path)).config
+    for group, pts in ad.groups():
+        points = ad.run(img, group, pts)
+        ref = diffcodec.compress(img, model=tiny_model, bpp=group).data
+        assert len(points) == 2
+        for p in points:
+            assert p.file_bytes == len(ref) and 8.0 * p.file_bytes / (24 * 32) <= group
+            assert np.array_equal(p.decoded, diffcodec.decompress(ref, model=tiny_model,
+                                                                  method=p.curve.rsplit("-", 1)[1]))
+    with pytest.raises(ValueError, match="rate control"):
+        make_adapter("uqdm", str(tiny_model_path), bpp=[1.0], steps=[2])
+    parted = make_adapter("uqdm", str(tiny_model_path), bpp=[8.0], parts=[0.5])  # the rule of a file in parts
+    assert parted.curves() == ["tiny-uqdm+bpp+parts-denoise"] and parted.config != ad.config
+    (group, pts), = parted.groups()
+    ref = diffcodec.compress(img, model=tiny_model, bpp=8.0, parts=[0.5]).data
+    assert parted.run(img, group, pts)[0].file_bytes == len(ref)
+    out = tmp_path / "res"
+    assert main(eval_args(images_dir, out, tiny_model_path, "--bpp", "1.5,8", "-q", "--no-swd")) == 0
+    res = load_results(out / "tiny-uqdm+bpp-denoise.json")["results"]
+    assert len(res["bpp"]) == 2 and res["bpp"][0] <= 1.5 and res["bpp"][1] <= 8.0
+    assert main(eval_args(images_dir, out, tiny_model_path, "--bpp", "x")) == 1
+
+
 def test_progressive_decode_time_counts_every_network_evaluation(tiny_model_path, monkeypatch):
     """decode_steps reuses x_hat(z_k)'s evaluation for step k+1, but point k's decoding time is still
     what decoding that prefix alone costs: k evaluations for its sections + 1 for x_hat(z_k)."""

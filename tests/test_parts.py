@@ -68,7 +68,7 @@ def test_the_last_step_is_not_divided(model):
     assert [s["kind"] for s in res.sections] == ["part", "step"] * (model.num_steps - 1) + ["step"]
 
 
-def test_bpp_target_takes_the_longest_prefix_that_fits(model):
+def test_bpp_target_with_parts_takes_the_longest_prefix_that_fits(model):
     img = synthetic_image(24, 32, seed=6)
     full = diffcodec.compress(img, model=model, steps=model.num_steps - 1, parts=diffcodec.api.DEFAULT_PARTS)
     ends = [s["offset"] + s["bytes"] for s in diffcodec.info(full.data)["sections"]]
@@ -76,12 +76,12 @@ def test_bpp_target_takes_the_longest_prefix_that_fits(model):
     assert len(ends) == 2 * (model.num_steps - 1)  # DEFAULT_PARTS: one cut per step
     for n in (1, 3, 5):  # budgets just above a part's end: the file ends exactly there
         bpp = 8.0 * (ends[n - 1] + 1) / px
-        res = diffcodec.compress(img, model=model, bpp=bpp)
+        res = diffcodec.compress(img, model=model, bpp=bpp, parts=diffcodec.api.DEFAULT_PARTS)
         assert res.bpp <= bpp and len(res.sections) == n
         start = container.unpack(full.data).offsets[0]  # the sections, after the header
         assert res.data[container.unpack(res.data).offsets[0]:] == full.data[start:ends[n - 1]]
     with pytest.raises(DiffcodecError, match="cannot reach"):
-        diffcodec.compress(img, model=model, bpp=8.0 * ends[0] / px * 0.5)
+        diffcodec.compress(img, model=model, bpp=8.0 * ends[0] / px * 0.5, parts=diffcodec.api.DEFAULT_PARTS)
 
 
 def test_bad_parts_are_refused(model, tmp_path):

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import container
+from .codecs.uqdm import KEEP_ALL
 from .diffusion import RECONSTRUCTION_METHODS, DiffusionModel
 from .errors import DecodeError, DiffcodecError, ImageError, ModelError
 from .imageio import read_image
@@ -39,6 +41,10 @@ __all__ = ["EncodeResult", "compress", "decompress", "decode_steps", "info", "li
 
 KIND_NAMES = {0: "step", 1: "lossless", 2: "hyper-latent", 3: "latent", 4: "part"}
 DEFAULT_PARTS = (0.5,)  # uqdm step parts of a file coded to a bpp target (README, UQDM step parts)
+# What compress(bpp=...) does, per codec, named for the evaluation's record cache (a change of the rate control
+# changes the files: bump the name): uqdm ends the file with one step at the largest kept share that fits
+# (_KeptFit); diffc keeps the longest prefix of whole steps
+RATE_CONTROL = {"uqdm": "kept-fit-1", "diffc": "prefix-1"}
 MAX_CODE_PIXELS = 25 * 10**6  # a 24 MP photo; = container.DEFAULT_MAX_PIXELS (benchmarks/large_image.py: RAM)
 
 
@@ -169,30 +175,37 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed), params=params)
     if "parts" in options:
         options["parts"] = _check_parts(options["parts"], codec)
-    elif codec == "uqdm" and bpp is not None:
-        options["parts"] = DEFAULT_PARTS
+    elif codec == "uqdm" and bpp is not None and keep is None:
+        options["parts"] = DEFAULT_PARTS  # files coding every coordinate: the longest prefix of a file in parts
     if bpp is not None:
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
-        head = len(container.header_bytes(header))
+        head = len(container.header_bytes(header))  # the same for every kept share: one byte per step
+        budget = bpp * h * w / 8.0
         sizes: list[int] = []  # the sections' sizes in the file, as they arrive
 
         def over_budget(secs) -> bool:
             sizes.extend(len(container.section_bytes(sec)) for sec in secs[len(sizes):])
-            return 8.0 * (head + sum(sizes)) / (h * w) > bpp
+            return head + sum(sizes) > budget
 
+        fit = None
+        if codec == "uqdm" and "parts" not in options:
+            fit = _KeptFit(model, header, keep, box_prior, budget, pixels[:ch, :h, :w])
         sections = model.encode(pixels, seed, T, lossless=False, region=(ch, h, w), progress=progress,
-                                stop=over_budget, **options)
-        over_budget(sections)
-        # encoding stops after the first step over budget: keep the longest prefix that fits
-        total, n = head, 0
-        while n < len(sections) and 8.0 * (total + sizes[n]) / (h * w) <= bpp:
-            total += sizes[n]
-            n += 1
-        if n == 0:
-            raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: its first section "
-                                 f"already takes {8.0 * (head + sizes[0]) / (h * w):.3f} bpp")
-        sections = sections[:n]
+                                stop=over_budget, fit=fit, **options)
+        if fit is not None and fit.chosen is not None:
+            header, sections = fit.chosen
+        else:
+            over_budget(sections)
+            # encoding stops after the first step over budget: keep the longest prefix that fits
+            total, n = head, 0
+            while n < len(sections) and total + sizes[n] <= budget:
+                total += sizes[n]
+                n += 1
+            if n == 0:
+                raise DiffcodecError(f"cannot reach {bpp} bpp with model {model.model_id}: its first section "
+                                     f"already takes {8.0 * (head + sizes[0]) / (h * w):.3f} bpp")
+            sections = sections[:n]
     else:
         if steps is None and not lossless:
             steps = int(getattr(model, "card", {}).get("default_steps", max(1, T // 2)))
@@ -205,6 +218,97 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     reports = [_section_report(s, len(container.section_bytes(s)), k) for s, k in zip(sections, steps_of)]
     n_steps = sum(1 for s in sections if s.kind == 0)
     return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports)
+
+
+class _KeptFit:
+    """Rate control of a uqdm file with kept shares (``compress(bpp=...)``): once a step is over budget, the
+    file ends with one step coding the largest share of its coordinates that fits.
+
+    Candidates (:class:`~diffcodec.diffusion.StepRecoder`): the step over budget at a smaller share; the step
+    before it at the larger share that fits; the file without the step over budget.  The first is better
+    far from the steps before, the second close to them, and the third where a step's extra coordinates
+    would cost PSNR (a coded coordinate whose prior is narrower than its quantisation noise is worse than
+    the prior mean: step 3 of ``uqdm-medium12`` reconstructs better at its 80% than at 100%).  The encoder
+    decodes them and keeps the one nearest the image (mean squared error: the choice is the encoder's, any
+    file decodes).  Shares are searched by bisection (bits grow with the share); only the recoded step's
+    entropy coding is repeated.
+    ``chosen``: (header, sections) once fitted, None if the encode ended without going over budget.
+    """
+
+    def __init__(self, model, header: container.Header, keep: tuple[int, ...], box_prior: bool, budget: float,
+                 image: np.ndarray):
+        self.model, self.header, self.keep, self.box_prior = model, header, keep, box_prior
+        self.budget, self.image = budget, image
+        self.head = len(container.header_bytes(header))
+        self.chosen: tuple[container.Header, list] | None = None
+
+    def _header(self, keep: tuple[int, ...]) -> container.Header:
+        params = self.model.header_params(box_prior=self.box_prior, keep=keep)
+        return dataclasses.replace(self.header, params=params)
+
+    def _size(self, sections) -> int:
+        return self.head + sum(len(container.section_bytes(s)) for s in sections)
+
+    def _largest(self, recoder, i: int, lo: tuple[int, int], hi: tuple[int, int] | None):
+        """(keep, sections) with step i at the largest share whose file fits, or None.  ``lo`` = (share,
+        file bytes) known to fit (share 0: the file without step i), ``hi`` the same known not to (None:
+        share 255 is tried first).  Interpolation in bytes for two guesses, then bisection."""
+        T, best, guesses = self.model.num_steps, None, 0
+
+        def code(v: int):
+            keep = (*self.keep[: T - i], v, *self.keep[T - i + 1:])
+            secs = recoder.recode(i, keep=keep)
+            return keep, secs, self._size(secs)
+
+        if hi is None:
+            keep, secs, size = code(KEEP_ALL)
+            if size <= self.budget:
+                return keep, secs
+            hi = (KEEP_ALL, size)
+        while hi[0] - lo[0] > 1:
+            if guesses < 2 and hi[1] > lo[1]:
+                v = lo[0] + int((self.budget - lo[1]) / (hi[1] - lo[1]) * (hi[0] - lo[0]))
+                v = min(max(v, lo[0] + 1), hi[0] - 1)
+                guesses += 1
+            else:
+                v = (lo[0] + hi[0]) // 2
+            keep, secs, size = code(v)
+            if size <= self.budget:
+                best, lo = (keep, secs), (v, size)
+            else:
+                hi = (v, size)
+        return best
+
+    def _error(self, recoder, i: int, keep: tuple[int, ...], sections) -> float:
+        """Mean squared error of the image the file decodes to (denoise, channel-aware)."""
+        header = self._header(keep)
+        out = _to_image(self.model, header, recoder.decoded(i, sections, keep), "denoise", None, True)
+        ref = self.image.transpose(1, 2, 0)[:, :, : out.shape[2]]
+        return float(np.mean((out.astype(np.float64) - ref) ** 2))
+
+    def __call__(self, recoder) -> list:
+        T, over = self.model.num_steps, recoder.steps[0]
+        before = recoder.before(over)
+        several = len(recoder.steps) > 1  # the file without the step over budget is a candidate too
+        cands = []  # (error, keep, sections): the step over budget first, so that it wins a tie
+        if over >= 2:  # the last step codes every coordinate: its latent is z_0
+            share = self.keep[T - over]
+            found = self._largest(recoder, over, (0, self._size(before)), (share, self._size(recoder.coded)))
+            if found is not None:
+                cands.append((self._error(recoder, over, *found) if several else 0.0, *found))
+        if several:
+            prev = recoder.steps[1]
+            if prev >= 2:
+                found = self._largest(recoder, prev, (self.keep[T - prev], self._size(before)), None)
+                if found is not None and found[0] != self.keep:
+                    cands.append((self._error(recoder, prev, *found), *found))
+            cands.append((self._error(recoder, prev, self.keep, before), self.keep, before))
+        if not cands:
+            raise DiffcodecError(f"cannot reach {8.0 * self.budget / self.image[0].size:g} bpp with model "
+                                 f"{self.model.model_id}: its first step takes more even at its smallest share")
+        _, keep, sections = min(cands, key=lambda c: c[0])
+        self.chosen = (self._header(keep), sections)
+        return sections
 
 
 def _check_parts(parts, codec: str) -> tuple[float, ...]:

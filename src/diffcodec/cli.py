@@ -276,9 +276,13 @@ def cmd_eval(a) -> int:
                                                                  int(part.split("-")[-1]) + 1)] or None
     except ValueError:
         raise DiffcodecError(f"--steps: expected steps or ranges like 1-12,14, got {a.steps!r}") from None
+    try:
+        targets = [float(v) for v in _csv_list(a.bpp)] or None
+    except ValueError:
+        raise DiffcodecError(f"--bpp: expected a comma list of rates, got {a.bpp!r}") from None
     adapters = [make_adapter(c, models[i] if models else None, _eval_methods(methods, c), nfe=a.nfe, steps=steps,
                              channel_aware=a.channel_aware, parts=_csv_list(a.parts) or None, keep=a.keep,
-                             sampler_steps=a.sampler_steps, num_q=a.num_q) for i, c in enumerate(codecs)]
+                             sampler_steps=a.sampler_steps, num_q=a.num_q, bpp=targets) for i, c in enumerate(codecs)]
     adapters += [BaselineAdapter(n) for n in chosen]
     images = load_images(a.images, scale=a.downscale, limit=a.limit, pattern=a.pattern)
     log = None if a.quiet else print
@@ -329,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="bundled model name or .safetensors path (default: the codec's default)")
     q = c.add_mutually_exclusive_group()
     q.add_argument("--steps", type=int, help="diffusion steps to send (1..T)")
-    q.add_argument("--bpp", type=float, help="best quality whose file fits this many bits/pixel (uqdm: longest "
-                   "prefix of steps and step parts; diffc: largest step count; rvgc: smallest q)")
+    q.add_argument("--bpp", type=float, help="best quality whose file fits this many bits/pixel (uqdm: the file "
+                   "ends with one step coding the largest share of its coordinates that fits, or with --parts the "
+                   "longest prefix of steps and parts; diffc: largest step count; rvgc: smallest q)")
     q.add_argument("--lossless", action="store_true", help="all steps plus the exact final section")
     c.add_argument("--q", dest="q_step", type=float, help="rvgc: quantisation step (the rate knob; larger = "
                    "fewer bits), any value in the model's range")
@@ -484,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--keep", type=float, help="uqdm: files whose steps but the last two code only this fraction "
                     "of their coordinates (see compress; curves MODEL+keepF-METHOD); 1: files coding every "
                     "coordinate (curves MODEL-METHOD); default: the files compress writes (curves MODEL-METHOD)")
+    ev.add_argument("--bpp", help="uqdm/diffc: one file per image and bpp target, comma list (e.g. "
+                    "0.1,0.2,0.4,0.8,1.6,3.2), written by compress --bpp (rate control) instead of the prefixes of one "
+                    "file (curves MODEL+bpp-METHOD, quality = the target)")
     ev.add_argument("--no-channel-aware", dest="channel_aware", action="store_false",
                     help="diffc/uqdm: reconstruct from the received latents as they are (see decompress)")
     ev.add_argument("--steps", help="progressive codecs: evaluate only these prefixes, e.g. 1-12 or 2,4,6 (steps "

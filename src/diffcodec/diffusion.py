@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import threading
@@ -61,6 +62,45 @@ class StepEncoding(NamedTuple):
     z_s: np.ndarray
     finish: Any
     box: Any
+
+
+class StepRecoder:
+    """The last two steps an encode stopped by rate control coded, recodable with other encoder options.
+
+    Why: a budget between two steps is met best by a step coding only a share of its coordinates (UQDM
+    kept coordinates), the share being the largest that fits; only the step's entropy coding depends on
+    it, so the recoding starts from the chain latent the encoder already had, not from z_T.
+    ``steps``: the step indices i (step t_i -> t_{i-1}) that can be recoded, the over-budget one first.
+    """
+
+    def __init__(self, model: DiffusionModel, x: np.ndarray, gam: np.ndarray, seed: int, options: dict,
+                 history: list[tuple[int, np.ndarray, dict, int]], sections: list[Section]):
+        self._model, self._x, self._gam, self._seed, self._options = model, x, gam, seed, options
+        self._history = {i: (z, given, n) for i, z, given, n in history}
+        self.coded = sections  # the file's sections as the encode coded them, the step over budget last
+        self.steps = [i for i, *_ in reversed(history)]
+
+    def before(self, i: int) -> list[Section]:
+        """The file's sections before step i, as coded."""
+        return self.coded[: self._history[i][2]]
+
+    def recode(self, i: int, **options) -> list[Section]:
+        """The file's sections up to step i, step i coded with ``options`` overriding the encode's."""
+        z, given, n = self._history[i]
+        step = self._model.begin_encode_step(z, self._x, i, self._gam, self._seed, **given,
+                                             **{**self._options, **options})
+        sec = step.finish()
+        return self.coded[:n] + (sec if isinstance(sec, list) else [sec])
+
+    def decoded(self, i: int, sections: list[Section], keep: Any = None) -> Received:
+        """The decoder's state at the end of ``sections`` (a file from :meth:`recode` or :meth:`before`),
+        replayed from step i with the encoder's latent and box before it: what decoding the whole file
+        gives, without the network evaluations of the steps before (a box-prior encode: its box is the
+        decoder's)."""
+        z, given, n = self._history[i]
+        states = self._model.iter_latents(z.shape, self._seed, sections[n:], keep=keep,
+                                          start=(i, z, given.get("prior_box")))
+        return collections.deque(states, maxlen=1)[0]
 
 
 class PartView(NamedTuple):
@@ -415,7 +455,7 @@ class DiffusionModel(nn.Module):
 
     def encode(self, pixels: np.ndarray, seed: int, num_steps: int, lossless: bool,
                region: tuple[int, int, int] | None = None, progress=None, stop=None, box_prior: bool = True,
-               **options) -> list[Section]:
+               fit=None, **options) -> list[Section]:
         """Code ``num_steps`` steps (and the final lossless section if ``lossless``).
 
         ``box_prior``: code each step under its prior restricted to the symbols whose box meets the box
@@ -423,7 +463,9 @@ class DiffusionModel(nn.Module):
         :meth:`iter_latents` must be given the same choice).  Codecs without boxes ignore it.
 
         ``stop(sections)``, if given, is asked after every step whether to stop early (rate
-        control: once the file is over budget the finer, costlier steps need not be coded).
+        control: once the file is over budget the finer, costlier steps need not be coded).  ``fit``, if
+        given with ``stop``, then returns the file's sections from a :class:`StepRecoder` of the last two
+        steps (the one over budget and the one before), under which network evaluations are remembered.
         ``progress(1)`` is called as each step's sections are complete (from the coder thread, see below).
 
         ``pixels``: uint8 (C, H, W), already padded to a multiple of ``downscale`` (gray images
@@ -458,13 +500,18 @@ class DiffusionModel(nn.Module):
         coder = pool("coder", 1)
         z_prev = None  # the latent before the last step, kept only for a lossless section (memory)
         box = None  # what the steps so far say about x (the decoder's Received.box)
-        # a lossless section that conditions on the last step's prior remembers its network evaluation
-        with self.reuse_evaluations() if lossless and self.final_uses_last_step else contextlib.nullcontext():
+        # a lossless section that conditions on the last step's prior remembers its network evaluation, and so
+        # does a fit (its recodes of the step over budget start from the latent the step was coded from)
+        remember = (lossless and self.final_uses_last_step) or fit is not None
+        with self.reuse_evaluations() if remember else contextlib.nullcontext():
             try:
                 last = T - num_steps + 1
+                history: list = []  # (i, z_t, the step's prior box, sections before it) of the last two steps
                 for i in range(T, last - 1, -1):
                     z_prev = z if lossless else None
                     given = {"prior_box": box} if box is not None else {}
+                    if fit is not None:
+                        history = [*history[-1:], (i, z, given, len(sections))]
                     z, finish, box_of = self.begin_encode_step(z, x, i, gam, seed, **given, **options)
                     if box_prior and i > last:  # only the next step's prior uses the box
                         box = box_of(box)
@@ -476,6 +523,8 @@ class DiffusionModel(nn.Module):
                         continue
                     sections.extend(finished(finish))
                     if stop is not None and not lossless and stop(sections):
+                        if fit is not None:
+                            sections = fit(StepRecoder(self, x, gam, seed, options, history, sections))
                         break
                 if lossless:  # coded here while the last step finishes in the coder thread
                     final = self.encode_final(pixels, region or pixels.shape, z_prev, z, gam, seed)
@@ -509,22 +558,22 @@ class DiffusionModel(nn.Module):
         return lambda sl: self.data_table_f64(flat[sl], gamma0)
 
     def iter_latents(self, shape: tuple[int, ...], seed: int, sections: list[Section], box_prior: bool = True,
-                     keep: tuple[int, ...] | None = None):
+                     keep: tuple[int, ...] | None = None, start: tuple[int, np.ndarray, Any] | None = None):
         """Replay the step sections, yielding a :class:`Received` state (z, gamma of z, steps remaining
         to t = 0, and the latent reconstructions start from) after each.
 
         Every prefix of a file is a valid file, so every yielded latent is what a file cut after
         that section decodes to (progressive display, benchmarks).  A step written in parts yields a
         state after each part (``part=True`` before its last one).  ``box_prior``, ``keep``: as the
-        encoder's (:meth:`encode`; the file's header says which).
+        encoder's (:meth:`encode`; the file's header says which).  ``start``: (i, z_t, box) to replay
+        ``sections`` from step i on, the chain latent and box before it being known (:class:`StepRecoder`).
         """
         T = self.num_steps
         gam = self.gamma_grid(T)
-        z = self.initial_latent(shape, seed)
-        i = T
+        i, z, box = start if start is not None else (T, self.initial_latent(shape, seed), None)
         keep_prev = self.final_uses_last_step  # z_prev costs a latent's memory: only where it is used
         parts = None  # the step being decoded part by part
-        box = None  # what the complete steps so far say about x (each step's box within the one before)
+        # box: what the complete steps so far say about x (each step's box within the one before)
         for sec in sections:
             if sec.kind not in (KIND_STEP, KIND_PART):
                 break

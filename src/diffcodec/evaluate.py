@@ -54,6 +54,7 @@ __all__ = [
     "Point",
     "ProgressiveAdapter",
     "QSweepAdapter",
+    "RateAdapter",
     "RecordCache",
     "bd_psnr",
     "bd_rate",
@@ -601,6 +602,8 @@ def plot_rd(results: Sequence[Mapping[str, Any]], metric: str, out_png: str | Pa
 # * :class:`ProgressiveAdapter` (uqdm, diffc): encode ONE file with every step, then every prefix of it is a
 #   point: point k is the file cut after step section k (header + sections 1..k, its size read from
 #   ``api.info``), reconstructed by ``api.decode_steps`` with each method;
+# * :class:`RateAdapter` (uqdm, diffc with ``--bpp``): one file per image and bpp target, by the encoder's rate
+#   control;
 # * :class:`QSweepAdapter` (rvgc): one file per image and quantisation step q, swept over the model's q range;
 # * :class:`BaselineAdapter`: one classical codec (:mod:`diffcodec.baselines`) swept over its quality grid.
 #
@@ -1007,18 +1010,99 @@ class BaselineAdapter(CodecAdapter):
         return [Point(self.name, group, len(data), dec, t_enc, t_dec)]
 
 
+class RateAdapter(CodecAdapter):
+    """uqdm / diffc: one file per image and bpp target, written by the encoder's rate control
+    (``compress(bpp=...)``: for uqdm the file ends with one step coding the largest share of its coordinates
+    that fits, README, *Rate control*); quality = the target.  The points are the files a user asking for
+    those sizes gets, spread over the whole range: a progressive file's own steps lie far apart (13 dB between
+    the default uqdm model's steps 2 and 3), and a BD-rate over them interpolates across the gaps."""
+
+    def __init__(self, codec: str | None = None, model: str | None = None, methods: Sequence[str] = ("denoise",),
+                 *, targets: Sequence[float], nfe: int | None = None, seed: int = 0, channel_aware: bool = True,
+                 parts: Sequence[float] | None = None):
+        from .api import _check_parts
+        from .diffusion import RECONSTRUCTION_METHODS
+
+        m = _load_model(model, codec)
+        if m.codec_id not in PROGRESSIVE_CODECS:
+            raise ValueError(f"{m.model_id} is a {m.codec_id} model: its rate is set by q (rvgc sweeps q)")
+        # uqdm with parts: the longest prefix of a file written in them (compress --bpp X --parts P)
+        self.parts = _check_parts(parts, m.codec_id) if parts else ()
+        bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
+        if bad or not methods:
+            raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
+                             f"{', '.join(RECONSTRUCTION_METHODS)}")
+        self.targets = tuple(sorted({float(f"{float(t):.6g}") for t in targets}))
+        if not self.targets or not all(t > 0 for t in self.targets):
+            raise ValueError("bpp targets must be positive")
+        if nfe is not None and nfe < 1:
+            raise ValueError("nfe must be >= 1")
+        self.codec, self.model, self.seed, self.nfe = m.codec_id, model, int(seed), nfe
+        self.channel_aware, self.methods = bool(channel_aware), tuple(dict.fromkeys(methods))
+        self.model_id, self.model_hash = m.model_id, m.model_hash
+
+    def curves(self) -> list[str]:
+        tag = "+bpp+parts" if self.parts else "+bpp"
+        return [f"{self.model_id}{tag}-{method}" for method in self.methods]
+
+    def curve_description(self, curve: str) -> str:
+        method = self.methods[self.curves().index(curve)]
+        nfe = "" if method == "denoise" else f" with nfe = {self.nfe or 'the remaining step count'}"
+        rule = (f"the longest prefix of a file written in parts ending at {','.join(f'{f:g}' for f in self.parts)} "
+                "of each step's coordinates (compress --bpp --parts)" if self.parts else
+                "written by the encoder's rate control (compress --bpp)")
+        return (f"diffcodec {self.codec} model {self.model_id} ({self.model_hash}), {method} reconstruction{nfe}, "
+                f"channel-aware={self.channel_aware}; one file per image and bpp target, {rule}; quality = the target")
+
+    @property
+    def config(self) -> str:
+        # RATE_CONTROL names the encoder's rate control: records of another one are of other files
+        from .api import RATE_CONTROL
+
+        aware = ":channel-aware" if self.channel_aware else ""
+        rule = f"parts={','.join(repr(f) for f in self.parts)}" if self.parts else RATE_CONTROL[self.codec]
+        return f"{self.codec}:{self.model_hash}:seed={self.seed}:nfe={self.nfe}{aware}:bpp:{rule}"
+
+    def groups(self) -> list[Group]:
+        return [(t, [(c, t) for c in self.curves()]) for t in self.targets]
+
+    def run(self, img: np.ndarray, group: Any, needed: Sequence[tuple[str, Any]]) -> list[Point]:
+        from .api import compress, decompress
+
+        m = _load_model(self.model, self.codec)
+        if m.model_hash != self.model_hash:
+            raise RuntimeError(f"model {self.model_id} changed during the evaluation")
+        t0 = time.perf_counter()
+        data = compress(img, model=m, codec=self.codec, bpp=group, seed=self.seed, parts=self.parts or None).data
+        t_enc = time.perf_counter() - t0
+        points = []
+        for curve, method in zip(self.curves(), self.methods):
+            if (curve, group) in needed:
+                t0 = time.perf_counter()
+                dec = decompress(data, model=m, method=method, nfe=self.nfe, channel_aware=self.channel_aware)
+                points.append(Point(curve, group, len(data), dec, t_enc, time.perf_counter() - t0))
+        return points
+
+
 PROGRESSIVE_CODECS = ("uqdm", "diffc")
 
 
 def make_adapter(codec: str | None, model: str | None = None, methods: Sequence[str] | None = None, *,
                  nfe: int | None = None, steps: Sequence[int] | None = None, sampler_steps: int | None = None,
                  num_q: int = 6, seed: int = 0, channel_aware: bool = True,
-                 parts: Sequence[float] | None = None, keep: float | None = None) -> CodecAdapter:
-    """The adapter of a diffcodec codec: progressive for uqdm/diffc, a q sweep for rvgc only.
+                 parts: Sequence[float] | None = None, keep: float | None = None,
+                 bpp: Sequence[float] | None = None) -> CodecAdapter:
+    """The adapter of a diffcodec codec: progressive for uqdm/diffc (with ``bpp`` targets: one file per target,
+    :class:`RateAdapter`), a q sweep for rvgc only.
 
     ``codec=None`` takes the codec of ``model``; ``methods=None`` the codec's default (denoise; rvgc both)."""
     if codec is None:
         codec = _load_model(model, None if model is not None else "uqdm").codec_id
+    if bpp and codec in PROGRESSIVE_CODECS:
+        if steps or keep is not None:
+            raise ValueError("bpp targets: the encoder's rate control chooses the steps (no steps or keep)")
+        return RateAdapter(codec, model, methods or ("denoise",), targets=bpp, nfe=nfe, seed=seed,
+                           channel_aware=channel_aware, parts=parts if codec == "uqdm" else None)
     if codec in PROGRESSIVE_CODECS:
         return ProgressiveAdapter(codec, model, methods or ("denoise",), nfe=nfe, steps=steps, seed=seed,
                                   channel_aware=channel_aware, parts=parts if codec == "uqdm" else None,
