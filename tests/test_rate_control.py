@@ -95,6 +95,12 @@ def test_files_coding_every_coordinate_keep_the_longest_prefix(model):
     res = diffcodec.compress(img, model=model, bpp=1.5, keep=1)
     assert "keep" not in diffcodec.info(res.data) or diffcodec.info(res.data)["keep"] is None
     assert res.bpp <= 1.5
+    whole = diffcodec.compress(img, model=model, steps=3, keep=1, parts=api.DEFAULT_PARTS).data
+    body, whole_body = (d[container.unpack(d).offsets[0]:] for d in (res.data, whole))
+    assert whole_body.startswith(body)  # a prefix of the file in parts
+    # and so do files without box priors (the format before), whose encoder does not track the decoder's box
+    old = diffcodec.compress(img, model=model, bpp=1.5, keep=0.3, box_prior=False)
+    assert old.bpp <= 1.5 and all(s["kind"] in ("step", "part") for s in old.sections)
 
 
 def test_cli_bpp_writes_the_fitted_file(model, tmp_path):
@@ -110,3 +116,15 @@ def test_cli_bpp_writes_the_fitted_file(model, tmp_path):
     assert main(["compress", str(tmp_path / "a.png"), "-o", str(tmp_path / "a.dfc"), "--model", str(path),
                  "--bpp", "1.0"]) == 0
     assert (tmp_path / "a.dfc").read_bytes() == ref.data
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (5, 3, 3), (17, 9, 1), (9, 31)])
+def test_odd_sizes_and_grayscale(model, shape):
+    img = synthetic_image(shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
+    if len(shape) == 2:
+        img = img[:, :, 0]
+    px = shape[0] * shape[1]
+    bpp = 8.0 * diffcodec.compress(img, model=model, steps=2).file_bytes / px
+    res = diffcodec.compress(img, model=model, bpp=bpp)
+    out = diffcodec.decompress(res.data, model=model)
+    assert res.bpp <= bpp and out.shape == (img if img.ndim == 3 else img[:, :, None]).shape

@@ -175,8 +175,11 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     header = container.Header(codec, model.model_id, model.model_hash, w, h, ch, int(seed), params=params)
     if "parts" in options:
         options["parts"] = _check_parts(options["parts"], codec)
-    elif codec == "uqdm" and bpp is not None and keep is None:
-        options["parts"] = DEFAULT_PARTS  # files coding every coordinate: the longest prefix of a file in parts
+    # rate control by a kept share (_KeptFit) for the default uqdm files; files coding every coordinate, or
+    # written without box priors, keep the rule before: the longest prefix of a file in parts
+    kept_fit = codec == "uqdm" and bpp is not None and "parts" not in options and keep is not None and box_prior
+    if codec == "uqdm" and bpp is not None and "parts" not in options and not kept_fit:
+        options["parts"] = DEFAULT_PARTS
     if bpp is not None:
         if bpp <= 0:
             raise DiffcodecError("bpp must be positive")
@@ -188,9 +191,7 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
             sizes.extend(len(container.section_bytes(sec)) for sec in secs[len(sizes):])
             return head + sum(sizes) > budget
 
-        fit = None
-        if codec == "uqdm" and "parts" not in options:
-            fit = _KeptFit(model, header, keep, box_prior, budget, pixels[:ch, :h, :w])
+        fit = _KeptFit(model, header, keep, budget, pixels[:ch, :h, :w]) if kept_fit else None
         sections = model.encode(pixels, seed, T, lossless=False, region=(ch, h, w), progress=progress,
                                 stop=over_budget, fit=fit, **options)
         if fit is not None and fit.chosen is not None:
@@ -235,15 +236,13 @@ class _KeptFit:
     ``chosen``: (header, sections) once fitted, None if the encode ended without going over budget.
     """
 
-    def __init__(self, model, header: container.Header, keep: tuple[int, ...], box_prior: bool, budget: float,
-                 image: np.ndarray):
-        self.model, self.header, self.keep, self.box_prior = model, header, keep, box_prior
-        self.budget, self.image = budget, image
+    def __init__(self, model, header: container.Header, keep: tuple[int, ...], budget: float, image: np.ndarray):
+        self.model, self.header, self.keep, self.budget, self.image = model, header, keep, budget, image
         self.head = len(container.header_bytes(header))
         self.chosen: tuple[container.Header, list] | None = None
 
     def _header(self, keep: tuple[int, ...]) -> container.Header:
-        params = self.model.header_params(box_prior=self.box_prior, keep=keep)
+        params = self.model.header_params(box_prior=True, keep=keep)
         return dataclasses.replace(self.header, params=params)
 
     def _size(self, sections) -> int:
