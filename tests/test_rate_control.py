@@ -33,7 +33,7 @@ def test_a_budget_between_steps_is_used_and_decodes_no_worse_than_the_whole_step
         for frac in (0.3, 0.7):
             bpp = 8.0 * (whole[k - 1].file_bytes + frac * (whole[k].file_bytes - whole[k - 1].file_bytes)) / px
             res = diffcodec.compress(img, model=model, bpp=bpp)
-            assert res.bpp <= bpp
+            assert res.bpp <= bpp and res.keep == shares(res.data) == res.summary()["keep"]
             # the longest whole-step file that fits is one of the candidates: never worse, never bigger
             assert res.file_bytes >= whole[k - 1].file_bytes
             assert mse(img, res.data, model) <= mse(img, whole[k - 1].data, model)

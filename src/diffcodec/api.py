@@ -59,6 +59,7 @@ class EncodeResult:
     lossless: bool
     sections: list[dict] = field(default_factory=list)
     q: float | None = None  # rvgc: the quantisation step used
+    keep: tuple[int, ...] | None = None  # uqdm: the steps' kept shares in 255ths (rate control may change one)
 
     @property
     def file_bytes(self) -> int:
@@ -76,7 +77,7 @@ class EncodeResult:
         return {
             "codec": self.codec, "model": self.model, "width": self.width, "height": self.height,
             "steps": self.steps, "lossless": self.lossless, "q": self.q, "file_bytes": self.file_bytes,
-            "bpp": self.bpp, "ideal_bits_total": self.ideal_bits_total, "sections": self.sections,
+            "bpp": self.bpp, "ideal_bits_total": self.ideal_bits_total, "keep": self.keep, "sections": self.sections,
         }
 
 
@@ -218,7 +219,9 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
     steps_of = _section_steps(sections)
     reports = [_section_report(s, len(container.section_bytes(s)), k) for s, k in zip(sections, steps_of)]
     n_steps = sum(1 for s in sections if s.kind == 0)
-    return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports)
+    keep = _codec_params(header).get("keep") if codec == "uqdm" else None
+    return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports,
+                        keep=None if keep is None else tuple(keep))
 
 
 class _KeptFit:
