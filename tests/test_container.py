@@ -141,3 +141,9 @@ def test_section_length_bound_and_identifiers():
     for bad in ("", "a\nb", "\x1b[2J", "x" * 256):
         with pytest.raises(ValueError):
             container.header_bytes(container.Header("uqdm", bad, "0123456789abcdef", 2, 2, 3, 0))
+
+
+def test_section_size_is_the_serialised_length():
+    for params, payload in ((b"", b""), (b"\x01\x02", b"x" * 200), (b"p" * 130, b"y" * 20000)):
+        sec = Section(0, 1, params, payload, 123)
+        assert container.section_size(sec) == len(container.section_bytes(sec))

@@ -28,6 +28,7 @@ from diffcodec.evaluate import (
     load_results,
     msssim_db,
     plot_rd,
+    psnr_rate_table,
     save_results,
     swd_at_rate,
     swd_rate_table,
@@ -202,6 +203,15 @@ def test_swd_rate_table_marks_and_counts_wins():
     assert rows[0]["swd-jpeg"] == pytest.approx(60.0) and rows[0]["swd-avif"] == pytest.approx(45.0)
     assert "lower (*) at: jpeg 2/2, avif 1/2" in text
     assert "58.0" in text and "60.0*" in text and "45.0 " in text
+
+
+def test_psnr_rate_table_compares_every_rate_and_marks_the_higher():
+    anchor = {"name": "jpeg", "results": {"bpp": [0.1, 0.4, 1.6], "psnr-rgb": [20.0, 26.0, 32.0]}}
+    test = {"name": "codec", "results": {"bpp": [0.2, 0.8, 3.2], "psnr-rgb": [24.0, 28.0, 40.0],
+                                         "quality": [1, 2, 3]}}
+    rows, text = psnr_rate_table([test], [anchor])
+    assert [r["psnr-rgb-jpeg"] for r in rows] == [pytest.approx(23.0), pytest.approx(29.0), None]
+    assert "23.00*" in text and "29.00 " in text and "higher (*) at: jpeg 1/2" in text
 
 
 # ------------------------------------------------------------------------------------------ baselines

@@ -54,17 +54,17 @@ def _avx512() -> bool:
 
 
 def _decompress(data: bytes, **kw) -> np.ndarray:
-    """decompress a golden uqdm file, or skip where it cannot decode for a known reason: the golden uqdm files
-    were made on x86 CPUs with AVX-512, where numpy's float64 exp / log / expm1 run AVX-512 kernels whose
-    last bits differ from the C library's that numpy uses elsewhere (found 2026-12-08 on an AVX2-only EPYC:
-    the same symbols, other probability tables and step boxes).  The uqdm tables are built from those
-    functions, so such files do not decode across the two (README, *Known limitations*).  On an AVX-512
-    machine a failure still fails."""
+    """decompress a golden uqdm file, or skip on a CPU without AVX-512, where they do not decode (found
+    2026-12-08 on an AVX2-only EPYC: re-encoded there, the same symbols, other entropy-coded bytes).  The
+    likely cause: numpy's float64 exp / log / expm1 run AVX-512 kernels on the machines that made the files
+    and the C library elsewhere, and the uqdm tables are built from them (README, *Known limitations*).  On an
+    AVX-512 machine a failure still fails."""
     try:
         return diffcodec.decompress(data, **kw)
     except DecodeError:
         if not _avx512():
-            pytest.skip("golden uqdm files were encoded with numpy's AVX-512 float64 kernels; this CPU has none")
+            pytest.skip("golden uqdm files were made on CPUs with AVX-512 and do not decode on this one "
+                        "(README, Known limitations)")
         raise
 
 

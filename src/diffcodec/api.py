@@ -189,7 +189,7 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
         sizes: list[int] = []  # the sections' sizes in the file, as they arrive
 
         def over_budget(secs) -> bool:
-            sizes.extend(len(container.section_bytes(sec)) for sec in secs[len(sizes):])
+            sizes.extend(container.section_size(sec) for sec in secs[len(sizes):])
             return head + sum(sizes) > budget
 
         fit = _KeptFit(model, header, keep, budget, pixels[:ch, :h, :w]) if kept_fit else None
@@ -217,7 +217,7 @@ def compress(image, model=None, codec: str | None = None, steps: int | None = No
                                 progress=progress, **options)
     data = container.pack(header, sections)
     steps_of = _section_steps(sections)
-    reports = [_section_report(s, len(container.section_bytes(s)), k) for s, k in zip(sections, steps_of)]
+    reports = [_section_report(s, container.section_size(s), k) for s, k in zip(sections, steps_of)]
     n_steps = sum(1 for s in sections if s.kind == 0)
     keep = _codec_params(header).get("keep") if codec == "uqdm" else None
     return EncodeResult(data, codec, model.model_id, w, h, n_steps, bool(lossless), reports,
@@ -249,7 +249,7 @@ class _KeptFit:
         return dataclasses.replace(self.header, params=params)
 
     def _size(self, sections) -> int:
-        return self.head + sum(len(container.section_bytes(s)) for s in sections)
+        return self.head + sum(container.section_size(s) for s in sections)
 
     def _largest(self, recoder, i: int, lo: tuple[int, int], hi: tuple[int, int] | None):
         """(keep, sections) with step i at the largest share whose file fits, or None.  ``lo`` = (share,
@@ -387,7 +387,7 @@ def _compress_rvgc(model, pixels, h, w, ch, seed, bpp, q, progress, options) -> 
         data, sections = encode_at(q)
     if progress:
         progress(len(sections))
-    reports = [_section_report(s, len(container.section_bytes(s)), i + 1) for i, s in enumerate(sections)]
+    reports = [_section_report(s, container.section_size(s), i + 1) for i, s in enumerate(sections)]
     return EncodeResult(data, "rvgc", model.model_id, w, h, 0, False, reports, q=q)
 
 

@@ -198,6 +198,12 @@ class _Reader:
         raise FormatError(f"malformed {what} (corrupt file)")
 
 
+def section_size(sec: Section) -> int:
+    """``len(section_bytes(sec))`` without serialising the payload (rate control sizes many candidate files)."""
+    return 1 + len(put_varint(len(sec.params))) + len(sec.params) + len(put_varint(len(sec.payload))) + 8 + len(
+        sec.payload)
+
+
 def section_bytes(sec: Section) -> bytes:
     if not 0 <= sec.kind <= 255:
         raise ValueError("section kind must be in 0..255")

@@ -142,11 +142,18 @@ MIN_ROW_MASS = 16.0 * 2.0**24 / np.finfo(np.float64).max
 
 def codable(probs: np.ndarray) -> np.ndarray:
     """``probs`` (n, K) with every row constriction cannot normalise replaced by the uniform table."""
-    bad = ~(probs.sum(axis=1) >= MIN_ROW_MASS)  # NaN sums too
+    return _codable(probs)[0]
+
+
+def _codable(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`codable` and the rows' masses after it (the encoder's ideal bits divide by them)."""
+    total = probs.sum(axis=1)
+    bad = ~(total >= MIN_ROW_MASS)  # NaN sums too
     if bad.any():
         probs = probs.copy()
         probs[bad] = 1.0
-    return probs
+        total = np.where(bad, float(probs.shape[1]), total)
+    return probs, total
 
 
 class CategoricalEncoder:
@@ -168,9 +175,9 @@ class CategoricalEncoder:
             raise ValueError("symbol outside the alphabet")
 
         def build(sl: slice) -> tuple[np.ndarray, float]:  # in a worker: the table and its ideal bits
-            probs = codable(np.ascontiguousarray(table(sl), dtype=np.float64))
+            probs, total = _codable(np.ascontiguousarray(table(sl), dtype=np.float64))
             sym = symbols[sl]
-            p = probs[np.arange(sym.size), sym] / probs.sum(axis=1)
+            p = probs[np.arange(sym.size), sym] / total
             return probs, float(-np.log2(np.maximum(p, PROB_FLOOR)).sum())
 
         for sl, (probs, bits) in table_blocks(symbols.size, alphabet, build):

@@ -70,6 +70,9 @@ __all__ = [
     "plot_rd",
     "run_eval",
     "save_results",
+    "metric_at_rate",
+    "psnr_rate_table",
+    "rate_table",
     "swd_at_rate",
     "swd_levels_table",
     "swd_rate_table",
@@ -440,35 +443,42 @@ def compare_curves(anchor: Mapping[str, Any], test: Mapping[str, Any], *,
     return out
 
 
-def swd_at_rate(anchor: Mapping[str, Any], test: Mapping[str, Any], *, max_bpp: float | None = 0.5
-                ) -> list[dict[str, Any]]:
-    """SWD of ``anchor`` at each of ``test``'s rates: realism compared at equal bpp, point by point.
+def metric_at_rate(anchor: Mapping[str, Any], test: Mapping[str, Any], metric: str, *,
+                   max_bpp: float | None = None) -> list[dict[str, Any]]:
+    """``metric`` of ``anchor`` at each of ``test``'s rates: two codecs compared at equal bpp, point by point.
 
-    Realism goals are stated as "lower SWD than codec X at equal bpp", and SWD is not a quality that a
-    Bjontegaard fit handles well (it is not monotone in rate for a generative decoder, and a sampler can
-    trade PSNR for SWD).  So for every ``test`` point with ``bpp <= max_bpp`` the anchor's SWD is
-    interpolated linearly in log(bpp) between its two neighbouring points; a test point outside the
-    anchor's measured rate range gets ``None`` (no extrapolation: a claim needs a measured bracket).
-    Returns one dict per test point: ``bpp``, ``quality``, ``swd``, ``anchor_swd``, ``delta``
-    (test minus anchor; negative = the test curve is more realistic at that rate).
-    """
+    For every ``test`` point with ``bpp <= max_bpp`` the anchor's value is interpolated linearly in log(bpp)
+    between its two neighbouring points; a test point outside the anchor's measured rate range gets ``None``
+    (no extrapolation: a claim needs a measured bracket).  Returns one dict per test point: ``bpp``,
+    ``quality``, ``<metric>``, ``anchor_<metric>``, ``delta`` (test minus anchor)."""
     res_t, res_a = test["results"], anchor["results"]
-    if "swd" not in res_t or "swd" not in res_a:
+    if metric not in res_t or metric not in res_a:
         return []
     try:
-        xa, ya = _clean_points([math.log(r) if r and r > 0 else None for r in res_a["bpp"]], list(res_a["swd"]))
+        xa, ya = _clean_points([math.log(r) if r and r > 0 else None for r in res_a["bpp"]], list(res_a[metric]))
     except ValueError:
         return []
     quality = list(res_t.get("quality") or [None] * len(res_t["bpp"]))
     out = []
-    for b, s, q in sorted(zip(res_t["bpp"], res_t["swd"], quality), key=lambda t: t[0]):
+    for b, s, q in sorted(zip(res_t["bpp"], res_t[metric], quality), key=lambda t: t[0]):
         if b is None or s is None or b <= 0 or (max_bpp is not None and b > max_bpp):
             continue
         lb = math.log(b)
         ref = float(np.interp(lb, xa, ya)) if xa[0] <= lb <= xa[-1] else None
-        out.append({"bpp": float(b), "quality": q, "swd": float(s), "anchor_swd": ref,
+        out.append({"bpp": float(b), "quality": q, metric: float(s), f"anchor_{metric}": ref,
                     "delta": None if ref is None else float(s) - ref})
     return out
+
+
+def swd_at_rate(anchor: Mapping[str, Any], test: Mapping[str, Any], *, max_bpp: float | None = 0.5
+                ) -> list[dict[str, Any]]:
+    """SWD of ``anchor`` at each of ``test``'s rates (:func:`metric_at_rate`; ``delta`` negative = the test curve
+    is more realistic at that rate).
+
+    Realism goals are stated as "lower SWD than codec X at equal bpp", and SWD is not a quality that a
+    Bjontegaard fit handles well (it is not monotone in rate for a generative decoder, and a sampler can
+    trade PSNR for SWD): hence point-by-point comparisons, by default below 0.5 bpp."""
+    return metric_at_rate(anchor, test, "swd", max_bpp=max_bpp)
 
 
 def _quality_str(q: Any) -> str:
@@ -476,45 +486,60 @@ def _quality_str(q: Any) -> str:
     return "" if q is None else f"{q:g}" if isinstance(q, (int, float)) else str(q)
 
 
-def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]], *,
-                   max_bpp: float | None = 0.5) -> tuple[list[dict[str, Any]], str]:
-    """:func:`swd_at_rate` of every test curve against every anchor, as rows and as a text table.
+def rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]], metric: str, *,
+               title: str, column: str, digits: int, higher_better: bool, max_bpp: float | None = None
+               ) -> tuple[list[dict[str, Any]], str]:
+    """:func:`metric_at_rate` of every test curve against every anchor, as rows and as a text table.
 
-    Each test point below ``max_bpp`` is a row with its own SWD and each anchor's SWD at the same bpp
-    (``-`` where the anchor has no points on both sides, ``*`` where the curve is lower); a last line per
-    curve counts, for each anchor, the points at which the curve is lower among those the anchor brackets."""
+    Each test point (below ``max_bpp``) is a row with its own value and each anchor's at the same bpp (``-``
+    where the anchor has no points on both sides, ``*`` where the curve is better); a last line per curve
+    counts, for each anchor, the points at which the curve is better among those the anchor brackets."""
     rows: list[dict[str, Any]] = []
     limit = "" if max_bpp is None else f" up to {max_bpp:g} bpp"
-    lines = [f"SWD (x1e3, lower = more realistic) of each curve's points{limit} and of each anchor at the same "
-             "bpp (linear in log bpp between the anchor's points; - = outside its measured range)"]
+    lines = [f"{title} of each curve's points{limit} and of each anchor at the same bpp (linear in log bpp between "
+             "the anchor's points; - = outside its measured range)"]
     cols = [str(a["name"]) for a in anchors]
     cw = [max(8, len(c)) for c in cols]
+    better = (lambda v, ref: v > ref) if higher_better else (lambda v, ref: v < ref)
     for t in tests:
-        per_anchor = {str(a["name"]): swd_at_rate(a, t, max_bpp=max_bpp) for a in anchors}
+        per_anchor = {str(a["name"]): metric_at_rate(a, t, metric, max_bpp=max_bpp) for a in anchors}
         pts = next((v for v in per_anchor.values() if v), [])
         if not pts:
             continue
         lines += ["", f"{t['name']}",
-                  f"  {'quality':>9} {'bpp':>8} {'SWD':>7}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, cw))]
+                  f"  {'quality':>9} {'bpp':>8} {column:>7}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, cw))]
         wins = dict.fromkeys(cols, 0)
         bracketed = dict.fromkeys(cols, 0)
         for i, p in enumerate(pts):
-            refs = {c: per_anchor[c][i]["anchor_swd"] if per_anchor[c] else None for c in cols}
-            rows.append({"curve": t["name"], "quality": p["quality"], "bpp": p["bpp"], "swd": p["swd"],
-                         **{f"swd-{c}": refs[c] for c in cols}})
-            q = p["quality"]
-            qs = _quality_str(q)
-            cells = ["-" if refs[c] is None else f"{refs[c]:.1f}" + ("*" if p["swd"] < refs[c] else " ")
+            refs = {c: per_anchor[c][i][f"anchor_{metric}"] if per_anchor[c] else None for c in cols}
+            rows.append({"curve": t["name"], "quality": p["quality"], "bpp": p["bpp"], metric: p[metric],
+                         **{f"{metric}-{c}": refs[c] for c in cols}})
+            cells = ["-" if refs[c] is None else f"{refs[c]:.{digits}f}" + ("*" if better(p[metric], refs[c]) else " ")
                      for c in cols]
-            lines.append(f"  {qs:>9} {p['bpp']:8.4f} {p['swd']:7.1f}  "
+            lines.append(f"  {_quality_str(p['quality']):>9} {p['bpp']:8.4f} {p[metric]:7.{digits}f}  "
                          + "  ".join(f"{v:>{w}}" for v, w in zip(cells, cw)))
             for c in cols:
                 if refs[c] is not None:
                     bracketed[c] += 1
-                    wins[c] += p["swd"] < refs[c]
-        lines.append("  lower (*) at: " + ", ".join(f"{c} {wins[c]}/{bracketed[c]}" for c in cols)
-                     + " of the points each anchor brackets")
+                    wins[c] += better(p[metric], refs[c])
+        lines.append(f"  {'higher' if higher_better else 'lower'} (*) at: "
+                     + ", ".join(f"{c} {wins[c]}/{bracketed[c]}" for c in cols) + " of the points each anchor brackets")
     return rows, "\n".join(lines)
+
+
+def swd_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]], *,
+                   max_bpp: float | None = 0.5) -> tuple[list[dict[str, Any]], str]:
+    """SWD at equal bpp (:func:`rate_table`; ``*`` = lower, more realistic), by default below 0.5 bpp."""
+    return rate_table(tests, anchors, "swd", title="SWD (x1e3, lower = more realistic)", column="SWD", digits=1,
+                      higher_better=False, max_bpp=max_bpp)
+
+
+def psnr_rate_table(tests: Sequence[Mapping[str, Any]], anchors: Sequence[Mapping[str, Any]]
+                    ) -> tuple[list[dict[str, Any]], str]:
+    """PSNR at equal bpp over every rate (:func:`rate_table`; ``*`` = higher): where a curve stands against an
+    anchor point by point, which a BD-rate averages away."""
+    return rate_table(tests, anchors, "psnr-rgb", title="PSNR (dB, higher = better)", column="PSNR", digits=2,
+                      higher_better=True)
 
 
 def swd_levels_table(curves: Sequence[Mapping[str, Any]], resolutions: Sequence[int]) -> str:
@@ -728,6 +753,18 @@ def _load_model(model: str | None, codec: str | None):
     return m
 
 
+def _check_reconstruction(methods: Sequence[str], codec: str, nfe: int | None) -> None:
+    """The reconstructions (and network evaluations) asked of a progressive codec's adapter, before any work."""
+    from .diffusion import RECONSTRUCTION_METHODS
+
+    bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
+    if bad or not methods:
+        raise ValueError(f"methods {bad or '(none)'} invalid for {codec}; choose from "
+                         f"{', '.join(RECONSTRUCTION_METHODS)}")
+    if nfe is not None and nfe < 1:
+        raise ValueError("nfe must be >= 1")
+
+
 class ProgressiveAdapter(CodecAdapter):
     """uqdm / diffc: one file per image with T steps (not lossless); point k = the file cut after step k.
 
@@ -743,7 +780,6 @@ class ProgressiveAdapter(CodecAdapter):
                  *, nfe: int | None = None, steps: Sequence[int] | None = None, seed: int = 0,
                  channel_aware: bool = True, parts: Sequence[float] | None = None, keep: float | None = None):
         from .api import _check_parts
-        from .diffusion import RECONSTRUCTION_METHODS
 
         m = _load_model(model, codec)
         if m.codec_id not in ("uqdm", "diffc"):
@@ -762,12 +798,7 @@ class ProgressiveAdapter(CodecAdapter):
                 self.shares = _keep_shares(m, self.keep)
             except DiffcodecError as e:
                 raise ValueError(str(e)) from None
-        bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
-        if bad or not methods:
-            raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
-                             f"{', '.join(RECONSTRUCTION_METHODS)}")
-        if nfe is not None and nfe < 1:
-            raise ValueError("nfe must be >= 1")
+        _check_reconstruction(methods, m.codec_id, nfe)
         self.codec, self.model, self.seed, self.nfe = m.codec_id, model, int(seed), nfe
         # diffc: reconstructions from the latent with the channel coder's shortfall undone; uqdm: from the
         # received latent, kept inside the box its last step puts x in (codecs/box.py)
@@ -1021,22 +1052,16 @@ class RateAdapter(CodecAdapter):
                  *, targets: Sequence[float], nfe: int | None = None, seed: int = 0, channel_aware: bool = True,
                  parts: Sequence[float] | None = None):
         from .api import _check_parts
-        from .diffusion import RECONSTRUCTION_METHODS
 
         m = _load_model(model, codec)
         if m.codec_id not in PROGRESSIVE_CODECS:
             raise ValueError(f"{m.model_id} is a {m.codec_id} model: its rate is set by q (rvgc sweeps q)")
         # uqdm with parts: the longest prefix of a file written in them (compress --bpp X --parts P)
         self.parts = _check_parts(parts, m.codec_id) if parts else ()
-        bad = [x for x in methods if x not in RECONSTRUCTION_METHODS]
-        if bad or not methods:
-            raise ValueError(f"methods {bad or '(none)'} invalid for {m.codec_id}; choose from "
-                             f"{', '.join(RECONSTRUCTION_METHODS)}")
+        _check_reconstruction(methods, m.codec_id, nfe)
         self.targets = tuple(sorted({float(f"{float(t):.6g}") for t in targets}))
         if not self.targets or not all(t > 0 for t in self.targets):
             raise ValueError("bpp targets must be positive")
-        if nfe is not None and nfe < 1:
-            raise ValueError("nfe must be >= 1")
         self.codec, self.model, self.seed, self.nfe = m.codec_id, model, int(seed), nfe
         self.channel_aware, self.methods = bool(channel_aware), tuple(dict.fromkeys(methods))
         self.model_id, self.model_hash = m.model_id, m.model_hash
@@ -1597,6 +1622,10 @@ def run_eval(
                                                         for k in ("bd-rate-psnr", "bd-psnr", "bd-rate-ms-ssim")])
         say("")
         say(table)
+    if baselines and tests:
+        psnr_rows, psnr_text = psnr_rate_table(tests, baselines)
+        if psnr_rows:
+            (out / "psnr_rate.txt").write_text(psnr_text + "\n")
     swd_rows: list[dict[str, Any]] = []
     if swd and baselines and tests:
         swd_rows, swd_text = swd_rate_table(tests, baselines, max_bpp=swd_max_bpp)
